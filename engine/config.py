@@ -1,0 +1,244 @@
+"""The engine's configuration: PatrickStar's keys plus pstar's, validated all at once.
+
+`engine_config_problems(cfg)` lists every unknown key and bad value (each naming the dotted key and
+what is allowed); `resolve_engine_config(cfg)` turns a valid dict into a typed `EngineConfig` with the
+defaults filled in, or raises `EngineConfigError` carrying all problems.
+
+Defaults follow PatrickStar's meaning: `default_chunk_size` counts elements (64 Mi), the mem-tracer
+ratios are fractions of the device / host memory, and the fp16 loss scaler is dynamic
+(`loss_scale: 0`) starting at 2**initial_scale_power.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024  # elements, not bytes (as in PatrickStar)
+
+
+class EngineConfigError(ValueError):
+    """An engine config with one or more problems; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid engine config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: str = "AdamW"  # "Adam" (L2 added to the gradient) or "AdamW" (decoupled decay)
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    use_hybrid_adam: bool = True  # False: every optimizer group lives and steps on the host
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    enabled: bool = False
+    loss_scale: float = 0.0  # 0 = dynamic scaling; > 0 = this static scale
+    initial_scale_power: int = 16  # dynamic scaling starts at 2**initial_scale_power
+    loss_scale_window: int = 1000  # clean steps before the scale doubles
+    hysteresis: int = 2  # consecutive overflows before the scale halves
+    min_loss_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class MemTracerConfig:
+    use_async_mem_monitor: bool = True
+    warmup_gpu_chunk_mem_ratio: float = 0.1  # device share chunks may use during the warm-up step
+    overall_gpu_mem_ratio: float = 0.8  # device share pstar may use at all (without device_memory_limit)
+    overall_cpu_mem_ratio: float = 0.8  # host share pstar may use (without host_memory_limit)
+    margin_use_ratio: float = 0.8  # share of the post-warm-up device margin given to optimizer groups
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    fp16: Fp16Config = field(default_factory=Fp16Config)
+    bf16_enabled: bool = False
+    default_chunk_size: int = DEFAULT_CHUNK_SIZE
+    release_after_init: bool = False
+    use_cpu_embedding: bool = False
+    mem_tracer: MemTracerConfig = field(default_factory=MemTracerConfig)
+    gradient_clipping: float = 0.0  # max global L2 norm; 0 = off
+    device_memory_limit: int | None = None  # bytes of device memory for pstar (chunks + activations)
+    host_memory_limit: int | None = None  # bytes of host memory for host-resident chunks
+    gradient_accumulation_steps: int = 1
+
+    @property
+    def compute_dtype_name(self) -> str:
+        if self.fp16.enabled:
+            return "float16"
+        if self.bf16_enabled:
+            return "bfloat16"
+        return "float32"
+
+
+# ---- value checkers: each returns None when the value is fine, else what is allowed ----
+
+Checker = Callable[[Any], "str | None"]
+
+
+def _is_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_float(v: Any) -> str | None:
+    return None if _is_number(v) and v > 0 else "must be a number > 0"
+
+
+def _non_negative_float(v: Any) -> str | None:
+    return None if _is_number(v) and v >= 0 else "must be a number >= 0"
+
+
+def _positive_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v > 0 else "must be an integer > 0"
+
+
+def _non_negative_int(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return None if ok else "must be an integer >= 0"
+
+
+def _ratio(v: Any) -> str | None:
+    return None if _is_number(v) and 0 < v <= 1 else "must be a number in (0, 1]"
+
+
+def _optional_bytes(v: Any) -> str | None:
+    if v is None:
+        return None
+    ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return None if ok else "must be null or a positive integer number of bytes"
+
+
+def _optimizer_type(v: Any) -> str | None:
+    return None if v in ("Adam", "AdamW") else "must be 'Adam' or 'AdamW'"
+
+
+def _betas(v: Any) -> str | None:
+    ok = (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(_is_number(b) and 0 <= b < 1 for b in v)
+    )
+    return None if ok else "must be a pair of numbers in [0, 1), e.g. [0.9, 0.999]"
+
+
+# The schema mirrors the seed's nested dict; a dict value is a section, a callable a leaf.
+_SCHEMA: dict[str, Any] = {
+    "optimizer": {
+        "type": _optimizer_type,
+        "params": {
+            "lr": _non_negative_float,
+            "betas": _betas,
+            "eps": _positive_float,
+            "weight_decay": _non_negative_float,
+            "use_hybrid_adam": _is_bool,
+        },
+    },
+    "fp16": {
+        "enabled": _is_bool,
+        "loss_scale": _non_negative_float,
+        "initial_scale_power": _non_negative_int,
+        "loss_scale_window": _positive_int,
+        "hysteresis": _positive_int,
+        "min_loss_scale": _positive_float,
+    },
+    "bf16": {"enabled": _is_bool},
+    "default_chunk_size": _positive_int,
+    "release_after_init": _is_bool,
+    "use_cpu_embedding": _is_bool,
+    "client": {
+        "mem_tracer": {
+            "use_async_mem_monitor": _is_bool,
+            "warmup_gpu_chunk_mem_ratio": _ratio,
+            "overall_gpu_mem_ratio": _ratio,
+            "overall_cpu_mem_ratio": _ratio,
+            "margin_use_ratio": _ratio,
+        }
+    },
+    "gradient_clipping": _non_negative_float,
+    "device_memory_limit": _optional_bytes,
+    "host_memory_limit": _optional_bytes,
+    "gradient_accumulation_steps": _positive_int,
+}
+
+
+def _unknown_key_problem(dotted: str, key: str, allowed: list[str]) -> str:
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return f"{dotted}: unknown key{did_you_mean}; allowed keys here: {', '.join(sorted(allowed))}"
+
+
+def _section_problems(section: Any, schema: dict[str, Any], prefix: str) -> list[str]:
+    where = prefix.rstrip(".") or "engine config"
+    if not isinstance(section, dict):
+        return [f"{where}: must be a mapping of keys to values"]
+    problems = []
+    for key, value in section.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            problems.append(_unknown_key_problem(dotted, str(key), list(schema)))
+        elif isinstance(schema[key], dict):
+            problems += _section_problems(value, schema[key], dotted + ".")
+        elif (why := schema[key](value)) is not None:
+            problems.append(f"{dotted}: {why} (got {value!r})")
+    return problems
+
+
+def _cross_field_problems(cfg: dict) -> list[str]:
+    fp16_on = isinstance(cfg.get("fp16"), dict) and cfg["fp16"].get("enabled") is True
+    bf16_on = isinstance(cfg.get("bf16"), dict) and cfg["bf16"].get("enabled") is True
+    if fp16_on and bf16_on:
+        return ["fp16.enabled and bf16.enabled: at most one may be true"]
+    return []
+
+
+def engine_config_problems(cfg: dict) -> list[str]:
+    """Every problem of an engine config dict, one line each; an empty list means it is valid."""
+    problems = _section_problems(cfg, _SCHEMA, "")
+    if not problems:
+        problems += _cross_field_problems(cfg)
+    return problems
+
+
+def _sub(cfg: dict, *path: str) -> dict:
+    for key in path:
+        cfg = cfg.get(key) or {}
+    return cfg
+
+
+def _build_optimizer(cfg: dict) -> OptimizerConfig:
+    params = _sub(cfg, "optimizer", "params")
+    values = {k: params[k] for k in ("lr", "eps", "weight_decay", "use_hybrid_adam") if k in params}
+    if "betas" in params:
+        values["betas"] = (float(params["betas"][0]), float(params["betas"][1]))
+    if "type" in _sub(cfg, "optimizer"):
+        values["type"] = cfg["optimizer"]["type"]
+    return OptimizerConfig(**values)
+
+
+def resolve_engine_config(cfg: dict | None) -> EngineConfig:
+    """The typed config with defaults filled; raises EngineConfigError listing every problem."""
+    cfg = {} if cfg is None else cfg
+    problems = engine_config_problems(cfg)
+    if problems:
+        raise EngineConfigError(problems)
+    top_level = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
+                 "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps")
+    return EngineConfig(
+        optimizer=_build_optimizer(cfg),
+        fp16=Fp16Config(**_sub(cfg, "fp16")),
+        bf16_enabled=_sub(cfg, "bf16").get("enabled", False),
+        mem_tracer=MemTracerConfig(**_sub(cfg, "client", "mem_tracer")),
+        **{k: cfg[k] for k in top_level if k in cfg},
+    )
