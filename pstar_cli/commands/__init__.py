@@ -1,0 +1,1 @@
+"""One module per `pstar` subcommand; each defines a function named `command`."""

@@ -1,0 +1,16 @@
+"""User-facing errors: the CLI shows their message as one clean line and exits, never a traceback."""
+
+from __future__ import annotations
+
+
+class PstarError(Exception):
+    """A mistake the user can fix (bad config, missing file, impossible request).
+
+    `exit_code` is what the `pstar` process exits with; 2 marks a config or input error.
+    """
+
+    exit_code = 2
+
+    def message_lines(self) -> list[str]:
+        """The lines the CLI prints after `error: `; subclasses with many problems return several."""
+        return [str(self)]

@@ -1,0 +1,108 @@
+"""The `pstar` Typer app: registers one subcommand per module of `pstar_cli.commands`.
+
+User mistakes (bad config, missing file, ...) are caught here, at the CLI boundary, and shown as
+`error: ...` on stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
+
+import typer
+
+# `pstar <name>` is the `command` function of `pstar_cli/commands/<name with _>.py`.
+COMMAND_NAMES = ("train", "profile", "validate", "estimate-memory", "export")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user must fix something", imported only when needed."""
+    from pstar_cli.errors import PstarError
+
+    types: list[type[BaseException]] = [PstarError, FileNotFoundError]
+    for module_name, class_name in (("pstar_cli.data", "DataError"), ("engine.config", "EngineConfigError")):
+        try:
+            types.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            pass  # that part of pstar is not installed: its errors cannot occur either
+    return tuple(types)
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """The message of a user error, one entry per printed line."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return [f"file not found: {exc.filename}"]
+    lines = exc.message_lines() if hasattr(exc, "message_lines") else str(exc).splitlines()
+    return lines or [type(exc).__name__]
+
+
+def report_user_errors(func: Callable) -> Callable:
+    """Wrap a command so a user error prints `error: ...` to stderr and exits with code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            if not isinstance(exc, user_error_types()):
+                raise
+            lines = error_lines(exc)
+            typer.echo(f"error: {lines[0]}", err=True)
+            for line in lines[1:]:
+                typer.echo(f"  {line}", err=True)
+            raise typer.Exit(code=getattr(exc, "exit_code", 2)) from None
+
+    return wrapper
+
+
+def load_command(name: str) -> Callable | None:
+    """The `command` function of a subcommand's module, or None while that module does not exist."""
+    module_name = "pstar_cli.commands." + name.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the module exists but one of its imports is missing: a real bug
+        return None
+    return getattr(module, "command", None)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from pstar_cli import __version__
+
+        typer.echo(f"pstar {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="pstar",
+        help="Train PyTorch models larger than GPU memory: chunks of model data on GPU and host.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def root(
+        version: bool = typer.Option(
+            False, "--version", callback=version_callback, is_eager=True, help="Print pstar's version."
+        ),
+    ) -> None:
+        """pstar: heterogeneous CPU/GPU chunk-based training."""
+
+    for name in COMMAND_NAMES:
+        command = load_command(name)
+        if command is not None:
+            app.command(name)(report_user_errors(command))
+    return app
+
+
+app = build_app()
+
+
+def main() -> None:
+    """Entry point of the `pstar` console script and of `python -m pstar_cli`."""
+    app(prog_name="pstar")
