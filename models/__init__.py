@@ -1,0 +1,32 @@
+"""Model families for pstar: a GPT-2 style family and a Llama-style family.
+
+    from models import build_model
+    model = build_model({"family": "gpt", "size": "gpt-1.3b", "activation_checkpointing": True})
+    loss = model(idx, targets)          # idx, targets: (B, T) int64 -> scalar fp32 loss
+
+Models are constructed on the `meta` device and materialised on the current default device
+(skipped when that is `meta`) with `model.init_weights()`, which is exactly
+`for m in model.modules(): model.init_module_(m)`.
+"""
+
+from torch import nn
+
+from models.config import (FAMILIES, ModelConfigError, default_ffn_hidden, model_config_problems,
+                           resolve_model_config)
+from models.counting import flops_per_token, num_params
+from models.sizes import GPT_SIZES, LLAMA_SIZES
+
+__all__ = [
+    "FAMILIES", "GPT_SIZES", "LLAMA_SIZES", "ModelConfigError", "build_model", "default_ffn_hidden",
+    "flops_per_token", "model_config_problems", "num_params", "resolve_model_config",
+]
+
+
+def build_model(model_cfg: dict) -> nn.Module:
+    """Build the model a config describes (see the module docstring for the init contract)."""
+    cfg = resolve_model_config(model_cfg)
+    if cfg["family"] == "gpt":
+        from models.gpt import GPT, GPTConfig
+        return GPT(GPTConfig.from_dict(cfg))
+    from models.llama import Llama, LlamaConfig
+    return Llama(LlamaConfig.from_dict(cfg))

@@ -1,0 +1,164 @@
+"""Model config dicts: validation and resolution against the size tables.
+
+A model config is a plain dict (the `model` section of a pstar YAML file). `resolve_model_config`
+returns a new dict with every key of the family filled in: the size's numbers first, then the
+explicit keys on top, then the family defaults for anything still missing.
+"""
+
+import difflib
+
+from models.sizes import SIZES_BY_FAMILY
+
+FAMILIES = ("gpt", "llama")
+
+_COMMON_KEYS = ("family", "size", "hidden", "layers", "heads", "vocab_size", "seq_len",
+                "activation_checkpointing", "dropout")
+_FAMILY_KEYS = {
+    "gpt": _COMMON_KEYS,
+    "llama": _COMMON_KEYS + ("kv_heads", "ffn_hidden", "rope_theta", "tie_embeddings"),
+}
+_DEFAULTS = {
+    "gpt": {"vocab_size": 50304, "seq_len": 1024, "activation_checkpointing": False, "dropout": 0.0},
+    "llama": {"vocab_size": 32000, "seq_len": 2048, "activation_checkpointing": False, "dropout": 0.0,
+              "rope_theta": 10000.0, "tie_embeddings": False},
+}
+_POSITIVE_INT_KEYS = ("hidden", "layers", "heads", "vocab_size", "seq_len", "kv_heads", "ffn_hidden")
+_BOOL_KEYS = ("activation_checkpointing", "tie_embeddings")
+
+
+class ModelConfigError(ValueError):
+    """A model config with one or more problems; `problems` lists each one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid model config:\n  " + "\n  ".join(problems))
+
+
+def model_config_problems(cfg) -> list[str]:
+    """Every problem of a model config, each naming its dotted key; empty when valid."""
+    if not isinstance(cfg, dict):
+        return [f"model: expected a mapping of model keys, got {type(cfg).__name__}"]
+    family, problems = _family_of(cfg)
+    if family is None:
+        return problems
+    problems += _unknown_key_problems(cfg, _FAMILY_KEYS[family])
+    problems += _size_problems(cfg, family)
+    problems += _value_problems(cfg)
+    if any(p.startswith(("model.size", "model.hidden", "model.heads", "model.kv_heads"))
+           for p in problems):
+        return problems  # the shape checks below need those values
+    return problems + _shape_problems(_merge(cfg, family))
+
+
+def resolve_model_config(cfg: dict) -> dict:
+    """The full config of a model: size numbers, explicit keys on top, family defaults.
+
+    Raises ModelConfigError listing every problem when the config is not valid.
+    """
+    problems = model_config_problems(cfg)
+    if problems:
+        raise ModelConfigError(problems)
+    family, _ = _family_of(cfg)
+    return _merge(cfg, family)
+
+
+def _merge(cfg: dict, family: str) -> dict:
+    size = cfg.get("size")
+    merged = {"family": family, "size": size, **_DEFAULTS[family]}
+    if size is not None:
+        merged.update(SIZES_BY_FAMILY[family][size])
+    merged.update({k: v for k, v in cfg.items() if v is not None})
+    merged["family"] = family
+    if family == "llama":
+        merged.setdefault("kv_heads", merged.get("heads"))
+        if "ffn_hidden" not in merged and isinstance(merged.get("hidden"), int):
+            merged["ffn_hidden"] = default_ffn_hidden(merged["hidden"])
+    if isinstance(merged.get("dropout"), int):
+        merged["dropout"] = float(merged["dropout"])
+    return merged
+
+
+def default_ffn_hidden(hidden: int, multiple_of: int = 256) -> int:
+    """SwiGLU width with about the parameter count of a 4h GELU MLP: 2/3 of 4h, rounded up."""
+    width = 2 * 4 * hidden // 3
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+def _family_of(cfg: dict) -> tuple[str | None, list[str]]:
+    family, size = cfg.get("family"), cfg.get("size")
+    if family is None and isinstance(size, str):
+        family = next((f for f, table in SIZES_BY_FAMILY.items() if size in table), None)
+        if family is None:
+            return None, [f"model.size: {size!r} is not a known size; known: {_known_sizes()}"]
+    if family is None:
+        return None, [f"model.family: required; one of {', '.join(FAMILIES)}"]
+    if family not in FAMILIES:
+        return None, [f"model.family: {family!r} is not one of {', '.join(FAMILIES)}"]
+    return family, []
+
+
+def _unknown_key_problems(cfg: dict, allowed: tuple[str, ...]) -> list[str]:
+    problems = []
+    for key in cfg:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"model.{key}: unknown key for family {cfg.get('family') or 'of this size'}"
+                        f"{hint}; allowed: {', '.join(allowed)}")
+    return problems
+
+
+def _size_problems(cfg: dict, family: str) -> list[str]:
+    size = cfg.get("size")
+    if size is None:
+        missing = [k for k in ("hidden", "layers", "heads") if cfg.get(k) is None]
+        return [f"model.{k}: required when model.size is not given" for k in missing]
+    if not isinstance(size, str):
+        return [f"model.size: expected a size name like 'gpt-1.3b', got {size!r}"]
+    if size in SIZES_BY_FAMILY[family]:
+        return []
+    for other, table in SIZES_BY_FAMILY.items():
+        if size in table:
+            return [f"model.size: {size!r} is a {other} size but model.family is {family!r}"]
+    known = ", ".join(SIZES_BY_FAMILY[family])
+    return [f"model.size: {size!r} is not a known {family} size; known: {known}"]
+
+
+def _value_problems(cfg: dict) -> list[str]:
+    problems = []
+    for key in _POSITIVE_INT_KEYS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"model.{key}: expected a positive integer, got {value!r}")
+    for key in _BOOL_KEYS:
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"model.{key}: expected true or false, got {value!r}")
+    dropout = cfg.get("dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0.0 <= dropout < 1.0):
+        problems.append(f"model.dropout: expected a number in [0, 1), got {dropout!r}")
+    theta = cfg.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0):
+        problems.append(f"model.rope_theta: expected a positive number, got {theta!r}")
+    return problems
+
+
+def _shape_problems(merged: dict) -> list[str]:
+    hidden, heads = merged["hidden"], merged["heads"]
+    if hidden % heads:
+        return [f"model.hidden: {hidden} is not divisible by model.heads={heads}"]
+    if merged["family"] != "llama":
+        return []
+    problems = []
+    if heads % merged["kv_heads"]:
+        problems.append(f"model.kv_heads: model.heads={heads} is not a multiple of "
+                        f"model.kv_heads={merged['kv_heads']}")
+    if (hidden // heads) % 2:
+        problems.append(f"model.heads: head size hidden/heads = {hidden // heads} must be even for RoPE")
+    return problems
+
+
+def _known_sizes() -> str:
+    return ", ".join(name for table in SIZES_BY_FAMILY.values() for name in table)
