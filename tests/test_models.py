@@ -1,0 +1,291 @@
+"""Model families: counts against meta builds, the init contract, numerics against plain PyTorch."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models.llama import apply_rotary
+
+ALL_SIZES = list(models.GPT_SIZES) + list(models.LLAMA_SIZES)
+TINY_CONFIGS = [
+    {"size": "gpt-tiny"},
+    {"size": "llama-tiny"},
+    {"size": "llama-tiny", "tie_embeddings": True},
+]
+
+
+def build_on_meta(cfg: dict) -> torch.nn.Module:
+    with torch.device("meta"):
+        return models.build_model(cfg)
+
+
+def materialise_like_an_engine(model: torch.nn.Module) -> None:
+    """Give each module storage in modules() order, then init it, keeping shared params shared."""
+    replaced = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in replaced:
+                replaced[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"))
+            setattr(module, name, replaced[id(param)])
+        for name, buf in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty_like(buf, device="cpu"))
+        model.init_module_(module)
+
+
+@pytest.mark.parametrize("size", ALL_SIZES)
+def test_num_params_matches_meta_build(size):
+    model = build_on_meta({"size": size})
+    assert sum(p.numel() for p in model.parameters()) == models.num_params({"size": size})
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("cfg", [
+    {"family": "gpt", "hidden": 96, "layers": 3, "heads": 6, "vocab_size": 1000, "seq_len": 77},
+    {"family": "llama", "hidden": 96, "layers": 3, "heads": 6, "kv_heads": 3, "vocab_size": 1000},
+    {"family": "llama", "hidden": 96, "layers": 3, "heads": 6, "tie_embeddings": True},
+    {"size": "gpt-1.3b", "layers": 2, "seq_len": 2048},
+])
+def test_num_params_of_explicit_shapes(cfg):
+    model = build_on_meta(cfg)
+    assert sum(p.numel() for p in model.parameters()) == models.num_params(cfg)
+
+
+def test_gpt_count_is_benchmarks_formula_plus_positions_and_final_norm():
+    for size in ("gpt-1.3b", "gpt-4b", "gpt-6.7b", "gpt-8b", "gpt-12b", "gpt-15b", "gpt-18b", "gpt-30b"):
+        c = models.GPT_SIZES[size]
+        h, num_layers = c["hidden"], c["layers"]
+        benchmark_n = 50304 * h + num_layers * (12 * h * h + 13 * h)
+        assert models.num_params({"size": size}) == benchmark_n + 1024 * h + 2 * h
+        flops = 6 * benchmark_n + 12 * num_layers * h * 1024
+        assert models.flops_per_token({"size": size}, 1024) == flops
+        assert models.flops_per_token({"size": size}, 1024, recompute=True) == flops * 4 // 3
+
+
+def test_size_names_are_close_to_their_counts():
+    for name in models.GPT_SIZES:
+        number = name.removeprefix("gpt-")
+        if number[-1] in "bm" and number[:-1].replace(".", "").isdigit():
+            scale = 1e9 if number[-1] == "b" else 1e6
+            assert models.num_params({"size": name}) / (float(number[:-1]) * scale) == pytest.approx(1, abs=0.06)
+
+
+def test_llama_flops_count_head_but_not_input_lookup():
+    cfg = {"size": "llama-1b"}
+    c = models.resolve_model_config(cfg)
+    matmul = models.num_params(cfg) - c["vocab_size"] * c["hidden"]
+    assert models.flops_per_token(cfg, 512) == 6 * matmul + 12 * c["layers"] * c["hidden"] * 512
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS)
+def test_init_on_cpu_equals_meta_then_per_module_init(cfg):
+    torch.manual_seed(1234)
+    plain = models.build_model(cfg)
+    torch.manual_seed(1234)
+    staged = build_on_meta(cfg)
+    materialise_like_an_engine(staged)
+    plain_state, staged_state = plain.state_dict(), staged.state_dict()
+    assert plain_state.keys() == staged_state.keys()
+    for key in plain_state:
+        assert torch.equal(plain_state[key], staged_state[key]), key
+    for (name, a), (_, b) in zip(plain.named_buffers(), staged.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_init_weights_is_the_module_loop():
+    torch.manual_seed(7)
+    model = models.build_model({"size": "llama-tiny"})
+    torch.manual_seed(8)
+    model.init_weights()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(8)
+    for module in model.modules():
+        model.init_module_(module)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_gpt2_init_statistics():
+    torch.manual_seed(0)
+    model = models.build_model({"family": "gpt", "hidden": 256, "layers": 8, "heads": 4, "vocab_size": 512})
+    block = model.blocks[0]
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    assert block.attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.03)
+    assert block.mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.03)
+    assert torch.all(block.attn.qkv.bias == 0) and torch.all(block.ln_1.weight == 1)
+    assert torch.all(block.ln_1.bias == 0)
+
+
+def test_rope_tables_are_rebuilt_after_meta():
+    torch.manual_seed(0)
+    model = models.build_model({"size": "llama-tiny"})
+    assert torch.equal(model.rope.cos[0], torch.ones_like(model.rope.cos[0]))
+    assert "rope.cos" not in model.state_dict()  # non-persistent: computed, never saved
+
+
+def test_building_under_meta_does_not_materialise():
+    model = build_on_meta({"size": "gpt-tiny"})
+    assert all(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_gpt_head_is_tied():
+    model = models.build_model({"size": "gpt-tiny"})
+    assert model.lm_head.weight is model.wte.weight
+    assert {"wte.weight", "lm_head.weight"} <= model.state_dict().keys()
+
+
+def reference_gpt_forward(model, idx):
+    """The GPT computed step by step with explicit attention, no SDPA."""
+    cfg = model.config
+    batch, length = idx.shape
+    x = model.wte.weight[idx] + model.wpe.weight[:length]
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    for block in model.blocks:
+        h = F.layer_norm(x, (cfg.hidden,), block.ln_1.weight, block.ln_1.bias)
+        q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).split(cfg.hidden, dim=2)
+        q, k, v = (t.view(batch, length, cfg.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.hidden // cfg.heads)
+        att = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        x = x + block.attn.proj(att.transpose(1, 2).reshape(batch, length, cfg.hidden))
+        h = F.layer_norm(x, (cfg.hidden,), block.ln_2.weight, block.ln_2.bias)
+        x = x + block.mlp.proj(0.5 * block.mlp.fc(h) * (1 + torch.tanh(
+            math.sqrt(2 / math.pi) * (block.mlp.fc(h) + 0.044715 * block.mlp.fc(h) ** 3))))
+    x = F.layer_norm(x, (cfg.hidden,), model.ln_f.weight, model.ln_f.bias)
+    return x @ model.wte.weight.T
+
+
+def test_gpt_forward_matches_explicit_computation():
+    torch.manual_seed(0)
+    model = models.build_model({"size": "gpt-tiny"}).eval()
+    idx = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference_gpt_forward(model, idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS)
+def test_loss_is_fp32_mean_cross_entropy(cfg):
+    torch.manual_seed(0)
+    model = models.build_model(cfg)
+    idx, targets = torch.randint(0, 256, (2, 2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, 256)
+    expected = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+    torch.testing.assert_close(model(idx, targets), expected)
+    assert model.to(torch.bfloat16)(idx, targets).dtype == torch.float32
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS)
+def test_causal(cfg):
+    torch.manual_seed(0)
+    model = models.build_model(cfg)
+    idx = torch.randint(0, 256, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[:, :8], model(changed)[:, :8])
+        assert not torch.allclose(model(idx)[:, 8:], model(changed)[:, 8:])
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS)
+def test_activation_checkpointing_gives_identical_loss_and_grads(cfg):
+    idx, targets = torch.randint(0, 256, (2, 2, 32), generator=torch.Generator().manual_seed(3))
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = models.build_model({**cfg, "activation_checkpointing": recompute})
+        loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0, msg=name)
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv_weights():
+    torch.manual_seed(0)
+    gqa = models.build_model({"size": "llama-tiny"})  # 4 query heads share 2 kv heads
+    mha = models.build_model({"size": "llama-tiny", "kv_heads": 4})
+    state = gqa.state_dict()
+    head_size = 64 // 4
+    for key in list(state):
+        if key.endswith(("attn.wk.weight", "attn.wv.weight")):
+            heads = state[key].view(2, head_size, 64)
+            state[key] = heads.repeat_interleave(2, dim=0).reshape(4 * head_size, 64)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx), mha(idx))
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    model = models.build_model({"size": "llama-tiny"})
+    cos, sin = model.rope(64)
+    q, k = torch.randn(2, 16)
+    # the same q and k at every position: the score of (i, j) is a function of i - j
+    q_rot = apply_rotary(q.expand(1, 1, 64, 16), cos, sin)[0, 0]
+    k_rot = apply_rotary(k.expand(1, 1, 64, 16), cos, sin)[0, 0]
+    scores = q_rot @ k_rot.T
+    torch.testing.assert_close(scores[10, 3], scores[50, 43])
+    torch.testing.assert_close(scores.diagonal(), torch.full((64,), float(q @ k)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm().expand(64))
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS)
+def test_a_few_steps_fit_one_batch(cfg):
+    torch.manual_seed(0)
+    model = models.build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx, targets = torch.randint(0, 256, (2, 4, 32))
+    first = None
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first - 0.5
+
+
+def test_sequence_longer_than_model_is_rejected():
+    model = models.build_model({"size": "gpt-tiny"})
+    with pytest.raises(ValueError, match="model.seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_explicit_keys_override_size_and_defaults_fill_in():
+    cfg = models.resolve_model_config({"size": "gpt-1.3b", "layers": 2, "activation_checkpointing": True})
+    assert (cfg["family"], cfg["hidden"], cfg["layers"], cfg["vocab_size"]) == ("gpt", 2048, 2, 50304)
+    assert cfg["activation_checkpointing"] is True and cfg["dropout"] == 0.0
+    llama = models.resolve_model_config({"family": "llama", "hidden": 64, "layers": 2, "heads": 4})
+    assert llama["kv_heads"] == 4 and llama["ffn_hidden"] == 256 and llama["tie_embeddings"] is False
+
+
+@pytest.mark.parametrize("cfg, fragment", [
+    ({"family": "gpt", "size": "gpt-1.3b", "hiden": 1}, "model.hiden: unknown key"),
+    ({"family": "gpt", "size": "gpt-1.3b", "kv_heads": 2}, "model.kv_heads: unknown key"),
+    ({"family": "gpt", "size": "llama-1b"}, "is a llama size"),
+    ({"family": "gpt", "size": "gpt-13b"}, "not a known gpt size"),
+    ({"family": "bert", "size": "gpt-1.3b"}, "model.family: 'bert' is not one of gpt, llama"),
+    ({"family": "gpt", "hidden": 64}, "model.layers: required"),
+    ({"family": "gpt", "hidden": 64, "layers": 2, "heads": 5}, "not divisible by model.heads=5"),
+    ({"size": "llama-tiny", "kv_heads": 3}, "not a multiple of model.kv_heads=3"),
+    ({"size": "gpt-tiny", "layers": "2"}, "model.layers: expected a positive integer"),
+    ({"size": "gpt-tiny", "dropout": 1.5}, "model.dropout"),
+    ({"size": "gpt-tiny", "activation_checkpointing": "yes"}, "model.activation_checkpointing"),
+])
+def test_config_problems_name_the_key(cfg, fragment):
+    problems = models.model_config_problems(cfg)
+    assert any(fragment in p for p in problems), problems
+    with pytest.raises(models.ModelConfigError, match=fragment.split(":")[0]):
+        models.build_model(cfg)
+
+
+def test_all_problems_reported_at_once():
+    problems = models.model_config_problems(
+        {"family": "gpt", "size": "gpt-tiny", "hiden": 1, "layers": 0, "dropout": -1})
+    assert len(problems) == 3
