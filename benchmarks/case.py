@@ -1,0 +1,201 @@
+"""One benchmark case, run in its own process: `python -m benchmarks.case --spec JSON --result PREFIX`.
+
+A fresh process per case gives each system a fresh CUDA context and its own host RSS, and lets an
+out-of-memory end the case without ending the harness. Every rank writes PREFIX.rank<r>.json, also
+on failure; the harness (benchmarks/launch.py) merges them into one row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.memory import PeakSampler
+from benchmarks.spec import SIMULATE_ENV, CaseSpec
+from benchmarks.systems import Runtime, Trainer, build_trainer, needs_process_group, synchronize
+
+NUM_BATCH_SETS = 4  # distinct random batches, rotated through the steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", required=True, help="the case, as CaseSpec JSON")
+    parser.add_argument("--result", required=True, help="path prefix of the per-rank result files")
+    args = parser.parse_args(argv)
+    spec = CaseSpec.from_json(args.spec)
+
+    runtime = runtime_from_env(spec)
+    sampler = PeakSampler(runtime.device).start()
+    result = {"rank": runtime.rank, "world_size": runtime.world_size, "torch_version": torch.__version__,
+              "device_name": device_name(runtime.device)}
+    result.update(run_guarded(spec, runtime, sampler))
+    sampler.stop()
+    result.update(memory_figures(runtime.device, sampler))
+    write_json(Path(f"{args.result}.rank{runtime.rank}.json"), result)
+    print(f"case {spec.label()}: {result['status']}", flush=True)
+    sys.stderr.flush()
+    # Leave without interpreter teardown: freeing a large model or tearing down NCCL after a failed
+    # collective can take minutes or hang, and the result is already on disk.
+    os._exit(0 if result["status"] == "ok" else 1)
+
+
+def runtime_from_env(spec: CaseSpec) -> Runtime:
+    """Rank and device from torchrun's environment (a lone process is rank 0 of 1)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if spec.device == "cuda" else torch.device("cpu")
+    return Runtime(device=device, rank=int(os.environ.get("RANK", "0")), local_rank=local_rank,
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def start_process_group(spec: CaseSpec, runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.set_device(runtime.device)
+    if not needs_process_group(spec, runtime.world_size) or dist.is_initialized():
+        return
+    backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    if runtime.world_size > 1:
+        dist.init_process_group(backend)  # torchrun's environment
+    else:
+        # A one-member group through a private file store: no port to collide with.
+        store_path = Path(tempfile.mkdtemp(prefix="pstar-bench-")) / "store"
+        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=0, world_size=1)
+
+
+def run_guarded(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:
+    """Run the case; any failure becomes a status (and the traceback goes to the case log)."""
+    try:
+        return {"status": "ok", **run_case(spec, runtime, sampler)}
+    except torch.OutOfMemoryError as exc:
+        return {"status": "out of memory", "error": first_line(exc)}
+    except MemoryError as exc:
+        return {"status": "out of memory (host)", "error": first_line(exc) or "MemoryError"}
+    except NotImplementedError as exc:
+        traceback.print_exc()
+        return {"status": f"not implemented: {first_line(exc)}", "error": first_line(exc)}
+    except Exception as exc:  # reported in the row; the harness goes on with the next case
+        traceback.print_exc()
+        return {"status": status_of_exception(exc), "error": first_line(exc)}
+
+
+def status_of_exception(exc: BaseException) -> str:
+    message = str(exc)
+    if "can't allocate memory" in message or "DefaultCPUAllocator" in message:
+        return "out of memory (host)"
+    if "out of memory" in message.lower():  # e.g. NCCL or cuBLAS failing to allocate workspace
+        return "out of memory"
+    return f"failed: {type(exc).__name__}: {first_line(exc)}"
+
+
+def run_case(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:
+    start_process_group(spec, runtime)
+    rehearse_failure(os.environ.get(SIMULATE_ENV, ""))
+    trainer = build_trainer(spec, runtime)
+    host_init_peak_bytes = sampler.mark("init")
+    batches = random_batches(spec, runtime)
+    step_times_s, loss = time_steps(trainer, batches, spec, runtime.device)
+    step_times_s = slowest_rank_times(step_times_s, runtime)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} after {spec.num_warmup + spec.num_steps} steps")
+    return {
+        "init_s": trainer.init_s,
+        "step_times_s": step_times_s,
+        "step_s": statistics.median(step_times_s),
+        "loss": loss,
+        "host_init_peak_bytes": host_init_peak_bytes,
+        "details": trainer.details(),
+    }
+
+
+def random_batches(spec: CaseSpec, runtime: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A few distinct batches of random tokens (different on every rank), rotated through the steps."""
+    import models
+
+    vocab_size = models.resolve_model_config(spec.model_config())["vocab_size"]
+    generator = torch.Generator(device="cpu").manual_seed(1234 + runtime.rank)
+    num_sets = min(NUM_BATCH_SETS, spec.num_warmup + spec.num_steps)
+    shape = (spec.batch, spec.seq)
+    return [
+        tuple(torch.randint(0, vocab_size, shape, generator=generator).to(runtime.device) for _ in range(2))
+        for _ in range(num_sets)
+    ]
+
+
+def time_steps(trainer: Trainer, batches: list, spec: CaseSpec, device: torch.device) -> tuple[list[float], float]:
+    """Untimed warm-up steps, then `num_steps` steps each timed between two device synchronisations."""
+    loss = None
+    for index in range(spec.num_warmup):
+        loss = trainer.step(*batches[index % len(batches)])
+    step_times_s = []
+    for index in range(spec.num_warmup, spec.num_warmup + spec.num_steps):
+        x, y = batches[index % len(batches)]
+        synchronize(device)
+        start = time.perf_counter()
+        loss = trainer.step(x, y)
+        synchronize(device)
+        step_times_s.append(time.perf_counter() - start)
+    return step_times_s, float(loss)
+
+
+def slowest_rank_times(step_times_s: list[float], runtime: Runtime) -> list[float]:
+    """Per step, the slowest rank's time: a data-parallel step ends when its last rank ends."""
+    if runtime.world_size == 1:
+        return step_times_s
+    times = torch.tensor(step_times_s, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return times.tolist()
+
+
+def rehearse_failure(kind: str) -> None:
+    """Fail on purpose, as a case can on a real machine (set by tests through SIMULATE_ENV)."""
+    if kind == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+    if kind == "host-oom":
+        raise MemoryError("simulated host allocation failure")
+    if kind == "crash":
+        raise RuntimeError("simulated crash")
+    if kind == "abort":
+        print("simulated abort: the process dies without writing a result", file=sys.stderr, flush=True)
+        os.abort()
+    if kind == "hang":
+        time.sleep(3600)
+
+
+def memory_figures(device: torch.device, sampler: PeakSampler) -> dict:
+    figures = {"host_peak_bytes": sampler.host_peak_bytes}
+    if device.type == "cuda":
+        figures["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        figures["gpu_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(device)
+        figures["gpu_nvml_peak_bytes"] = sampler.device_used_peak_bytes
+    return figures
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+if __name__ == "__main__":
+    main()

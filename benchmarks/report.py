@@ -1,0 +1,167 @@
+"""Result rows: built from a case's outcome, compared with plain PyTorch, written as JSON, shown as a table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+from benchmarks.flops import gpt_num_params, tflops, train_flops_per_step
+from benchmarks.launch import CaseOutcome
+from benchmarks.spec import CaseSpec
+
+GIB = 2**30
+BASELINE_SYSTEM = "pytorch"
+
+
+def build_row(spec: CaseSpec, shape: dict, outcome: CaseOutcome, machine: str) -> dict:
+    """One JSON row: issue 4's fields first, then what helps to read them.
+
+    `shape` holds the model's hidden, layers and vocab_size. With several GPUs, `batch` and `tflops`
+    are per GPU, the step time is the slowest rank's, and host memory is the sum over the ranks.
+    """
+    ranks = outcome.rank_results
+    lead = next((r for r in ranks if r.get("rank") == 0), ranks[0] if ranks else {})
+    flops = train_flops_per_step(shape["hidden"], shape["layers"], spec.seq, spec.batch * spec.seq,
+                                 shape["vocab_size"], recompute=spec.activation_checkpointing)
+    step_s = lead.get("step_s") if outcome.status == "ok" else None
+    row = {
+        "system": spec.system,
+        "model": spec.model,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "step_s": _round(step_s, 4),
+        "tflops": _significant(tflops(flops, step_s), 4) if step_s else None,
+        "gpu_peak_gib": _gib(_max_of(ranks, "gpu_peak_bytes")),
+        "host_peak_gib": _gib(_sum_of(ranks, "host_peak_bytes")),
+        "machine": machine,
+        "gpus": spec.gpus,
+        "init_s": _round(lead.get("init_s"), 2),
+        "status": outcome.status,
+        "ratio_to_pytorch": None,
+        "torch_version": lead.get("torch_version"),
+    }
+    row.update(_extras(spec, shape, outcome, lead, flops, step_s))
+    return row
+
+
+def _extras(spec: CaseSpec, shape: dict, outcome: CaseOutcome, lead: dict, flops: int, step_s: float | None) -> dict:
+    ranks = outcome.rank_results
+    extras = {
+        "device": spec.device,
+        "device_name": lead.get("device_name"),
+        "activation_checkpointing": spec.activation_checkpointing,
+        "num_params_formula": gpt_num_params(shape["hidden"], shape["layers"], shape["vocab_size"]),
+        "flops_per_step_per_gpu": flops,
+        "tokens_per_s": round(spec.batch * spec.seq * spec.gpus / step_s, 1) if step_s else None,
+        "step_times_s": [round(t, 5) for t in lead.get("step_times_s", [])],
+        "num_warmup": spec.num_warmup,
+        "gpu_reserved_peak_gib": _gib(_max_of(ranks, "gpu_reserved_peak_bytes")),
+        "gpu_nvml_peak_gib": _gib(_max_of(ranks, "gpu_nvml_peak_bytes")),
+        "host_init_peak_gib": _gib(_sum_of(ranks, "host_init_peak_bytes")),
+        "loss": _round(lead.get("loss"), 4),
+        "error": next((r.get("error") for r in ranks if r.get("error")), None),
+        "wall_s": round(outcome.wall_s, 1),
+        "log": str(outcome.log_path) if outcome.log_path else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if spec.system == "pstar":
+        extras.update({"chunk_size": spec.chunk_size, "device_memory_limit": spec.device_memory_limit,
+                       "host_memory_limit": spec.host_memory_limit})
+        extras.update(_host_model_data(lead.get("details", {}), extras["host_init_peak_gib"]))
+    extras["details"] = lead.get("details")
+    return extras
+
+
+def _host_model_data(details: dict, host_init_peak_gib: float | None) -> dict:
+    """Target T4: init's host peak against the host-resident model data pstar planned."""
+    stats = details.get("chunk_stats") or {}
+    planned = None
+    if "param_bytes_host" in stats and "optim_bytes_host" in stats:
+        planned = stats["param_bytes_host"] + stats["optim_bytes_host"]
+    ratio = round(host_init_peak_gib * GIB / planned, 3) if planned and host_init_peak_gib else None
+    return {"host_model_data_gib": _gib(planned), "init_rss_over_host_model_data": ratio}
+
+
+def fill_ratios(rows: list[dict]) -> None:
+    """ratio_to_pytorch = TFLOPS / plain PyTorch's TFLOPS on the same model, batch, seq and GPU count."""
+    def key(row):
+        return row["model"], row["batch"], row["seq"], row["gpus"], row.get("activation_checkpointing")
+
+    baseline = {key(r): r["tflops"] for r in rows if r["system"] == BASELINE_SYSTEM and r["tflops"]}
+    for row in rows:
+        base = baseline.get(key(row))
+        row["ratio_to_pytorch"] = round(row["tflops"] / base, 3) if base and row["tflops"] is not None else None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows already in `path` (none if it does not exist); raises ValueError if it is not a JSON list."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text() or "[]")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); fix or remove it, or pass another --out") from exc
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows; pass another --out")
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)  # a run killed mid-write leaves the previous complete file
+
+
+TABLE_COLUMNS = (  # header, row key, format
+    ("system", "system", "{}"),
+    ("model", "model", "{}"),
+    ("batch", "batch", "{}"),
+    ("gpus", "gpus", "{}"),
+    ("step s", "step_s", "{:.4g}"),
+    ("TFLOPS", "tflops", "{:.4g}"),
+    ("x pytorch", "ratio_to_pytorch", "{:.2f}"),
+    ("GPU GiB", "gpu_peak_gib", "{:.1f}"),
+    ("host GiB", "host_peak_gib", "{:.1f}"),
+    ("init s", "init_s", "{:.1f}"),
+    ("status", "status", "{}"),
+)
+
+
+def format_table(rows: list[dict], max_status_chars: int = 70) -> str:
+    cells = [[header for header, _, _ in TABLE_COLUMNS]]
+    for row in rows:
+        line = []
+        for _, key, fmt in TABLE_COLUMNS:
+            value = row.get(key)
+            text = "-" if value is None else fmt.format(value)
+            line.append(text[:max_status_chars])
+        cells.append(line)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
+    text_lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
+    text_lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(text_lines)
+
+
+def _max_of(ranks: list[dict], key: str) -> int | None:
+    values = [r[key] for r in ranks if r.get(key) is not None]
+    return max(values) if values else None
+
+
+def _sum_of(ranks: list[dict], key: str) -> int | None:
+    values = [r[key] for r in ranks if r.get(key) is not None]
+    return sum(values) if values else None
+
+
+def _gib(num_bytes: int | None) -> float | None:
+    return None if num_bytes is None else round(num_bytes / GIB, 2)
+
+
+def _significant(value: float, digits: int) -> float:
+    return float(f"{value:.{digits}g}")  # CPU smoke runs reach milli-TFLOPS; keep them non-zero
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

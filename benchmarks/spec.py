@@ -1,0 +1,56 @@
+"""What one benchmark case is: the parent process describes it, the case process reads it back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+SYSTEMS = ("pytorch", "fsdp2-offload", "fsdp2", "pstar")
+
+# Set in a case process's environment to rehearse a failure (tests only): oom, host-oom, crash,
+# abort (dies without writing a result) or hang.
+SIMULATE_ENV = "PSTAR_BENCH_SIMULATE"
+
+# Kept in every case process: NVLink multicast (NVLS) is off limits on the lent multi-GPU machines.
+MULTICAST_OFF_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    system: str
+    model: str
+    batch: int  # sequences per GPU (per process) per step
+    seq: int
+    num_steps: int
+    num_warmup: int
+    device: str  # "cuda" or "cpu"
+    gpus: int = 1  # processes, one per GPU (on CPU: one per process group member)
+    activation_checkpointing: bool = False
+    chunk_size: int | None = None  # pstar's default_chunk_size in elements; None = engine default
+    device_memory_limit: int | None = None  # pstar only, bytes
+    host_memory_limit: int | None = None  # pstar only, bytes
+    lr: float = 1e-4
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaseSpec":
+        return cls(**json.loads(text))
+
+    def model_config(self) -> dict:
+        return {
+            "family": "gpt",
+            "size": self.model,
+            "seq_len": self.seq,
+            "activation_checkpointing": self.activation_checkpointing,
+            "dropout": 0.0,
+        }
+
+    def label(self) -> str:
+        gpus = f" x{self.gpus}" if self.gpus > 1 else ""
+        return f"{self.system} {self.model} b{self.batch} s{self.seq}{gpus}"
