@@ -1,0 +1,119 @@
+"""`pstar estimate-memory CONFIG`: memory per GPU and per host for pstar and its peers, no GPU needed."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from pstar_cli.errors import PstarError
+
+SYSTEM_TITLES = {
+    "pstar": "pstar",
+    "pytorch": "plain PyTorch (AMP)",
+    "zero2_offload": "DeepSpeed ZeRO-2 offload",
+    "zero3_offload": "DeepSpeed ZeRO-3 offload",
+}
+GPU_COLUMNS = ("param", "grad", "master", "exp_avg", "exp_avg_sq", "compute_copy")
+HOST_COLUMNS = ("param", "grad", "master", "exp_avg", "exp_avg_sq")
+
+
+def format_bytes(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "?"
+    if num_bytes == 0:
+        return "0"
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:,.1f} {unit}"
+    return f"{num_bytes} B"
+
+
+def format_count(num: int) -> str:
+    """A parameter count in the unit that keeps it readable: 858.6 K, 1.31 B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if num >= scale:
+            return f"{num / scale:.3g} {unit}" if num < 100 * scale else f"{num / scale:,.0f} {unit}"
+    return str(num)
+
+
+def format_fits(fits: bool | None) -> str:
+    return {True: "[green]yes[/]", False: "[red]no[/]", None: "?"}[fits]
+
+
+def side_table(title: str, report: dict, side: str, kinds: tuple[str, ...]):
+    """One rich table: a row per system, a column per model-data kind, then the totals."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("system")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    for name in ("activations", "other", "total", "available", "fits"):
+        table.add_column(name, justify="right")
+    for system, estimate in report["systems"].items():
+        part = estimate[side]
+        cells = [format_bytes(part["model_data"].get(kind, 0)) for kind in kinds]
+        cells += [format_bytes(part["activations"]), format_bytes(part["other"]),
+                  format_bytes(part["total"]), format_bytes(part["budget"]), format_fits(part["fits"])]
+        table.add_row(SYSTEM_TITLES[system], *cells)
+    return table
+
+
+def footer_lines(report: dict) -> list[str]:
+    model, work, hw = report["model"], report["workload"], report["hardware"]
+    gpu = (f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})" if hw["gpu_bytes"]
+           else "no GPU detected (give one with --gpu-mem GB)")
+    best = report["largest_pstar_model"]
+    best_line = (f"largest {model['family']} size pstar trains here: {best['size']} "
+                 f"({format_count(best['num_params'])} parameters)" if best
+                 else f"no {model['family']} size fits pstar on this hardware")
+    return [
+        f"{model['size'] or model['family']}: {format_count(model['num_params'])} parameters, "
+        f"{work['precision']}, micro-batch {work['micro_batch_size']} x sequence {work['seq_len']}"
+        + (", activation checkpointing" if work["activation_checkpointing"] else "")
+        + f", {work['gpus_per_node']} GPU(s) per node x {work['num_nodes']} node(s)",
+        f"hardware: {gpu}; host {format_bytes(hw['host_bytes'])} ({hw['host_source']})",
+        "activations: Korthikanti et al. 2022, fused attention (scores never stored), fp32 logits for the loss",
+        best_line,
+    ]
+
+
+def render(report: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and pipes: do not squeeze the tables into 80 columns
+    console.print(side_table("Per GPU", report, "gpu", GPU_COLUMNS))
+    console.print(side_table("Per host (all ranks of a node)", report, "host", HOST_COLUMNS))
+    for line in footer_lines(report):
+        console.print(line, highlight=False)
+
+
+def command(
+    config: Annotated[str, typer.Argument(help="YAML config file.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Overrides such as train.batch_size=4.", show_default=False)] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", min=1, help="GPUs per node (default: the config's distributed.nproc_per_node).")] = None,
+    gpu_mem: Annotated[Optional[float], typer.Option(
+        "--gpu-mem", help="Memory of one GPU in GiB (default: detected).")] = None,
+    host_mem: Annotated[Optional[float], typer.Option(
+        "--host-mem", help="Host memory of one node in GiB (default: detected).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
+) -> None:
+    """Estimate memory per GPU and per host for pstar, plain PyTorch and DeepSpeed ZeRO offload."""
+    from pstar_cli.config import load_config
+    from pstar_cli.estimate import detect_hardware, estimate_report, workload_from_config
+
+    for flag, value in (("--gpu-mem", gpu_mem), ("--host-mem", host_mem)):
+        if value is not None and value <= 0:
+            raise PstarError(f"{flag}: must be a size in GiB > 0, got {value}")
+    cfg = load_config(config, overrides or [])
+    report = estimate_report(workload_from_config(cfg, gpus), detect_hardware(gpu_mem, host_mem))
+    if as_json:
+        typer.echo(json.dumps({"config": config, **report}, indent=2))
+    else:
+        render(report)
