@@ -1,0 +1,162 @@
+"""Starting a training job: in this process, or as workers under PyTorch's own launcher.
+
+One process (nproc_per_node 1, nnodes 1) trains right here. Anything larger starts
+`pstar_cli.worker` processes through `torch.distributed.run` (the engine behind `torchrun`), whose
+elastic agent does the rendezvous (also across machines), sets RANK/LOCAL_RANK/WORLD_SIZE, watches
+the workers and stops all of them when one fails.
+
+We call `torch.distributed.run.main(args)` in this process rather than running
+`python -m torch.distributed.run` as a child: the agent then raises a `ChildFailedError` that
+carries every failed rank's exit code and error file, so we can report the first failure as one
+clear message, instead of scraping a child's console output; it also costs no extra interpreter.
+Its exit code stays meaningful: a failed worker's exit code becomes ours.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pstar_cli.config import Config
+from pstar_cli.errors import PstarError
+
+# NVLink SHARP / multicast are off on the multi-GPU machines pstar is measured on (BENCHMARKS.md)
+MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NUM_ERROR_LOG_LINES = 15
+MAX_REDIRECT_MAP_RANKS = 10  # torchrun's per-rank redirect syntax takes one-digit local ranks
+
+
+class WorkerFailed(PstarError):
+    """A worker process failed; the job was stopped. Exits with the worker's code."""
+
+    def __init__(self, lines: list[str], exit_code: int) -> None:
+        self.lines = lines
+        self.exit_code = exit_code if exit_code > 0 else 1
+        super().__init__("\n".join(lines))
+
+    def message_lines(self) -> list[str]:
+        return self.lines
+
+
+def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path) -> None:
+    """Train as the config says; returns when training is done, raises PstarError on failure."""
+    from pstar_cli.trainer import write_run_config
+
+    write_run_config(cfg, output_dir)
+    if cfg.distributed.nproc_per_node == 1 and cfg.distributed.nnodes == 1:
+        train_in_process(cfg, output_dir)
+    else:
+        run_workers(cfg, config_path, overrides, output_dir)
+
+
+def train_in_process(cfg: Config, output_dir: Path) -> None:
+    from pstar_cli.live import choose_view
+    from pstar_cli.trainer import Ranks, Trainer, build_run_info, compute_device
+
+    ranks = Ranks()
+    info = build_run_info(cfg, ranks.world_size, compute_device(ranks.local_rank))
+    view = choose_view(info, is_main=True, is_tty=sys.stdout.isatty())
+    Trainer(cfg, output_dir, ranks, view).train()
+
+
+def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path) -> None:
+    """Start this node's workers through torchrun's elastic agent and wait for the job to end."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import main as torchrun_main
+
+    set_worker_env(os.environ, cfg.distributed.nproc_per_node)
+    args = torchrun_args(cfg, config_path, overrides, output_dir, console_is_tty=sys.stdout.isatty())
+    try:
+        torchrun_main(args)
+    except ChildFailedError as exc:
+        raise worker_failure(exc, output_dir / "logs") from None
+    except RendezvousError as exc:
+        endpoint = cfg.distributed.rdzv_endpoint or "this machine"
+        raise PstarError(
+            f"the workers could not meet at {endpoint} ({type(exc).__name__}: {exc}); check "
+            f"distributed.rdzv_endpoint and that all {cfg.distributed.nnodes} node(s) start `pstar train`"
+        ) from None
+
+
+def torchrun_args(
+    cfg: Config, config_path: Path, overrides: list[str], output_dir: Path, console_is_tty: bool
+) -> list[str]:
+    """The command line for `torch.distributed.run` that starts this node's workers."""
+    dist_cfg = cfg.distributed
+    args = [f"--nproc_per_node={dist_cfg.nproc_per_node}", f"--nnodes={dist_cfg.nnodes}"]
+    if dist_cfg.nnodes == 1:
+        args.append("--standalone")  # a private rendezvous on a free local port
+    else:
+        args += [
+            f"--rdzv_backend={dist_cfg.rdzv_backend}",
+            f"--rdzv_endpoint={dist_cfg.rdzv_endpoint}",
+            f"--rdzv_id={dist_cfg.rdzv_id}",
+        ]
+        if dist_cfg.rdzv_backend == "static":
+            args.append(f"--node_rank={dist_cfg.node_rank}")  # c10d assigns ranks itself
+    args += [f"--log_dir={output_dir / 'logs'}", "--max_restarts=0"]
+    args += log_stream_args(dist_cfg.nproc_per_node, dist_cfg.node_rank, console_is_tty)
+    args += ["-m", "pstar_cli.worker", str(config_path), *overrides, f"--output-dir={output_dir}"]
+    return args
+
+
+def log_stream_args(nproc_per_node: int, node_rank: int, console_is_tty: bool) -> list[str]:
+    """Every rank's stdout/stderr go to files under the log dir; local rank 0's still show here.
+
+    On a terminal, local rank 0 of node 0 keeps the terminal itself (not redirected), so that it can
+    draw the live view; it writes its plain log lines to `logs/rank0.log` itself. Elsewhere it is
+    redirected and tee'd: its lines land in its log file and on this console."""
+    if console_is_tty and node_rank == 0 and nproc_per_node <= MAX_REDIRECT_MAP_RANKS:
+        others = ",".join(f"{local_rank}:3" for local_rank in range(1, nproc_per_node))
+        return [f"--redirects={others}"] if others else []
+    return ["--redirects=3", "--tee=0:3"]
+
+
+def set_worker_env(environ: os._Environ | dict, nproc_per_node: int) -> None:
+    """Environment the workers inherit; values the user set win."""
+    # torchrun would set 1 thread per worker, which starves the host-side Adam step of pstar's
+    # optimizer chunks: give each local worker its share of the cores instead
+    environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    if gpu_count() > 1:
+        for key, value in MULTI_GPU_ENV.items():
+            environ.setdefault(key, value)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_failure(exc, log_dir: Path) -> WorkerFailed:
+    """One clear message for the first worker that failed: its rank, exit code and error."""
+    rank, failure = exc.get_first_failure()
+    lines = [f"worker rank {rank} (local rank {failure.local_rank}) failed with exit code {failure.exitcode}"]
+    lines += failure_details(failure, log_dir)
+    num_others = len(exc.failures) - 1
+    if num_others > 0:
+        lines.append(f"({num_others} other worker(s) also stopped; see their logs)")
+    lines.append(f"logs of every rank: {log_dir}")
+    return WorkerFailed(lines, failure.exitcode)
+
+
+def failure_details(failure, log_dir: Path) -> list[str]:
+    """The worker's own error message when it wrote one, else the last lines of its stderr."""
+    message = failure.message
+    if isinstance(message, dict):  # torch's error file: {"message": "...", "extraInfo": {...}}
+        message = message.get("message", "")
+    if message and failure.error_file_data.get("message"):
+        return [str(message)]
+    stderr_log = latest_rank_log(log_dir, failure.local_rank, "stderr.log")
+    if stderr_log is None:
+        return [str(message)] if message else []
+    tail = stderr_log.read_text(encoding="utf-8", errors="replace").splitlines()[-NUM_ERROR_LOG_LINES:]
+    return [f"last lines of {stderr_log}:", *tail]
+
+
+def latest_rank_log(log_dir: Path, local_rank: int, name: str) -> Path | None:
+    """torchrun writes `LOG_DIR/<run id>_<random>/attempt_<n>/<local rank>/<name>`: the newest one."""
+    candidates = list(log_dir.glob(f"*/attempt_*/{local_rank}/{name}"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -1,0 +1,158 @@
+"""What a training run measures and writes: `metrics.jsonl`, throughput, GPU and host memory.
+
+`metrics.jsonl` holds one JSON object per logged step; a resumed run appends to it.
+GPU memory comes from NVML (what `nvidia-smi` shows for the whole device) and from the CUDA caching
+allocator (this process's tensors); host memory from psutil.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+import torch
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; each line is flushed so a killed run loses nothing logged."""
+
+    def __init__(self, path: Path, append: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: IO[str] = open(path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass(frozen=True)
+class Throughput:
+    tokens_per_s: float  # all ranks together
+    tflops: float  # per device: model FLOPs of the step / number of devices / step time
+
+
+def measure_throughput(
+    num_tokens: int, step_s: float, flops_per_token: float, num_devices: int
+) -> Throughput:
+    """Throughput of a step that processed `num_tokens` tokens (global) in `step_s` seconds."""
+    if step_s <= 0:
+        return Throughput(0.0, 0.0)
+    flops = flops_per_token * num_tokens
+    return Throughput(num_tokens / step_s, flops / num_devices / step_s / 1e12)
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    gpu_used_bytes: int | None  # whole device, as nvidia-smi shows it; None without a GPU
+    gpu_total_bytes: int | None
+    gpu_allocated_bytes: int | None  # this process's live tensors (CUDA caching allocator)
+    gpu_peak_allocated_bytes: int | None
+    host_rss_bytes: int
+    host_peak_rss_bytes: int
+    host_total_bytes: int
+
+
+class MemoryProbe:
+    """Reads GPU memory of one CUDA device (NVML) and this process's host memory (psutil)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._process = psutil.Process()
+        self._nvml_handle = open_nvml_handle(device) if device.type == "cuda" else None
+
+    def sample(self) -> MemorySample:
+        gpu_used = gpu_total = gpu_allocated = gpu_peak = None
+        if self._nvml_handle is not None:
+            import pynvml
+
+            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
+            gpu_used, gpu_total = int(info.used), int(info.total)
+        if self.device.type == "cuda":
+            gpu_allocated = torch.cuda.memory_allocated(self.device)
+            gpu_peak = torch.cuda.max_memory_allocated(self.device)
+            if gpu_total is None:
+                gpu_total = torch.cuda.get_device_properties(self.device).total_memory
+        return MemorySample(
+            gpu_used_bytes=gpu_used,
+            gpu_total_bytes=gpu_total,
+            gpu_allocated_bytes=gpu_allocated,
+            gpu_peak_allocated_bytes=gpu_peak,
+            host_rss_bytes=self._process.memory_info().rss,
+            host_peak_rss_bytes=peak_rss_bytes(),
+            host_total_bytes=psutil.virtual_memory().total,
+        )
+
+    def close(self) -> None:
+        if self._nvml_handle is not None:
+            import pynvml
+
+            self._nvml_handle = None
+            pynvml.nvmlShutdown()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def open_nvml_handle(device: torch.device):
+    """The NVML handle of a CUDA device, or None when NVML is unusable (memory then from torch only).
+
+    NVML numbers GPUs physically while torch numbers the visible ones, so the device is matched by
+    its UUID; the index is the fallback for drivers that do not report one.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver library, or no permission: report torch's numbers alone
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+    except Exception:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        physical = visible[index] if index < len(visible) and visible[index].isdigit() else str(index)
+        try:
+            return pynvml.nvmlDeviceGetHandleByIndex(int(physical))
+        except Exception:
+            pynvml.nvmlShutdown()
+            return None
+
+
+def format_bytes(num_bytes: int | float | None) -> str:
+    """`1.50 GiB`, `12.0 MiB`, `512 B`; `-` for an unknown size."""
+    if num_bytes is None:
+        return "-"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, unit_index = float(num_bytes), 0
+    while abs(value) >= 1024 and unit_index < len(units) - 1:
+        value /= 1024
+        unit_index += 1
+    if unit_index == 0:
+        return f"{int(value)} B"
+    return f"{value:.2f} {units[unit_index]}" if abs(value) < 10 else f"{value:.1f} {units[unit_index]}"

@@ -1,0 +1,337 @@
+"""The training loop: `Trainer.train()` → `train_step()` → `forward_backward_step()`.
+
+One Trainer runs in every process (rank). Each optimizer step takes the next `train.batch_size`
+sequences of the data order; rank r trains on its contiguous share of them, cut into
+`train.grad_accum` micro-batches. The loss of a micro-batch is divided by `grad_accum` before
+`model.backward`, so the gradient is that of the mean loss over the rank's share (the engine
+averages gradients over ranks).
+
+Extension points for checkpoints, resume and signals:
+- `Trainer.state` (`TrainState`: optimizer steps done and the data position) is, together with the
+  engine's model and optimizer and the RNG states, everything a resumed run needs; the lr schedule is
+  a pure function of `state.step`. Load it before `train()` and the loop continues from there.
+- `Trainer.hooks.step_end` callbacks run after every step with the step's record (a checkpoint
+  every `checkpoint.interval` steps plugs in here); `hooks.train_end` after the loop, stopped or not.
+- `Trainer.request_stop()` is what a signal handler calls: the loop finishes the current step, runs
+  the train_end hooks and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+
+import models
+from pstar_cli.config import Config
+from pstar_cli.errors import PstarError
+from pstar_cli.live import NullView, View
+from pstar_cli.metrics import MemoryProbe, MetricsWriter, measure_throughput
+from pstar_cli.schedule import build_lr_schedule
+
+CHUNK_STAT_KEYS = (
+    "param_chunks_device", "param_chunks_host", "param_bytes_device", "param_bytes_host",
+    "optim_chunks_device", "optim_chunks_host", "optim_bytes_device", "optim_bytes_host",
+    "step_h2d_bytes", "step_d2h_bytes", "step_h2d_moves", "step_d2h_moves",
+    "total_h2d_bytes", "total_d2h_bytes", "total_h2d_moves", "total_d2h_moves",
+    "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits in the job (torchrun's RANK, LOCAL_RANK, WORLD_SIZE)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must remember to resume: steps done and the position in the data order."""
+
+    step: int = 0  # optimizer steps completed
+    sequences_seen: int = 0  # global data position: sequences consumed by all ranks together
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "sequences_seen": self.sequences_seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.sequences_seen = int(state["sequences_seen"])
+
+
+@dataclass
+class TrainerHooks:
+    step_end: list[Callable[["Trainer", dict[str, Any]], None]] = field(default_factory=list)
+    train_end: list[Callable[["Trainer"], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one optimizer step's global batch is cut: per rank, then into micro-batches."""
+
+    global_batch: int
+    per_rank: int
+    micro_batch: int
+    num_micro_batches: int
+
+    @classmethod
+    def of(cls, global_batch: int, world_size: int, grad_accum: int) -> "BatchSplit":
+        if global_batch % (world_size * grad_accum):
+            raise PstarError(
+                f"train.batch_size {global_batch} does not split into {grad_accum} micro-batch(es) on each "
+                f"of {world_size} rank(s); use a multiple of {world_size * grad_accum}"
+            )
+        per_rank = global_batch // world_size
+        return cls(global_batch, per_rank, per_rank // grad_accum, grad_accum)
+
+
+def compute_device(local_rank: int) -> torch.device:
+    """The device the engine computes on: this rank's GPU, or the CPU on a machine without CUDA."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def write_run_config(cfg: Config, output_dir: Path) -> Path:
+    """`OUTPUT_DIR/config.yaml`: the resolved config, defaults filled (atomic, so nodes sharing a
+    directory never read half a file)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "config.yaml"
+    tmp = path.with_name(f".config.yaml.{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        output_dir: Path,
+        ranks: Ranks = Ranks(),
+        view: View | None = None,
+        append_metrics: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.ranks = ranks
+        self.view: View = view or NullView()
+        self.device = compute_device(ranks.local_rank)
+        self.split = BatchSplit.of(cfg.train.batch_size, ranks.world_size, cfg.train.grad_accum)
+        self.model_cfg = cfg.model_dict()
+        self.schedule = build_lr_schedule(cfg.train)
+        recompute = bool(self.model_cfg.get("activation_checkpointing"))
+        self.flops_per_token = models.flops_per_token(self.model_cfg, cfg.train.seq_len, recompute)
+        self.state = TrainState()
+        self.hooks = TrainerHooks()
+        self._stop_requested = False
+
+        self.init_s = self._build_engine()
+        self.data = self._build_data()
+        self.memory = MemoryProbe(self.device)
+        self.metrics = MetricsWriter(output_dir / "metrics.jsonl", append_metrics) if ranks.is_main else None
+        self._interval_start = time.perf_counter()
+        self._interval_steps = 0
+
+    def _build_engine(self) -> float:
+        """Seed, then build the model through the engine (on meta, materialised into chunks)."""
+        from engine import initialize_engine
+
+        started = time.perf_counter()
+        # the seed fixes the initial weights: same seed, same weights as a plain PyTorch build
+        torch.manual_seed(self.cfg.train.seed)
+        model_cfg = self.model_cfg
+        self.model, self.optimizer = initialize_engine(
+            model_func=lambda: models.build_model(model_cfg),
+            local_rank=self.ranks.local_rank,
+            config=self.cfg.engine_dict(),
+        )
+        return time.perf_counter() - started
+
+    def _build_data(self):
+        from pstar_cli.data import build_data
+
+        data_cfg = self.cfg.to_dict()["data"]
+        vocab_size = models.resolve_model_config(self.model_cfg)["vocab_size"]
+        return build_data(data_cfg, self.cfg.train.seq_len, vocab_size, self.cfg.train.seed)
+
+    # ---- the loop ----
+
+    def train(self) -> TrainState:
+        """Run steps until `train.steps` are done or a stop is requested; returns the final state."""
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.close)
+            stack.enter_context(self.view)
+            self.view.note(self.describe())
+            self._interval_start, self._interval_steps = time.perf_counter(), 0
+            while self.state.step < self.cfg.train.steps and not self._stop_requested:
+                record = self.train_step()
+                for hook in self.hooks.step_end:
+                    hook(self, record)
+            for hook in self.hooks.train_end:
+                hook(self)
+        return self.state
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over the next global batch; returns the step's record."""
+        step_start = time.perf_counter()
+        lr = self.schedule(self.state.step)
+        self.optimizer.zero_grad()
+        loss = self.forward_backward_step()
+        # the schedule sets every group's lr just before the step that uses it
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.state.step += 1
+        self.state.sequences_seen += self.split.global_batch
+        self._interval_steps += 1
+
+        logged = self.is_log_step(self.state.step)
+        record = self.step_record(loss, lr, time.perf_counter() - step_start, logged)
+        if logged and self.metrics is not None:
+            self.metrics.write(record)
+        self.view.on_step(record, logged)
+        return record
+
+    def forward_backward_step(self) -> torch.Tensor:
+        """Forward and backward over this rank's share of the global batch, in micro-batches.
+
+        Returns the mean loss of the share (detached, on the compute device: read it only when
+        logging, as `.item()` waits for the device)."""
+        rank_start = self.state.sequences_seen + self.ranks.rank * self.split.per_rank
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for micro in range(self.split.num_micro_batches):
+            x, y = self.data.get_batch(rank_start + micro * self.split.micro_batch, self.split.micro_batch)
+            x, y = self.to_device(x), self.to_device(y)  # (micro_batch, seq_len) each
+            loss = self.model(x, y)
+            # dividing here makes the accumulated gradient that of the mean over micro-batches
+            self.model.backward(loss / self.split.num_micro_batches)
+            loss_sum += loss.detach().float()
+        return loss_sum / self.split.num_micro_batches
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return batch
+        # pinned host memory lets the copy overlap the previous step's work
+        return batch.pin_memory().to(self.device, non_blocking=True)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (signal handlers call this)."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def is_log_step(self, step: int) -> bool:
+        """Step 1 (the engine's traced warm-up, slower than the rest), every log_interval, the last."""
+        return step == 1 or step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.memory.close()
+
+    # ---- measurements ----
+
+    def step_record(self, loss: torch.Tensor, lr: float, step_s: float, logged: bool) -> dict[str, Any]:
+        """The numbers of a finished step: what metrics.jsonl holds and the views show."""
+        if logged:
+            loss_value = self.mean_over_ranks(loss)
+            step_s = self._interval_seconds()  # exact: the device was synchronised by the reduction
+        elif getattr(self.view, "live", False):
+            # the live view shows every step; between log steps this is rank 0's own loss
+            loss_value = loss.item()
+        else:
+            loss_value = None
+        if not logged and not getattr(self.view, "live", False):
+            # nothing will look at this record: skip the measurements
+            return {"step": self.state.step, "loss": None, "lr": lr, "step_s": step_s}
+        num_tokens = self.split.global_batch * self.cfg.train.seq_len
+        speed = measure_throughput(num_tokens, step_s, self.flops_per_token, self.ranks.world_size)
+        memory = self.memory.sample()
+        record = {
+            "step": self.state.step,
+            "loss": loss_value,
+            "lr": lr,
+            "tokens_per_s": speed.tokens_per_s,
+            "tflops": speed.tflops,
+            "loss_scale": float(getattr(self.optimizer, "loss_scale", 1.0)),
+            "skipped": bool(getattr(self.optimizer, "last_step_skipped", False)),
+            "step_s": step_s,
+            "tokens": self.state.sequences_seen * self.cfg.train.seq_len,
+            "gpu_mem_bytes": memory.gpu_used_bytes,
+            "gpu_total_bytes": memory.gpu_total_bytes,
+            "gpu_allocated_bytes": memory.gpu_allocated_bytes,
+            "gpu_peak_allocated_bytes": memory.gpu_peak_allocated_bytes,
+            "host_rss_bytes": memory.host_rss_bytes,
+            "host_total_bytes": memory.host_total_bytes,
+        }
+        record.update(self.chunk_stats())
+        return record
+
+    def chunk_stats(self) -> dict[str, int | None]:
+        stats = self.model.chunk_stats() if hasattr(self.model, "chunk_stats") else {}
+        return {key: stats.get(key) for key in CHUNK_STAT_KEYS}
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all ranks: one all_reduce, only on log steps."""
+        if self.ranks.world_size > 1 and dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            value /= self.ranks.world_size
+        result = value.item()
+        if self.device.type == "cuda":
+            # .item() waited for the loss only; the step time must include the optimizer's work
+            torch.cuda.synchronize(self.device)
+        return result
+
+    def _interval_seconds(self) -> float:
+        """Mean seconds per step since the previous log step."""
+        now = time.perf_counter()
+        step_s = (now - self._interval_start) / max(1, self._interval_steps)
+        self._interval_start, self._interval_steps = now, 0
+        return step_s
+
+    def describe(self) -> str:
+        params = models.num_params(self.model_cfg)
+        return (
+            f"model {params / 1e6:.1f}M params, global batch {self.split.global_batch} x {self.cfg.train.seq_len}"
+            f" tokens ({self.split.num_micro_batches} micro-batch(es) of {self.split.micro_batch} per rank),"
+            f" {self.ranks.world_size} rank(s) on {self.device.type}, engine ready in {self.init_s:.1f} s"
+        )
+
+
+def build_run_info(cfg: Config, world_size: int, device: torch.device, start_step: int = 0):
+    """The run's title line and totals for the views."""
+    from pstar_cli.live import RunInfo
+
+    model = cfg.model.size or cfg.model.family or "model"
+    ranks = f"{world_size} rank" + ("s" if world_size > 1 else "")
+    return RunInfo(
+        title=f"{model} · {cfg.precision} · {ranks} · {device.type}",
+        total_steps=cfg.train.steps,
+        start_step=start_step,
+        device_label="GPU" if device.type == "cuda" else "device",
+    )
