@@ -196,7 +196,8 @@ def parse_yaml(text: str) -> Any:
 def read_yaml_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise ConfigError([f"config file not found (looked in {path.resolve().parent})"], str(path))
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError([f"config file not found{where}"], str(path))
     if not path.is_file():
         raise ConfigError(["is not a file; give the path of a YAML config"], str(path))
     try:

@@ -1,0 +1,159 @@
+"""Memory estimates: pure functions checked against numbers worked out by hand."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pstar_cli.config import config_from_dict, load_config
+from pstar_cli.estimate import (GIB, Hardware, Workload, activation_bytes, estimate_report,
+                                estimate_systems, largest_layer_params, largest_trainable,
+                                layer_activation_bytes, place_on_gpu, pstar_bytes_per_param,
+                                workload_from_config)
+from pstar_cli.main import app
+
+REPO = Path(__file__).resolve().parents[1]
+H200 = Hardware(gpu_bytes=140 * GIB, host_bytes=128 * GIB, gpu_source="given", host_source="given")
+
+# gpt-1.3b, micro-batch 8, sequence 1024, bf16 (BENCHMARKS.md's T1 workload)
+GPT_1_3B = Workload(
+    family="gpt", size="gpt-1.3b", num_params=1_313_722_368, largest_layer_params=50304 * 2048,
+    hidden=2048, layers=24, heads=16, vocab_size=50304, seq_len=1024, micro_batch_size=8,
+    activation_checkpointing=False, precision="bf16", grad_accum=1, gpus_per_node=1, num_nodes=1,
+    chunk_size=64 * 2**20, device_memory_limit=None, host_memory_limit=None, gpu_mem_ratio=0.9,
+    host_mem_ratio=0.8)
+
+
+def test_layer_activations_follow_korthikanti():
+    # s·b·h·34 = 1024·8·2048·34; the scores add 5·a·s²·b = 5·16·1024²·8
+    assert layer_activation_bytes(1024, 8, 2048, 16) == 570_425_344
+    assert layer_activation_bytes(1024, 8, 2048, 16, materialised_scores=True) == 570_425_344 + 671_088_640
+    assert layer_activation_bytes(1024, 8, 2048, 16, compute_bytes=4) == 2 * 570_425_344
+
+
+def test_activations_with_and_without_recomputation():
+    logits = 8 * 1024 * 50304 * 4
+    assert activation_bytes(GPT_1_3B) == 24 * 570_425_344 + logits
+    recompute = dataclasses.replace(GPT_1_3B, activation_checkpointing=True)
+    # each layer keeps its 2·s·b·h input; one layer is rebuilt in full during backward
+    assert activation_bytes(recompute) == 24 * 2 * 1024 * 8 * 2048 + 570_425_344 + logits
+
+
+def test_bytes_per_param_by_precision():
+    assert sum(pstar_bytes_per_param("bf16", grad_accum=1).values()) == 14
+    assert sum(pstar_bytes_per_param("fp16", grad_accum=4).values()) == 16
+    assert sum(pstar_bytes_per_param("fp32", grad_accum=1).values()) == 16
+
+
+def test_placement_gives_params_the_gpu_first_then_optimizer_groups_in_proportion():
+    data = {"param": 20, "grad": 0, "master": 40, "exp_avg": 40, "exp_avg_sq": 40}
+    gpu, host = place_on_gpu(data, room=50)
+    assert gpu == {"param": 20, "grad": 0, "master": 10, "exp_avg": 10, "exp_avg_sq": 10}
+    assert host == {"param": 0, "grad": 0, "master": 30, "exp_avg": 30, "exp_avg_sq": 30}
+    assert place_on_gpu(data, room=-5)[1] == data  # no room at all: everything on the host
+
+
+def test_pstar_splits_model_data_between_gpu_and_host():
+    n = GPT_1_3B.num_params
+    est = estimate_systems(GPT_1_3B, H200)["pstar"]
+    assert sum(est.gpu.model_data.values()) + sum(est.host.model_data.values()) == 14 * n
+    assert est.gpu.activations == activation_bytes(GPT_1_3B)
+    assert est.gpu.other == 2 * 50304 * 2048 * 2  # two embedding-sized chunks in bf16
+    assert est.gpu.budget == int(140 * GIB * 0.9) and est.fits is True
+    # a 20 GiB GPU: the room left after activations and working chunks is all model data there
+    small = Hardware(20 * GIB, 128 * GIB, "given", "given")
+    est = estimate_systems(GPT_1_3B, small)["pstar"]
+    room = int(20 * GIB * 0.9) - activation_bytes(GPT_1_3B) - est.gpu.other
+    assert sum(est.gpu.model_data.values()) == pytest.approx(room, abs=5)
+    assert est.gpu.model_data["param"] == 2 * n  # params first
+    assert est.gpu.total <= est.gpu.budget and est.host.total == 14 * n - sum(est.gpu.model_data.values())
+
+
+def test_pstar_shards_over_ranks_and_sums_ranks_per_host():
+    two = dataclasses.replace(GPT_1_3B, gpus_per_node=2, micro_batch_size=4)
+    tiny_gpu = Hardware(1, 128 * GIB, "given", "given")  # nothing fits on the GPU: all on the host
+    est = estimate_systems(two, tiny_gpu)["pstar"]
+    per_rank = sum(-(-two.num_params * b // 2) for b in pstar_bytes_per_param("bf16", 1).values())
+    assert est.host.total == 2 * per_rank
+    assert est.gpu.fits is False
+
+
+def test_plain_pytorch_is_18_bytes_per_param_plus_activations():
+    est = estimate_systems(GPT_1_3B, H200)["pytorch"]
+    assert sum(est.gpu.model_data.values()) == 18 * GPT_1_3B.num_params
+    assert est.gpu.total == 18 * GPT_1_3B.num_params + activation_bytes(GPT_1_3B)
+    assert est.host.total == 0
+
+
+def test_deepspeed_offload_follows_its_estimator_formulas():
+    n = GPT_1_3B.num_params
+    systems = estimate_systems(GPT_1_3B, H200)
+    assert systems["zero2_offload"].gpu.model_data == {"param": 2 * n}
+    assert systems["zero2_offload"].host.total == int(n * 16 * 1.5)
+    assert systems["zero3_offload"].host.total == int(n * 18 * 1.5)
+    assert systems["zero3_offload"].gpu.other == 4 * 50304 * 2048
+    eight = dataclasses.replace(GPT_1_3B, gpus_per_node=8)
+    # ZeRO-2: every rank builds the fp32 model at start, 4 bytes x 8 GPUs beats the 16 B/param
+    assert estimate_systems(eight, H200)["zero2_offload"].host.total == int(n * 32 * 1.5)
+
+
+def test_unknown_gpu_leaves_fit_open():
+    no_gpu = Hardware(None, 128 * GIB, "no GPU detected", "given")
+    systems = estimate_systems(GPT_1_3B, no_gpu)
+    assert all(e.fits is None for e in systems.values())
+    assert systems["zero2_offload"].host.fits is True
+
+
+def test_largest_layer_is_the_embedding_or_the_mlp():
+    assert largest_layer_params({"family": "gpt", "hidden": 2048, "vocab_size": 50304}) == 50304 * 2048
+    assert largest_layer_params({"family": "gpt", "hidden": 64, "vocab_size": 256}) == 4 * 64 * 64 + 4 * 64
+    assert largest_layer_params({"family": "llama", "hidden": 64, "vocab_size": 32, "ffn_hidden": 176}) \
+        == 64 * 176
+
+
+def test_largest_trainable_grows_with_memory():
+    small = largest_trainable(GPT_1_3B, Hardware(24 * GIB, 64 * GIB, "given", "given"))
+    big = largest_trainable(GPT_1_3B, H200)
+    assert small is not None and big is not None and small.num_params < big.num_params
+    assert estimate_systems(big, H200)["pstar"].fits
+    # two 64 Mi-element working chunks alone need 256 MiB
+    assert largest_trainable(GPT_1_3B, Hardware(200 * 2**20, GIB, "given", "given")) is None
+
+
+def test_workload_from_a_config():
+    cfg = load_config(REPO / "configs" / "gpt-1.3b.yaml", bf16_supported=False)
+    w = workload_from_config(cfg)
+    assert (w.num_params, w.micro_batch_size, w.precision) == (1_313_722_368, 8, "bf16")
+    assert w.gpu_mem_ratio == cfg.engine["client"]["mem_tracer"]["overall_gpu_mem_ratio"]
+    assert workload_from_config(cfg, gpus_per_node=4).micro_batch_size == 2
+    tiny = config_from_dict({"model": {"size": "gpt-tiny"}, "train": {"seq_len": 32, "grad_accum": 2,
+                             "batch_size": 8}}, bf16_supported=False)
+    assert workload_from_config(tiny).micro_batch_size == 4
+
+
+def test_report_is_plain_json_data():
+    report = estimate_report(GPT_1_3B, H200)
+    assert json.loads(json.dumps(report)) == report
+    assert set(report["systems"]) == {"pstar", "pytorch", "zero2_offload", "zero3_offload"}
+
+
+def test_cli_json_output_for_the_12b_config():
+    result = CliRunner().invoke(app, ["estimate-memory", "configs/gpt-12b.yaml", "--gpu-mem", "140",
+                                      "--host-mem", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"] == "configs/gpt-12b.yaml"
+    assert report["model"]["num_params"] == 12_219_105_280
+    fits = {name: s["fits"] for name, s in report["systems"].items()}
+    # BENCHMARKS.md: only pstar is meant to train gpt-12b on one H200 with 128 GB of host memory
+    assert fits == {"pstar": True, "pytorch": False, "zero2_offload": False, "zero3_offload": False}
+    assert report["largest_pstar_model"]["num_params"] >= 12_219_105_280
+
+
+def test_cli_table_output_without_a_gpu():
+    result = CliRunner().invoke(app, ["estimate-memory", "configs/tiny.yaml", "--host-mem", "8"])
+    assert result.exit_code == 0, result.output
+    for text in ("Per GPU", "Per host", "pstar", "DeepSpeed ZeRO-3 offload", "exp_avg_sq"):
+        assert text in result.stdout
