@@ -41,7 +41,7 @@ def model_config_problems(cfg) -> list[str]:
     family, problems = _family_of(cfg)
     if family is None:
         return problems
-    problems += _unknown_key_problems(cfg, _FAMILY_KEYS[family])
+    problems += _unknown_key_problems(cfg, family)
     problems += _size_problems(cfg, family)
     problems += _value_problems(cfg)
     if any(p.startswith(("model.size", "model.hidden", "model.heads", "model.kv_heads"))
@@ -97,15 +97,20 @@ def _family_of(cfg: dict) -> tuple[str | None, list[str]]:
     return family, []
 
 
-def _unknown_key_problems(cfg: dict, allowed: tuple[str, ...]) -> list[str]:
-    problems = []
+def _unknown_key_problems(cfg: dict, family: str) -> list[str]:
+    allowed, problems = _FAMILY_KEYS[family], []
     for key in cfg:
         if key in allowed:
             continue
+        owners = [f for f, keys in _FAMILY_KEYS.items() if key in keys]
+        if owners:
+            problems.append(f"model.{key}: only used by family {owners[0]}, but this model is {family}; "
+                            f"remove it")
+            continue
         close = difflib.get_close_matches(str(key), allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"model.{key}: unknown key for family {cfg.get('family') or 'of this size'}"
-                        f"{hint}; allowed: {', '.join(allowed)}")
+        problems.append(f"model.{key}: unknown key for family {family}{hint}; "
+                        f"allowed: {', '.join(allowed)}")
     return problems
 
 

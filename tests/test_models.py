@@ -267,7 +267,7 @@ def test_explicit_keys_override_size_and_defaults_fill_in():
 
 @pytest.mark.parametrize("cfg, fragment", [
     ({"family": "gpt", "size": "gpt-1.3b", "hiden": 1}, "model.hiden: unknown key"),
-    ({"family": "gpt", "size": "gpt-1.3b", "kv_heads": 2}, "model.kv_heads: unknown key"),
+    ({"family": "gpt", "size": "gpt-1.3b", "kv_heads": 2}, "model.kv_heads: only used by family llama"),
     ({"family": "gpt", "size": "llama-1b"}, "is a llama size"),
     ({"family": "gpt", "size": "gpt-13b"}, "not a known gpt size"),
     ({"family": "bert", "size": "gpt-1.3b"}, "model.family: 'bert' is not one of gpt, llama"),
@@ -289,3 +289,32 @@ def test_all_problems_reported_at_once():
     problems = models.model_config_problems(
         {"family": "gpt", "size": "gpt-tiny", "hiden": 1, "layers": 0, "dropout": -1})
     assert len(problems) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", TINY_CONFIGS)
+def test_cuda_build_matches_cpu_numerics(cfg):
+    torch.manual_seed(0)
+    cpu_model = models.build_model(cfg)
+    with torch.device("cuda"):
+        gpu_model = models.build_model(cfg)
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    assert all(p.is_cuda for p in gpu_model.parameters())
+    idx, targets = torch.randint(0, 256, (2, 2, 32))
+    torch.testing.assert_close(gpu_model(idx.cuda(), targets.cuda()).cpu(), cpu_model(idx, targets),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", ["gpt-1.3b", "llama-1b"])
+def test_benchmark_shapes_train_in_bf16_on_cuda(size):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = models.build_model({"size": size, "layers": 2, "activation_checkpointing": True})
+    model.to(torch.bfloat16)
+    idx = torch.randint(0, 1000, (2, 2, 1024), device="cuda")
+    loss = model(idx[0], idx[1])
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert abs(loss.item() - math.log(model.config.vocab_size)) < 1.0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
