@@ -5,7 +5,8 @@ One process (nproc_per_node 1, nnodes 1) trains right here. Anything larger star
 elastic agent does the rendezvous (also across machines), sets RANK/LOCAL_RANK/WORLD_SIZE, watches
 the workers and stops all of them when one fails.
 
-We call `torch.distributed.run.main(args)` in this process rather than running
+We call `torch.distributed.run.run(parse_args(args))` (`main` without its error-file decorator)
+in this process rather than running
 `python -m torch.distributed.run` as a child: the agent then raises a `ChildFailedError` that
 carries every failed rank's exit code and error file, so we can report the first failure as one
 clear message, instead of scraping a child's console output; it also costs no extra interpreter.
@@ -64,12 +65,13 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
     """Start this node's workers through torchrun's elastic agent and wait for the job to end."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.run import parse_args as parse_torchrun_args
+    from torch.distributed.run import run as torchrun
 
     set_worker_env(os.environ, cfg.distributed.nproc_per_node)
     args = torchrun_args(cfg, config_path, overrides, output_dir, console_is_tty=sys.stdout.isatty())
     try:
-        torchrun_main(args)
+        torchrun(parse_torchrun_args(args))
     except ChildFailedError as exc:
         raise worker_failure(exc, output_dir / "logs") from None
     except RendezvousError as exc:
@@ -147,13 +149,14 @@ def failure_details(failure, log_dir: Path) -> list[str]:
     message = failure.message
     if isinstance(message, dict):  # torch's error file: {"message": "...", "extraInfo": {...}}
         message = message.get("message", "")
-    if message and failure.error_file_data.get("message"):
+    if os.path.isfile(failure.error_file):  # torch sets "<N/A>" when the worker wrote none
         return [str(message)]
+    lines = [str(message)] if failure.exitcode < 0 else []  # e.g. "Signal 9 (SIGKILL) received by PID 7"
     stderr_log = latest_rank_log(log_dir, failure.local_rank, "stderr.log")
-    if stderr_log is None:
-        return [str(message)] if message else []
-    tail = stderr_log.read_text(encoding="utf-8", errors="replace").splitlines()[-NUM_ERROR_LOG_LINES:]
-    return [f"last lines of {stderr_log}:", *tail]
+    if stderr_log is not None:
+        tail = stderr_log.read_text(encoding="utf-8", errors="replace").splitlines()[-NUM_ERROR_LOG_LINES:]
+        lines += [f"last lines of {stderr_log}:", *tail]
+    return lines
 
 
 def latest_rank_log(log_dir: Path, local_rank: int, name: str) -> Path | None:

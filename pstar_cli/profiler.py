@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from pstar_cli.config import Config
@@ -64,24 +65,24 @@ def run_profile(cfg: Config, output_dir: Path, num_steps: int) -> ProfileResult:
     total_steps = NUM_WARMUP_STEPS + num_steps + 1
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=max(cfg.train.steps, total_steps)))
     write_run_config(cfg, output_dir)
+    baseline_rss_bytes = psutil.Process().memory_info().rss
     trainer = Trainer(cfg, output_dir, Ranks())
+    files = {name: str(output_dir / name) for name in ("profile.json", "memory_timeline.svg", "trace.json")}
     try:
         for _ in range(NUM_WARMUP_STEPS):
             trainer.train_step()
         steps = [timed_step(trainer) for _ in range(num_steps)]
-        trace_path = output_dir / "trace.json"
-        trace_one_step(trainer, trace_path)
         timeline = list(trainer.model.memory_timeline())
-        svg_path = output_dir / "memory_timeline.svg"
-        svg_path.write_text(memory_timeline_svg(timeline, title=f"{cfg.model.size or cfg.model.family}: "
-                                                "memory per moment of the traced warm-up"), encoding="utf-8")
+        # peaks are read before tracing: the profiler's own buffers are not the model's
+        memory_check = compare_with_estimate(cfg, steps[-1], timeline, trainer.device, baseline_rss_bytes)
         summary = summarise(steps, trainer)
-        memory_check = compare_with_estimate(cfg, steps[-1], timeline, trainer.device)
+        trace_one_step(trainer, Path(files["trace.json"]))
     finally:
         trainer.close()
-    files = {"memory_timeline": str(svg_path), "trace": str(trace_path), "report": str(output_dir / "profile.json")}
+    title = f"{cfg.model.size or cfg.model.family}: memory per moment of the traced warm-up"
+    Path(files["memory_timeline.svg"]).write_text(memory_timeline_svg(timeline, title), encoding="utf-8")
     result = ProfileResult(summary, steps, timeline, memory_check, files, notes)
-    (output_dir / "profile.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    Path(files["profile.json"]).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result
 
 
@@ -138,8 +139,14 @@ def summarise(steps: list[dict[str, Any]], trainer) -> dict[str, Any]:
     }
 
 
-def compare_with_estimate(cfg: Config, last_step: dict[str, Any], timeline: list[dict], device: torch.device):
-    """Measured peaks and placements next to `pstar estimate-memory`'s numbers for this config."""
+def compare_with_estimate(
+    cfg: Config, last_step: dict[str, Any], timeline: list[dict], device: torch.device, baseline_rss_bytes: int
+) -> list[dict[str, Any]]:
+    """Measured peaks and placements next to `pstar estimate-memory`'s numbers for this config.
+
+    Host memory is compared above the process's RSS before the engine was built (Python, torch and
+    their libraries are not in the estimate); on a CPU-only machine the device side lives in host
+    RAM too, so the host estimate includes it."""
     from pstar_cli.estimate import detect_hardware, pstar_estimate, workload_from_config
 
     estimate = pstar_estimate(workload_from_config(cfg), detect_hardware())
@@ -148,12 +155,13 @@ def compare_with_estimate(cfg: Config, last_step: dict[str, Any], timeline: list
     host_model = (stats["param_bytes_host"] or 0) + (stats["optim_bytes_host"] or 0)
     peak_non_model = max((m["non_model_bytes"] for m in timeline), default=None)
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    host_estimate = estimate.host.total + (estimate.gpu.total if device.type == "cpu" else 0)
     return [
         check_row("model data on the device", sum(estimate.gpu.model_data.values()), device_model),
         check_row("model data on the host", sum(estimate.host.model_data.values()), host_model),
         check_row("activations (peak non-model data on the device)", estimate.gpu.activations, peak_non_model),
         check_row("device peak (CUDA max allocated)", estimate.gpu.total, device_peak),
-        check_row("host peak (process RSS)", estimate.host.total, peak_rss_bytes()),
+        check_row("host peak (process RSS above its start)", host_estimate, peak_rss_bytes() - baseline_rss_bytes),
     ]
 
 
@@ -164,19 +172,26 @@ def check_row(what: str, estimate_bytes: int | None, measured_bytes: int | None)
 
 # ---- the memory timeline picture ----
 
-SVG_WIDTH, SVG_HEIGHT = 900, 420
+SVG_WIDTH, SVG_HEIGHT = 900, 430
 PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM = 80, 880, 50, 360
 SERIES = (  # key, label, colour
     ("non_model_bytes", "non-model data (activations, temporaries)", "#d62728"),
     ("chunk_bytes_device", "chunks on the device", "#1f77b4"),
+    ("device_total_bytes", "both together", "#9467bd"),
     ("budget_bytes", "chunk budget", "#2ca02c"),
 )
+
+
+def series_value(moment: dict[str, Any], key: str) -> int:
+    if key == "device_total_bytes":
+        return (moment.get("non_model_bytes") or 0) + (moment.get("chunk_bytes_device") or 0)
+    return moment.get(key) or 0
 
 
 def memory_timeline_svg(timeline: list[dict[str, Any]], title: str) -> str:
     """A self-contained SVG line chart of the memory timeline (bytes per moment)."""
     num_moments = max(len(timeline), 1)
-    values = [m.get(key) or 0 for m in timeline for key, _, _ in SERIES]
+    values = [series_value(m, key) for m in timeline for key, _, _ in SERIES]
     top_bytes = nice_ceiling(max(values, default=0))
     x_of = lambda i: PLOT_LEFT + (PLOT_RIGHT - PLOT_LEFT) * (i / max(num_moments - 1, 1))  # noqa: E731
     y_of = lambda b: PLOT_BOTTOM - (PLOT_BOTTOM - PLOT_TOP) * (b / top_bytes)  # noqa: E731
@@ -188,7 +203,7 @@ def memory_timeline_svg(timeline: list[dict[str, Any]], title: str) -> str:
     ]
     parts += axis_elements(top_bytes, num_moments, y_of)
     for key, label, colour in SERIES:
-        points = " ".join(f"{x_of(i):.1f},{y_of(m.get(key) or 0):.1f}" for i, m in enumerate(timeline))
+        points = " ".join(f"{x_of(i):.1f},{y_of(series_value(m, key)):.1f}" for i, m in enumerate(timeline))
         if points:
             parts.append(f'<polyline data-series="{key}" fill="none" stroke="{colour}" stroke-width="2" '
                          f'points="{points}"><title>{escape(label)}</title></polyline>')
@@ -221,8 +236,8 @@ def axis_elements(top_bytes: float, num_moments: int, y_of) -> list[str]:
 def legend_elements() -> list[str]:
     parts = []
     for index, (_, label, colour) in enumerate(SERIES):
-        x = PLOT_LEFT + index * 270
-        y = PLOT_BOTTOM + 42
+        x = PLOT_LEFT + (index % 2) * 360
+        y = PLOT_BOTTOM + 38 + (index // 2) * 16
         parts.append(f'<rect x="{x}" y="{y - 9}" width="14" height="4" fill="{colour}"/>')
         parts.append(f'<text x="{x + 20}" y="{y}">{escape(label)}</text>')
     return parts

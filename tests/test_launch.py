@@ -1,0 +1,148 @@
+"""The launcher: torchrun arguments, worker environment, failure reports, real 2-process CPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.run import parse_args as parse_torchrun_args
+
+from pstar_cli import launch
+from pstar_cli.config import load_config
+from pstar_cli.metrics import read_metrics
+from pstar_cli.worker import parse_args as parse_worker_args
+from pstar_cli.worker import resolve_backend
+from tests.test_train import REPO, TINY, needs_engine
+
+
+def config(*overrides: str):
+    return load_config(TINY, list(overrides))
+
+
+def test_single_node_arguments_are_valid_for_torchrun(tmp_path):
+    cfg = config("distributed.nproc_per_node=2")
+    args = launch.torchrun_args(cfg, TINY, ["train.steps=3"], tmp_path, console_is_tty=False)
+    parsed = parse_torchrun_args(args)
+    assert parsed.standalone and parsed.nproc_per_node == "2" and parsed.nnodes == "1"
+    assert parsed.log_dir == str(tmp_path / "logs")
+    assert (parsed.redirects, parsed.tee) == ("3", "0:3")  # every rank to files, rank 0 also here
+    assert parsed.max_restarts == 0 and parsed.module
+    assert parsed.training_script == "pstar_cli.worker"
+    worker = parse_worker_args(parsed.training_script_args)
+    assert worker.config == TINY and worker.overrides == ["train.steps=3"] and worker.output_dir == tmp_path
+
+
+def test_on_a_terminal_local_rank_0_keeps_the_console(tmp_path):
+    cfg = config("distributed.nproc_per_node=4")
+    args = launch.torchrun_args(cfg, TINY, [], tmp_path, console_is_tty=True)
+    parsed = parse_torchrun_args(args)
+    assert parsed.redirects == "1:3,2:3,3:3" and parsed.tee == "0"
+    # too many local ranks for torchrun's one-digit map: every rank redirected and rank 0 tee'd
+    assert launch.log_stream_args(16, 0, console_is_tty=True) == ["--redirects=3", "--tee=0:3"]
+    # other nodes never draw the live view
+    assert launch.log_stream_args(2, 1, console_is_tty=True) == ["--redirects=3", "--tee=0:3"]
+
+
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_multi_node_arguments(tmp_path, backend):
+    cfg = config("distributed.nnodes=2", "distributed.node_rank=1", "distributed.rdzv_endpoint=10.0.0.1:29400",
+                 f"distributed.rdzv_backend={backend}", "distributed.rdzv_id=job7", "train.batch_size=8")
+    parsed = parse_torchrun_args(launch.torchrun_args(cfg, TINY, [], tmp_path, console_is_tty=False))
+    assert not parsed.standalone and parsed.nnodes == "2"
+    assert (parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id) == (backend, "10.0.0.1:29400", "job7")
+    # static rendezvous takes the node's rank from us; c10d assigns ranks itself
+    assert parsed.node_rank == (1 if backend == "static" else 0)
+
+
+def test_worker_environment(monkeypatch):
+    monkeypatch.setattr(launch, "gpu_count", lambda: 4)
+    env = {"NCCL_NVLS_ENABLE": "1"}
+    launch.set_worker_env(env, nproc_per_node=2)
+    assert env["NCCL_NVLS_ENABLE"] == "1"  # the user's choice wins
+    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert int(env["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.setattr(launch, "gpu_count", lambda: 0)
+    env = {}
+    launch.set_worker_env(env, nproc_per_node=1)
+    assert "NCCL_NVLS_ENABLE" not in env
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", torch.device("cpu")) == "gloo"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert resolve_backend("gloo", torch.device("cuda", 0)) == "gloo"
+
+
+def failure_with_error_file(tmp_path: Path, local_rank: int, message: str) -> ProcessFailure:
+    error_file = tmp_path / f"error{local_rank}.json"
+    error_file.write_text(json.dumps(
+        {"message": {"message": message, "extraInfo": {"py_callstack": "...", "timestamp": str(int(time.time()))}}}))
+    return ProcessFailure(local_rank=local_rank, pid=100 + local_rank, exitcode=2, error_file=str(error_file))
+
+
+def test_failure_report_uses_the_workers_error_file(tmp_path):
+    failures = {1: failure_with_error_file(tmp_path, 1, "DataError: data.path: file not found: x.bin")}
+    failures[0] = ProcessFailure(local_rank=0, pid=100, exitcode=-15, error_file=str(tmp_path / "missing.json"))
+    failures[0].timestamp = failures[1].timestamp + 5  # stopped after rank 1 failed
+    error = launch.worker_failure(ChildFailedError("pstar_cli.worker", failures), tmp_path / "logs")
+    assert error.exit_code == 2
+    lines = error.message_lines()
+    assert lines[0] == "worker rank 1 (local rank 1) failed with exit code 2"
+    assert "DataError: data.path: file not found: x.bin" in lines
+    assert any("1 other worker" in line for line in lines)
+
+
+def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
+    log = tmp_path / "logs" / "run_abc" / "attempt_0" / "1" / "stderr.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {i}\n" for i in range(40)) + "Segmentation fault\n")
+    failure = ProcessFailure(local_rank=1, pid=7, exitcode=-11, error_file=str(log.parent / "error.json"))
+    error = launch.worker_failure(ChildFailedError("pstar_cli.worker", {3: failure}), tmp_path / "logs")
+    lines = error.message_lines()
+    assert lines[0].startswith("worker rank 3 (local rank 1) failed with exit code -11")
+    assert error.exit_code == 1  # killed by a signal: still a failure
+    assert lines[-2] == "Segmentation fault" and "line 39" in lines and "line 10" not in lines
+
+
+# ---- real launches through torch.distributed.run (gloo on CPU) ----
+
+
+def run_pstar(args: list[str], extra_env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "pstar_cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@needs_engine
+@pytest.mark.slow
+def test_two_process_launch_trains_and_logs_every_rank(tmp_path):
+    result = run_pstar(["train", str(TINY), "distributed.nproc_per_node=2", "train.steps=6", "train.log_interval=3",
+                        "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 3, 6]  # rank 0 alone writes
+    assert "step 6/6" in result.stdout  # rank 0's lines still reach the console
+    for local_rank in (0, 1):
+        [stdout_log] = (tmp_path / "logs").glob(f"*/attempt_0/{local_rank}/stdout.log")
+        assert "step 6/6" in stdout_log.read_text()
+    assert "2 ranks" in result.stdout
+
+
+@needs_engine
+@pytest.mark.slow
+def test_a_failing_worker_stops_the_job_with_its_message(tmp_path):
+    started = time.monotonic()
+    result = run_pstar(["train", str(TINY), "distributed.nproc_per_node=2", "train.steps=50",
+                        "--output-dir", str(tmp_path)], extra_env={"PSTAR_TEST_FAIL_RANK": "1"})
+    assert result.returncode != 0
+    assert "worker rank 1" in result.stderr and "injected failure on rank 1" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: ")[-1]
+    assert time.monotonic() - started < 300  # rank 0, waiting for rank 1, was stopped, not left hanging
+    metrics = tmp_path / "metrics.jsonl"
+    assert not metrics.exists() or len(read_metrics(metrics)) < 50
