@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.launch import die_with_parent
 from benchmarks.memory import PeakSampler
 from benchmarks.spec import SIMULATE_ENV, CaseSpec
 from benchmarks.systems import Runtime, Trainer, build_trainer, needs_process_group, synchronize
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", required=True, help="path prefix of the per-rank result files")
     args = parser.parse_args(argv)
     spec = CaseSpec.from_json(args.spec)
+    die_with_parent()  # under torchrun the parent is torchrun; alone, it is the harness
 
     runtime = runtime_from_env(spec)
     sampler = PeakSampler(runtime.device).start()

@@ -6,6 +6,7 @@ the exit code and the last lines of its log tell the status instead.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from benchmarks.spec import MULTICAST_OFF_ENV, CaseSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 10  # after SIGTERM, how long a case gets to exit before SIGKILL
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory")
 
 
@@ -58,7 +60,8 @@ def run_case_process(spec: CaseSpec, result_prefix: Path, timeout_s: float,
     with open(log_path, "w") as log:
         # A session of its own, so a timeout can end the case and everything it started.
         process = subprocess.Popen(case_command(spec, result_prefix), cwd=REPO_ROOT, env=case_env(extra_env),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent)
         timed_out = False
         try:
             process.wait(timeout=timeout_s)
@@ -72,6 +75,19 @@ def run_case_process(spec: CaseSpec, result_prefix: Path, timeout_s: float,
     status = classify(rank_results, process.returncode, timed_out, timeout_s, log_tail(log_path))
     return CaseOutcome(status=status, rank_results=rank_results, returncode=process.returncode,
                        wall_s=time.perf_counter() - start, log_path=log_path)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies.
+
+    Cases run in sessions of their own (so a timeout can stop a whole torchrun group), which also
+    shields them from a kill aimed at the harness; without this, a harness killed at a machine's time
+    limit would leave a case holding the GPU for whoever comes next.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: a timeout still stops the case
+        pass
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

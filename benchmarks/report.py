@@ -31,7 +31,7 @@ def build_row(spec: CaseSpec, shape: dict, outcome: CaseOutcome, machine: str) -
         "model": spec.model,
         "batch": spec.batch,
         "seq": spec.seq,
-        "step_s": _round(step_s, 4),
+        "step_s": _significant(step_s, 5) if step_s else None,
         "tflops": _significant(tflops(flops, step_s), 4) if step_s else None,
         "gpu_peak_gib": _gib(_max_of(ranks, "gpu_peak_bytes")),
         "host_peak_gib": _gib(_sum_of(ranks, "host_peak_bytes")),

@@ -157,8 +157,8 @@ def run_cases(specs: list[CaseSpec], shapes: dict, args: argparse.Namespace, mac
                 prefix = log_dir / f"{index:02d}-{spec.system}-{spec.model}-b{spec.batch}"
                 outcome = run_case_process(spec, prefix, timeout_s)
         except Interrupted as exc:
+            outcome = CaseOutcome(status=f"interrupted ({exc})")
             stop_reason = f"skipped: harness interrupted ({exc})"
-            outcome = CaseOutcome(status=stop_reason)
         rows.append(build_row(spec, shapes[spec.model], outcome, machine))
         fill_ratios(rows)
         write_rows(args.out, previous_rows + rows)  # after every case: a killed run keeps its rows
@@ -194,11 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _raise_interrupted)
     print(f"{len(specs)} case(s) on {machine} ({device}); logs in {log_dir}", flush=True)
     rows = run_cases(specs, shapes, args, machine, log_dir, previous_rows)
+    device_name = next((r["device_name"] for r in rows if r.get("device_name")), device)
     print(f"\n{len(rows)} row(s) appended to {args.out}")
-    print(f"torch {next((r['torch_version'] for r in rows if r.get('torch_version')), '?')}, "
-          f"{next((r['device_name'] for r in rows if r.get('device_name')), device)}, machine {machine}")
+    print(f"torch {torch_version()}, {device_name}, machine {machine}")
     print(format_table(rows), flush=True)
-    return 0
+    interrupted = any(r["status"].startswith("interrupted") for r in rows)
+    return 130 if interrupted else 0
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 if __name__ == "__main__":

@@ -143,6 +143,14 @@ def test_hanging_case_is_stopped_at_its_timeout(tmp_path):
     assert outcome.wall_s < 8 + 15
 
 
+def test_cases_beyond_the_time_budget_are_skipped_not_started(tmp_path):
+    done = run_harness(tmp_path, "--systems", "pytorch,pstar", "--time-budget", "10")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["skipped: time budget spent"] * 2
+    assert not list((tmp_path / "logs").glob("*.log"))  # no case process was started
+
+
 # ---- the real thing on CPU ----
 
 def test_cpu_smoke_pytorch_and_fsdp2_offload(tmp_path):
