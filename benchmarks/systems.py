@@ -140,10 +140,12 @@ def _init_sharded_weights(model: nn.Module) -> str | None:
     except Exception as exc:  # an init function that DTensor does not support
         with torch.no_grad():
             for name, param in model.named_parameters():
+                # The local shard, so the fallback needs nothing from DTensor's random ops.
+                shard = param.to_local() if hasattr(param, "to_local") else param
                 if param.ndim >= 2:
-                    param.normal_(0.0, 0.02)
+                    shard.normal_(0.0, 0.02)
                 else:
-                    param.fill_(1.0 if name.endswith("weight") else 0.0)
+                    shard.fill_(1.0 if name.endswith("weight") else 0.0)
         return f"model.init_weights() failed on sharded parameters ({type(exc).__name__}: {exc}); used N(0, 0.02)"
 
 
