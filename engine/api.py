@@ -1,5 +1,206 @@
-"""The seed's entry point (being built)."""
+"""`initialize_engine`: the seed's entry point, and the model wrapper it returns.
+
+    model, optimizer = initialize_engine(model_func=lambda: MyModel(...), local_rank=0, config=cfg)
+    for step, (x, y) in enumerate(batches):
+        optimizer.param_groups[0]["lr"] = lr_at(step)   # any schedule: read at every step()
+        optimizer.zero_grad()
+        loss = model(x, y)
+        model.backward(loss)
+        optimizer.step()
+
+Lifecycle:
+1. Init. `model_func` runs on the `meta` device; the layout of parameters in chunks is planned from
+   the shapes (refused if model data cannot fit device + host budgets), then every module is
+   materialised straight into fp32 master / compute-dtype param chunks on the host and initialised
+   by the model's own code (see engine/init.py).
+2. Warm-up: the first forward + backward with autograd on. Chunks are fetched on demand within
+   `warmup_gpu_chunk_mem_ratio` of the device budget (least recently used evicted first), while the
+   memory tracer records non-model memory per moment and the schedule records the chunk order.
+   The first `optimizer.step()` then places optimizer state: as many chunk groups on the device as
+   the margin allows, the rest on the host (engine/optimizer.py).
+3. Steady state: each access follows the recorded schedule: the chunk budget of a moment is the device
+   budget minus the moment's non-model peak, evictions are Belady's (farthest next use first) and the
+   next chunk is prefetched (on CUDA on a side stream from pinned host memory).
+
+Learning rate: `optimizer.param_groups[0]["lr"]` is read at every `step()`, so a schedule just sets
+it before stepping (torch's lr_scheduler classes work on the optimizer as well). `betas`, `eps` and
+`weight_decay` live in the same dict.
+
+Gradients: with `gradient_accumulation_steps` 1, a gradient is written over its weight in the param
+chunk, so each `model.backward()` must be followed by `optimizer.step()` (which consumes the
+gradients) or `optimizer.zero_grad()` (which restores the weights) before the next forward. With
+more steps, gradients accumulate in separate grad chunks until `zero_grad()`.
+
+`release_after_init` is accepted for compatibility with PatrickStar configs: pstar never builds a
+second copy of the parameters to release. Weights are changed through `load_state_dict`, not by
+writing into parameters directly (the engine tracks which chunk copies are current).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.chunk import ChunkKind, Location, TensorInfo
+from engine.chunk_manager import ChunkManager
+from engine.config import EngineConfig, resolve_engine_config
+from engine.device import Copier, device_total_bytes, host_total_bytes, pick_compute_device
+from engine.hooks import EngineHooks
+from engine.init import BuiltModel, build_in_chunks
+from engine.memory_tracer import MemoryTracer
+from engine.optimizer import HybridAdam
+from engine.precision import LossScaler, compute_dtype
+from engine.runtime import EngineRuntime
+from engine.schedule import AccessSchedule
+
+_OPTIMIZER_KINDS = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
 
 
-def initialize_engine(model_func, local_rank=0, config=None):
-    raise NotImplementedError("the engine is being built")
+def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int = 0,
+                      config: dict | None = None) -> tuple["EngineModel", HybridAdam]:
+    cfg = resolve_engine_config(config or {})
+    device = pick_compute_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = compute_dtype(cfg)
+    device_budget, host_budget = _budgets(cfg, device)
+    copier = Copier(device)
+
+    def new_manager() -> ChunkManager:
+        tracer = MemoryTracer(device, device_budget, cfg.mem_tracer.warmup_gpu_chunk_mem_ratio)
+        return ChunkManager(copier, AccessSchedule(), tracer, device_budget, host_budget)
+
+    built = build_in_chunks(model_func, cfg, dtype, device, new_manager)
+    runtime = EngineRuntime(config=cfg, device=device, compute_dtype=dtype, copier=copier,
+                            schedule=built.manager.schedule, tracer=built.manager.tracer,
+                            manager=built.manager, scaler=LossScaler(cfg.fp16), groups=built.groups,
+                            infos=built.infos)
+    model = EngineModel(built, runtime)
+    trainable = [info.param for info in built.infos if info.requires_grad]
+    return model, HybridAdam(trainable, runtime)
+
+
+def _budgets(cfg: EngineConfig, device: torch.device) -> tuple[int, int]:
+    device_budget = cfg.device_memory_limit
+    if device_budget is None:
+        device_budget = int(device_total_bytes(device) * cfg.mem_tracer.overall_gpu_mem_ratio)
+    host_budget = cfg.host_memory_limit
+    if host_budget is None:
+        host_budget = int(host_total_bytes() * cfg.mem_tracer.overall_cpu_mem_ratio)
+    return device_budget, host_budget
+
+
+class EngineModel(nn.Module):
+    """The user's model, trained by the engine. `module` is the wrapped nn.Module."""
+
+    def __init__(self, built: BuiltModel, runtime: EngineRuntime):
+        super().__init__()
+        self.module = built.module
+        self._rt = runtime
+        self._infos_by_param = {id(info.param): info for info in built.infos}
+        self._hooks = EngineHooks(built.module, built.manager, self._infos_by_param,
+                                  runtime.grad_accumulation, runtime.device, built.host_only_modules,
+                                  on_backward_end=runtime.end_backward)
+        self._hooks.install()
+
+    def forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        self._rt.begin_forward()
+        with self._hooks.saved_tensors_context():
+            output = self.module(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            self._rt.end_forward_without_grad()
+        self._rt.add_time("forward", start)
+        return output
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), scaled by the fp16 loss scale when fp16 is on."""
+        start = time.perf_counter()
+        scaler = self._rt.scaler
+        if scaler.enabled:
+            loss = loss.float() * scaler.scale
+        loss.backward()
+        self._rt.end_backward()
+        self._rt.add_time("backward", start)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _own_entries(self) -> OrderedDict:
+        return self.module.state_dict(keep_vars=True)
+
+    def state_dict(self, *args, **kwargs) -> OrderedDict:
+        """The plain model's keys: parameters as their fp32 masters (tied ones under each name)."""
+        result = OrderedDict()
+        for key, value in self._own_entries().items():
+            info = self._infos_by_param.get(id(value))
+            if info is None:
+                result[key] = value.detach()
+            else:
+                master = self._rt.copier.current_flat(info.group.master)
+                result[key] = info.view_of(master)
+        return result
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = self._own_entries()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        with self._rt.manager.lock:
+            for key, value in state_dict.items():
+                if key not in own:
+                    continue
+                info = self._infos_by_param.get(id(own[key]))
+                if info is None:
+                    own[key].copy_(value)
+                else:
+                    self._load_param(key, info, value)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def _load_param(self, key: str, info: TensorInfo, value: torch.Tensor) -> None:
+        if tuple(value.shape) != tuple(info.shape):
+            raise RuntimeError(f"load_state_dict: '{key}' has shape {tuple(value.shape)}, "
+                               f"the model expects {tuple(info.shape)}")
+        copier = self._rt.copier
+        master = info.region_of(copier.current_flat(info.group.master))
+        master.copy_(value.reshape(-1))
+        info.region_of(copier.current_flat(info.group.param)).copy_(master)
+        info.has_grad = False
+        for chunk in (info.group.master, info.group.param):
+            if chunk.location is Location.DEVICE and not chunk.pinned_forever:
+                chunk.dirty = True
+
+    # ---- observability -----------------------------------------------------------------------
+
+    def chunk_stats(self) -> dict[str, int]:
+        manager = self._rt.manager
+        stats: dict[str, int] = {}
+        for prefix, kinds in (("param", (ChunkKind.PARAM,)), ("grad", (ChunkKind.GRAD,)),
+                              ("optim", _OPTIMIZER_KINDS)):
+            for place, location in (("device", Location.DEVICE), ("host", Location.HOST)):
+                count, nbytes = manager.location_bytes(kinds, location)
+                stats[f"{prefix}_chunks_{place}"] = count
+                stats[f"{prefix}_bytes_{place}"] = nbytes
+        for scope, counters in (("step", manager.last_step), ("total", manager.totals)):
+            stats[f"{scope}_h2d_bytes"] = counters.h2d_bytes
+            stats[f"{scope}_d2h_bytes"] = counters.d2h_bytes
+            stats[f"{scope}_h2d_moves"] = counters.h2d_moves
+            stats[f"{scope}_d2h_moves"] = counters.d2h_moves
+            stats[f"{scope}_evictions"] = counters.evictions
+        stats["device_budget_bytes"] = manager.device_budget_bytes
+        stats["host_budget_bytes"] = manager.host_budget_bytes
+        stats["model_data_bytes"] = manager.model_data_bytes
+        return stats
+
+    def step_timings(self) -> dict[str, float]:
+        """Seconds of the last optimizer step (its forwards, backwards and update); coarse on CUDA."""
+        return dict(self._rt.last_step_timings)
+
+    def memory_timeline(self) -> list[dict]:
+        """Per moment of the warm-up iteration: non-model bytes, chunk bytes and the chunk budget."""
+        return self._rt.tracer.timeline()

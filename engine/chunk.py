@@ -1,0 +1,185 @@
+"""Chunks: fixed-size flat buffers that hold many tensors at fixed offsets and move whole.
+
+A `ChunkGroup` is one slot of the layout: the param chunk (compute dtype) and its mirrors with the
+identical layout — fp32 master, exp_avg, exp_avg_sq and, with gradient accumulation, a grad chunk.
+Each `Chunk` keeps its own storage per placement (a device buffer and a host buffer), so a chunk can
+later be split into `world_size` equal shards without changing who owns what.
+
+The tensor state machine (as in PatrickStar): FREE (no storage yet) -> HOLD (materialised) ->
+COMPUTE (a module or an autograd node is using it) -> HOLD_AFTER_FWD / HOLD_AFTER_BWD. A chunk may
+move only while none of its tensors is in COMPUTE and no backward node has it pinned.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+# Tensor offsets inside a chunk are multiples of this many elements (>= 64 bytes for every dtype),
+# so each tensor starts on an aligned address and vectorised kernels stay vectorised.
+ALIGN_ELEMENTS = 64
+
+
+class Location(enum.Enum):
+    NOWHERE = "nowhere"  # not allocated yet (moments before a lazy first use)
+    DEVICE = "device"
+    HOST = "host"
+
+
+class ChunkKind(enum.Enum):
+    PARAM = "param"
+    MASTER = "master"
+    EXP_AVG = "exp_avg"
+    EXP_AVG_SQ = "exp_avg_sq"
+    GRAD = "grad"
+
+
+class TensorState(enum.Enum):
+    FREE = "free"
+    COMPUTE = "compute"
+    HOLD = "hold"
+    HOLD_AFTER_FWD = "hold_after_fwd"
+    HOLD_AFTER_BWD = "hold_after_bwd"
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(eq=False)
+class TensorInfo:
+    """One model parameter's place in a chunk group, plus its per-step bookkeeping."""
+
+    param: torch.nn.Parameter
+    names: list[str]
+    offset: int  # elements from the start of the chunk
+    numel: int
+    shape: torch.Size
+    requires_grad: bool
+    group: "ChunkGroup | None" = None
+    state: TensorState = TensorState.FREE
+    num_users: int = 0  # modules currently computing with it (tied params, re-entrant calls)
+    has_grad: bool = False  # a gradient has been written since the last step / zero_grad
+    num_steps: int = 0  # Adam steps applied to this tensor (bias correction is per tensor)
+
+    def view_of(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.narrow(0, self.offset, self.numel).view(self.shape)
+
+    def region_of(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.narrow(0, self.offset, self.numel)
+
+    def start_compute(self) -> None:
+        if self.num_users == 0:
+            self.group.param.num_tensors_in_compute += 1
+        self.num_users += 1
+        self.state = TensorState.COMPUTE
+
+    def end_compute(self, after: TensorState) -> None:
+        self.num_users -= 1
+        if self.num_users == 0:
+            self.group.param.num_tensors_in_compute -= 1
+            self.state = after
+
+
+class Chunk:
+    """One flat buffer of `numel` elements of one dtype, on the device or on the host."""
+
+    def __init__(self, chunk_id: int, kind: ChunkKind, numel: int, dtype: torch.dtype):
+        self.chunk_id = chunk_id
+        self.kind = kind
+        self.numel = numel
+        self.dtype = dtype
+        self.group: ChunkGroup | None = None
+        self.device_flat: torch.Tensor | None = None
+        self.host_flat: torch.Tensor | None = None
+        self.location = Location.NOWHERE
+        # True when the device copy holds data the host copy lacks (grads, new weights);
+        # a clean chunk is evicted by dropping its device buffer, with no copy at all.
+        self.dirty = False
+        self.num_pins = 0  # autograd nodes currently reading it during backward
+        self.num_tensors_in_compute = 0  # its tensors in COMPUTE (param chunks only)
+        self.pinned_forever = False  # optimizer state of a device group: never evicted
+        self.ready_event = None  # CUDA: upload finished (compute stream waits on it)
+        self.host_ready_event = None  # CUDA: download finished (host readers wait on it)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The buffer at the chunk's current location."""
+        if self.location is Location.DEVICE:
+            return self.device_flat
+        if self.location is Location.HOST:
+            return self.host_flat
+        raise RuntimeError(f"chunk {self.chunk_id} ({self.kind.value}) has no storage yet")
+
+    @property
+    def movable(self) -> bool:
+        return not self.pinned_forever and self.num_pins == 0 and self.num_tensors_in_compute == 0
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.chunk_id}, {self.kind.value}, {self.numel}, {self.location.value})"
+
+
+@dataclass(eq=False)
+class ChunkGroup:
+    """Param chunk i and its mirrors (identical layout); the unit the optimizer steps."""
+
+    index: int
+    numel: int
+    tensors: list[TensorInfo]
+    param: Chunk
+    master: Chunk
+    exp_avg: Chunk
+    exp_avg_sq: Chunk
+    grad: Chunk | None = None  # only with gradient accumulation; else grads go into `param`
+    host_only: bool = False  # use_cpu_embedding: lives and computes on the host
+    optimizer_on_device: bool = False  # decided after warm-up from the device margin
+    chunks: list[Chunk] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.chunks = [c for c in (self.param, self.grad, self.master, self.exp_avg, self.exp_avg_sq)
+                       if c is not None]
+        for chunk in self.chunks:
+            chunk.group = self
+        for info in self.tensors:
+            info.group = self
+
+    @property
+    def grad_chunk(self) -> Chunk:
+        return self.grad if self.grad is not None else self.param
+
+    @property
+    def optimizer_chunks(self) -> list[Chunk]:
+        return [self.master, self.exp_avg, self.exp_avg_sq]
+
+    @property
+    def model_data_bytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+
+def plan_chunk_layout(numels: list[int], chunk_numel: int) -> list[tuple[int, list[int]]]:
+    """Pack tensors, in the given order, into chunks of `chunk_numel` elements.
+
+    Returns one (chunk capacity, offsets of its tensors) per chunk; tensor i of the input goes into
+    the chunks in order. A tensor larger than a chunk gets a chunk of its own, sized to fit it.
+    """
+    capacity = round_up(chunk_numel, ALIGN_ELEMENTS)
+    chunks: list[tuple[int, list[int]]] = []
+    used = capacity  # forces a new chunk for the first tensor
+    for numel in numels:
+        padded = round_up(max(numel, 1), ALIGN_ELEMENTS)
+        if padded > capacity:
+            chunks.append((padded, [0]))
+            used = capacity  # the next tensor starts a fresh chunk
+            continue
+        if used + padded > capacity:
+            chunks.append((capacity, []))
+            used = 0
+        chunks[-1][1].append(used)
+        used += padded
+    return chunks

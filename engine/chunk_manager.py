@@ -1,0 +1,242 @@
+"""Placement of chunks on the device or the host, within budgets, with counted moves.
+
+The manager is the only code that moves chunks. An access (`access`) makes a chunk resident on the
+compute device, evicting others if the budget of the current moment requires it: Belady's choice from
+the warm-up schedule (least recently used during warm-up itself). After each access the next chunk
+of the schedule is prefetched when it fits. Every parameter's `.data` always points at its chunk's
+current buffer, device or host.
+
+Each chunk keeps a host "home" buffer once it has one (pinned on CUDA for chunks that move). A chunk
+whose device copy was not modified since it was uploaded (`dirty` is False) is evicted by dropping the
+device buffer, without a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+
+from engine.chunk import Chunk, ChunkGroup, ChunkKind, Location
+from engine.device import Copier
+from engine.errors import EngineError
+from engine.memory_tracer import MemoryTracer
+from engine.schedule import AccessSchedule
+
+# Moments to look ahead for a chunk worth prefetching.
+_PREFETCH_MOMENTS = 8
+
+
+@dataclasses.dataclass
+class MoveCounters:
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    h2d_moves: int = 0
+    d2h_moves: int = 0
+    evictions: int = 0  # chunks dropped from the device (a clean one needs no d2h copy)
+
+    def minus(self, other: "MoveCounters") -> "MoveCounters":
+        return MoveCounters(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+class ChunkManager:
+    def __init__(self, copier: Copier, schedule: AccessSchedule, tracer: MemoryTracer,
+                 device_budget_bytes: int, host_budget_bytes: int):
+        self.copier = copier
+        self.schedule = schedule
+        self.tracer = tracer
+        self.device_budget_bytes = device_budget_bytes
+        self.host_budget_bytes = host_budget_bytes
+        self.groups: list[ChunkGroup] = []
+        self.chunks: list[Chunk] = []  # indexed by chunk_id
+        self._on_device: dict[int, Chunk] = {}
+        self._by_storage: dict[int, Chunk] = {}  # storage data_ptr -> chunk owning that buffer
+        self.device_bytes = 0  # chunk bytes resident on the device
+        self.host_allocated_bytes = 0  # host buffers held (home copies included)
+        self.totals = MoveCounters()
+        self.last_step = MoveCounters()
+        self._step_start = MoveCounters()
+        self.num_over_budget = 0  # accesses where chunks in use alone exceeded the moment's budget
+        self.in_fwd_bwd = False  # between a forward's start and the end of its backward
+        # Autograd may run hooks on a device thread and a CPU thread at once (use_cpu_embedding).
+        self.lock = threading.RLock()
+
+    # ---- registry -------------------------------------------------------------------------
+
+    def add_groups(self, groups: list[ChunkGroup]) -> None:
+        for group in groups:
+            self.groups.append(group)
+            for chunk in group.chunks:
+                assert chunk.chunk_id == len(self.chunks), "chunk ids must be dense and ordered"
+                self.chunks.append(chunk)
+                if chunk.host_flat is not None:
+                    self._register_host(chunk)
+
+    def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
+        """The chunk whose buffer `tensor` lives in (None for any other tensor)."""
+        if tensor.layout is not torch.strided or tensor.device.type == "meta":
+            return None
+        chunk = self._by_storage.get(tensor.untyped_storage().data_ptr())
+        if chunk is None or chunk.dtype != tensor.dtype:
+            return None
+        return chunk
+
+    @property
+    def model_data_bytes(self) -> int:
+        return sum(g.model_data_bytes for g in self.groups)
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def allocate_host(self, chunk: Chunk) -> None:
+        """Give the chunk a zeroed host buffer (pinned on CUDA when the chunk will move)."""
+        moves = chunk.kind in (ChunkKind.PARAM, ChunkKind.GRAD) and not chunk.group.host_only
+        buf = self.copier.alloc_host(chunk.numel, chunk.dtype, pinned=moves)
+        chunk.host_flat = buf.zero_()  # zero padding keeps Adam and norms exact over whole spans
+        if chunk.location is Location.NOWHERE:
+            chunk.location = Location.HOST
+        self._register_host(chunk)
+
+    def _register_host(self, chunk: Chunk) -> None:
+        self.host_allocated_bytes += chunk.nbytes
+        self._by_storage[chunk.host_flat.untyped_storage().data_ptr()] = chunk
+
+    def free_host(self, chunk: Chunk) -> None:
+        """Drop the host buffer of a chunk that now lives on the device for good."""
+        assert chunk.location is Location.DEVICE
+        self.copier.wait_downloaded(chunk)
+        self._by_storage.pop(chunk.host_flat.untyped_storage().data_ptr(), None)
+        self.host_allocated_bytes -= chunk.nbytes
+        chunk.host_flat = None
+
+    # ---- moves ---------------------------------------------------------------------------
+
+    def current_budget_bytes(self) -> int:
+        moment = self.schedule.position if self.in_fwd_bwd else None
+        return self.tracer.chunk_budget_bytes(moment)
+
+    def ensure_on_device(self, chunk: Chunk, budget_bytes: int | None = None) -> None:
+        if chunk.location is Location.DEVICE or chunk.group.host_only:
+            return
+        budget = self.current_budget_bytes() if budget_bytes is None else budget_bytes
+        self._make_room(chunk.nbytes, budget, keep=chunk)
+        if chunk.location is Location.NOWHERE:
+            chunk.device_flat = self.copier.zeros_device(chunk.numel, chunk.dtype)
+            chunk.dirty = True
+        else:
+            self.copier.upload(chunk)
+            self._count(h2d=chunk.nbytes)
+            chunk.dirty = False
+        chunk.location = Location.DEVICE
+        self._on_device[chunk.chunk_id] = chunk
+        self.device_bytes += chunk.nbytes
+        self._by_storage[chunk.device_flat.untyped_storage().data_ptr()] = chunk
+        self._repoint(chunk)
+
+    def evict(self, chunk: Chunk) -> None:
+        """Move a device-resident chunk to the host (a copy only if the device copy changed)."""
+        assert chunk.location is Location.DEVICE and chunk.movable, f"cannot evict {chunk}"
+        if chunk.host_flat is None:
+            self.allocate_host(chunk)
+            chunk.dirty = True
+        if chunk.dirty:
+            self.copier.download(chunk)
+            self._count(d2h=chunk.nbytes)
+        self._by_storage.pop(chunk.device_flat.untyped_storage().data_ptr(), None)
+        chunk.device_flat = None  # the allocator reuses it once the streams using it are done
+        chunk.ready_event = None
+        chunk.location = Location.HOST
+        chunk.dirty = False
+        del self._on_device[chunk.chunk_id]
+        self.device_bytes -= chunk.nbytes
+        self.totals.evictions += 1
+        self._repoint(chunk)
+
+    def move_to_host(self, chunk: Chunk) -> None:
+        if chunk.location is Location.DEVICE:
+            self.evict(chunk)
+        elif chunk.location is Location.NOWHERE:
+            self.allocate_host(chunk)
+
+    def _make_room(self, need_bytes: int, budget_bytes: int, keep: Chunk) -> None:
+        if self.device_bytes + need_bytes <= budget_bytes:
+            return
+        candidates = [c for c in self._on_device.values() if c.movable and c is not keep]
+        for victim in self.schedule.eviction_order(candidates):
+            self.evict(victim)
+            if self.device_bytes + need_bytes <= budget_bytes:
+                return
+        # What is left is in use right now and must stay; going over the moment's share is the
+        # lesser evil, but not over the whole device budget.
+        self.num_over_budget += 1
+        if self.device_bytes + need_bytes > self.device_budget_bytes:
+            raise EngineError(
+                f"the device budget ({self.device_budget_bytes} bytes) cannot hold the chunks one "
+                f"step needs at once ({self.device_bytes + need_bytes} bytes): raise "
+                "device_memory_limit (or client.mem_tracer.overall_gpu_mem_ratio) or lower "
+                "default_chunk_size"
+            )
+
+    def _repoint(self, chunk: Chunk) -> None:
+        """Point every parameter stored in this param chunk at the chunk's current buffer."""
+        if chunk.kind is not ChunkKind.PARAM:
+            return
+        flat = chunk.flat
+        for info in chunk.group.tensors:
+            info.param.data = info.view_of(flat)
+
+    def _count(self, h2d: int = 0, d2h: int = 0) -> None:
+        self.totals.h2d_bytes += h2d
+        self.totals.d2h_bytes += d2h
+        self.totals.h2d_moves += h2d > 0
+        self.totals.d2h_moves += d2h > 0
+
+    # ---- accesses ------------------------------------------------------------------------
+
+    def access(self, chunk: Chunk) -> torch.Tensor:
+        """A moment: the chunk is about to be used on the compute device. Returns its buffer."""
+        with self.lock:
+            if not chunk.group.host_only:
+                moment = self.schedule.on_access(chunk.chunk_id)
+                self.tracer.on_moment(moment, self.device_bytes)
+                self.ensure_on_device(chunk)
+                self._prefetch_next()
+            return self.copier.current_flat(chunk)
+
+    def _prefetch_next(self) -> None:
+        if not self.schedule.recorded or not self.in_fwd_bwd:
+            return
+        for chunk_id in self.schedule.upcoming(_PREFETCH_MOMENTS):
+            chunk = self.chunks[chunk_id]
+            if chunk.location is Location.DEVICE:
+                continue
+            self._prefetch(chunk)
+            return  # one chunk ahead is enough to overlap the copy with this moment's compute
+
+    def _prefetch(self, chunk: Chunk) -> None:
+        budget = self.tracer.chunk_budget_bytes(self.schedule.position + 1)
+        need = chunk.nbytes
+        if self.device_bytes + need > budget:
+            # Evict only chunks needed later than this one, so prefetching never costs a re-fetch.
+            its_distance = self.schedule.distance_to_next_use(chunk.chunk_id)
+            later = [c for c in self._on_device.values()
+                     if c.movable and self.schedule.distance_to_next_use(c.chunk_id) > its_distance]
+            freeable = sum(c.nbytes for c in later)
+            if self.device_bytes - freeable + need > budget:
+                return
+            for victim in self.schedule.eviction_order(later):
+                if self.device_bytes + need <= budget:
+                    break
+                self.evict(victim)
+        self.ensure_on_device(chunk, budget_bytes=budget)
+
+    # ---- step accounting -----------------------------------------------------------------
+
+    def end_step(self) -> None:
+        self.last_step = self.totals.minus(self._step_start)
+        self._step_start = dataclasses.replace(self.totals)
+
+    def location_bytes(self, kinds: tuple[ChunkKind, ...], location: Location) -> tuple[int, int]:
+        """(number of chunks, bytes) of the given kinds at `location`."""
+        chosen = [c for c in self.chunks if c.kind in kinds and c.location is location]
+        return len(chosen), sum(c.nbytes for c in chosen)

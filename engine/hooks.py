@@ -1,0 +1,203 @@
+"""The hooks that make chunks resident when torch needs them and take gradients into chunks.
+
+- Module forward pre/post hooks: before a module runs, the chunks of its *direct* parameters are made
+  resident and those tensors enter COMPUTE (reference-counted, so tied parameters and modules called
+  twice work); afterwards they are released to HOLD_AFTER_FWD.
+- Saved-tensor hooks (active during the engine model's forward): a tensor autograd saves for backward
+  that lives in a chunk (a weight, or a view such as `weight.t()`) is stored as a reference to its
+  place in the chunk, not as the tensor. When backward unpacks it, the chunk is made resident and
+  pinned for that autograd node, and the reference becomes a view of the chunk's buffer wherever it
+  is now. Chunks can therefore move between forward and backward. (Autograd skips its version check
+  for tensors that go through these hooks, which is what lets gradients be written into a chunk
+  while other tensors of it are still saved.)
+- Post-accumulate-grad hooks: once a parameter's gradient is final for this backward (all its uses
+  are done; tied parameters accumulate first), it is written into the param chunk in place of the
+  weight (or added to the grad chunk with gradient accumulation) and `param.grad` is dropped.
+- A callback queued on the autograd engine marks the end of each backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.chunk import Chunk, Location, TensorInfo, TensorState
+from engine.chunk_manager import ChunkManager
+from engine.errors import EngineError
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """Where a saved tensor lives inside a chunk (element offsets within the chunk's buffer)."""
+
+    chunk: Chunk
+    storage_offset: int
+    size: torch.Size
+    stride: tuple[int, ...]
+
+
+class EngineHooks:
+    def __init__(self, root: nn.Module, manager: ChunkManager, infos: dict[int, TensorInfo],
+                 grad_accumulation: bool, compute_device: torch.device,
+                 host_only_modules: list[nn.Module], on_backward_end: Callable[[], None]):
+        self.root = root
+        self.manager = manager
+        self.infos = infos  # id(parameter) -> its TensorInfo
+        self.grad_accumulation = grad_accumulation
+        self.compute_device = compute_device
+        self.host_only_modules = host_only_modules
+        self.on_backward_end = on_backward_end
+        self._direct: dict[nn.Module, list[TensorInfo]] = {}
+        self._pinned: list[Chunk] = []
+        self._pinned_node = None  # the autograd node the pinned chunks are pinned for
+        self._backward_end_queued = False
+        self._handles: list = []
+
+    # ---- installation --------------------------------------------------------------------
+
+    def install(self) -> None:
+        for module in self.root.modules():
+            infos = self._direct_infos(module)
+            if not infos:
+                continue
+            self._direct[module] = infos
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward))
+            self._handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+        seen: set[int] = set()
+        for info in self.infos.values():
+            if info.requires_grad and id(info.param) not in seen:
+                seen.add(id(info.param))
+                self._handles.append(info.param.register_post_accumulate_grad_hook(self._on_grad))
+        for module in self.host_only_modules:
+            self._handles.append(module.register_forward_pre_hook(self._inputs_to_host))
+            self._handles.append(module.register_forward_hook(self._output_to_device))
+
+    def _direct_infos(self, module: nn.Module) -> list[TensorInfo]:
+        infos: list[TensorInfo] = []
+        for param in module._parameters.values():
+            info = self.infos.get(id(param)) if param is not None else None
+            if info is not None and info not in infos:
+                infos.append(info)
+        return infos
+
+    def saved_tensors_context(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def _pre_forward(self, module: nn.Module, args) -> None:
+        infos = self._direct[module]
+        with self.manager.lock:
+            for chunk in _unique_chunks(infos):
+                if not self.grad_accumulation:
+                    self._refuse_pending_grads(chunk, infos)
+                self.manager.access(chunk)
+                # In COMPUTE right away, so fetching the module's next chunk cannot evict this one.
+                for info in infos:
+                    if info.group.param is chunk:
+                        info.start_compute()
+
+    def _post_forward(self, module: nn.Module, args, output) -> None:
+        with self.manager.lock:
+            for info in self._direct[module]:
+                info.end_compute(TensorState.HOLD_AFTER_FWD)
+
+    def _refuse_pending_grads(self, chunk: Chunk, infos: list[TensorInfo]) -> None:
+        pending = [info.names[0] for info in infos if info.group.param is chunk and info.has_grad]
+        if pending:
+            raise EngineError(
+                f"parameter '{pending[0]}' still holds the gradient of the last backward in place of "
+                "its weight: call optimizer.step() or optimizer.zero_grad() after model.backward() "
+                "and before the next forward, or set gradient_accumulation_steps to the number of "
+                "backward passes per optimizer step"
+            )
+
+    def _inputs_to_host(self, module: nn.Module, args):
+        # use_cpu_embedding: the table stays on the host, so the lookup runs there.
+        return tuple(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args)
+
+    def _output_to_device(self, module: nn.Module, args, output):
+        return output.to(self.compute_device) if isinstance(output, torch.Tensor) else output
+
+    # ---- saved tensors -------------------------------------------------------------------
+
+    def _pack(self, tensor: torch.Tensor):
+        chunk = self.manager.chunk_of(tensor)
+        if chunk is not None:
+            return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride())
+        return self.manager.tracer.track_saved(tensor)
+
+    def _unpack(self, packed):
+        if type(packed) is ChunkRef:
+            chunk = packed.chunk
+            with self.manager.lock:
+                self._pin_for_current_node(chunk)
+                flat = self.manager.access(chunk)
+            return torch.as_strided(flat, packed.size, packed.stride, packed.storage_offset)
+        tensor = getattr(packed, "tensor", None)  # the memory tracer's wrapper during warm-up
+        return tensor if tensor is not None else packed
+
+    def _pin_for_current_node(self, chunk: Chunk) -> None:
+        """Keep `chunk` resident while the autograd node now running uses it."""
+        self._queue_backward_end()
+        self._switch_node()
+        if not chunk.group.host_only:
+            chunk.num_pins += 1
+            self._pinned.append(chunk)
+
+    def _switch_node(self) -> None:
+        # Autograd runs one node at a time per device and unpacks its saved tensors first, so
+        # a new current node means the previous one has finished with its chunks.
+        node = torch._C._current_autograd_node()
+        if node is not self._pinned_node:
+            self._unpin_all()
+            self._pinned_node = node
+
+    def _unpin_all(self) -> None:
+        for chunk in self._pinned:
+            chunk.num_pins -= 1
+        self._pinned.clear()
+        self._pinned_node = None
+
+    # ---- gradients -----------------------------------------------------------------------
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        info = self.infos[id(param)]
+        grad = param.grad
+        param.grad = None  # the chunk holds it from here on; free the separate tensor
+        with self.manager.lock:
+            self._queue_backward_end()
+            self._switch_node()
+            chunk = info.group.grad_chunk
+            region = info.region_of(self.manager.access(chunk))
+            if info.has_grad:  # accumulation over several backward passes
+                region.add_(grad.reshape(-1))
+            else:
+                region.copy_(grad.reshape(-1))
+                info.has_grad = True
+            if chunk.location is Location.DEVICE:
+                chunk.dirty = True
+            if info.num_users == 0:
+                info.state = TensorState.HOLD_AFTER_BWD
+
+    def _queue_backward_end(self) -> None:
+        if not self._backward_end_queued:
+            self._backward_end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
+
+    def _backward_finished(self) -> None:
+        with self.manager.lock:
+            self._backward_end_queued = False
+            self._unpin_all()
+        self.on_backward_end()
+
+
+def _unique_chunks(infos: list[TensorInfo]) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for info in infos:
+        if info.group.param not in chunks:
+            chunks.append(info.group.param)
+    return chunks

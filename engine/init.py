@@ -1,0 +1,303 @@
+"""Building the model straight into chunks, module by module, without a full copy in host RAM.
+
+`model_func` runs with `meta` as the default device, so no parameter gets storage. The layout is
+planned from the meta shapes (and refused if it cannot fit the budgets) before any memory is taken.
+Then each module, in `model.modules()` order, gets its direct parameters as views of the fp32 master
+chunk (and its buffers as real tensors), and is initialised in place by the model's own code:
+`root.init_module_(module)` when the model has it (pstar's models; same RNG order as their plain CPU
+build, hence the same weights for the same seed), else the module's `reset_parameters()`. The
+compute-dtype param chunk is then cast from the masters.
+
+Before init, new parameters are filled with NaN (buffers with NaN / the integer maximum) so that an
+init which misses something is detected rather than trained on. A model that cannot be built on meta,
+or whose init is incomplete there, is built on the CPU instead (one log line says so) and copied into
+chunks module by module, each original tensor freed as soon as it is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.chunk import ChunkGroup, Chunk, ChunkKind, Location, TensorInfo, TensorState, plan_chunk_layout
+from engine.chunk_manager import ChunkManager
+from engine.config import EngineConfig
+from engine.errors import EngineError, ModelTooLargeError
+
+log = logging.getLogger("pstar.engine")
+
+
+class _MetaInitIncomplete(Exception):
+    """Building on meta worked but initialising there cannot reproduce the model."""
+
+
+@dataclass
+class BuiltModel:
+    module: nn.Module
+    manager: ChunkManager
+    groups: list[ChunkGroup]
+    infos: list[TensorInfo]
+    host_only_modules: list[nn.Module]
+
+
+def build_in_chunks(model_func: Callable[[], nn.Module], cfg: EngineConfig, dtype: torch.dtype,
+                    device: torch.device, new_manager: Callable[[], ChunkManager]) -> BuiltModel:
+    rng_state = torch.random.get_rng_state()
+    module, why_not_meta = _construct_on_meta(model_func)
+    if why_not_meta is None:
+        why_not_meta = _meta_init_problem(module)
+    if why_not_meta is None:
+        try:
+            return _materialise(module, cfg, dtype, device, new_manager(), on_meta=True)
+        except _MetaInitIncomplete as incomplete:
+            why_not_meta = str(incomplete)
+    log.warning("pstar: building the model on the CPU first (%s); host memory briefly holds a full "
+                "copy of it", why_not_meta)
+    torch.random.set_rng_state(rng_state)  # same weights as if model_func had run on the CPU first
+    if module is None or _has_meta_tensors(module):
+        with torch.device("cpu"):
+            module = model_func()
+    return _materialise(module, cfg, dtype, device, new_manager(), on_meta=False)
+
+
+# ---- construction --------------------------------------------------------------------------
+
+def _construct_on_meta(model_func) -> tuple[nn.Module | None, str | None]:
+    try:
+        with torch.device("meta"):
+            module = model_func()
+    except Exception as error:  # any failure on meta means "build it for real instead"
+        return None, f"it cannot be built on the meta device: {type(error).__name__}: {error}"
+    if not isinstance(module, nn.Module):
+        raise EngineError(f"model_func must return a torch.nn.Module, got {type(module).__name__}")
+    if not _has_meta_tensors(module):
+        return module, "model_func placed its tensors on a real device itself"
+    if any(not t.is_meta for t in _tensors(module)):
+        raise EngineError("model_func built some tensors on 'meta' and others on a real device; "
+                          "build all of them on the default device")
+    return module, None
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in _tensors(module))
+
+
+def _meta_init_problem(module: nn.Module) -> str | None:
+    """Why this model's own init cannot be run module by module (None: it can)."""
+    if callable(getattr(module, "init_module_", None)):
+        return None
+    for name, sub in module.named_modules():
+        has_data = any(p is not None for p in sub._parameters.values()) or any(
+            b is not None for b in sub._buffers.values())
+        if has_data and not callable(getattr(sub, "reset_parameters", None)):
+            return f"module '{name or type(module).__name__}' has no reset_parameters()"
+        if any(b is not None and b.dtype == torch.bool for b in sub._buffers.values()):
+            return f"module '{name}' has a bool buffer that meta init cannot check"
+    return None
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+def _unique_params(module: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
+    """Distinct parameters in module order, each with every name it has (tied ones have several)."""
+    by_id: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) not in by_id:
+            by_id[id(param)] = (param, [])
+        by_id[id(param)][1].append(name)
+    for param, names in by_id.values():
+        if not param.is_floating_point():
+            raise EngineError(f"parameter '{names[0]}' has dtype {param.dtype}; pstar trains "
+                              "floating-point parameters only")
+    return list(by_id.values())
+
+
+def _host_only_embeddings(module: nn.Module, use_cpu_embedding: bool) -> tuple[list[nn.Module], set[int]]:
+    if not use_cpu_embedding:
+        return [], set()
+    holders: dict[int, list[nn.Module]] = {}
+    for sub in module.modules():
+        for param in sub._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(sub)
+    chosen, ids = [], set()
+    for sub in module.modules():
+        if not isinstance(sub, nn.Embedding):
+            continue
+        if all(isinstance(h, nn.Embedding) for h in holders[id(sub.weight)]):
+            chosen.append(sub)
+            ids.add(id(sub.weight))
+        else:
+            log.info("pstar: use_cpu_embedding leaves an embedding on the device: its table is "
+                     "shared with a non-embedding module (tied weights)")
+    return chosen, ids
+
+
+def _plan_groups(params: list[tuple[nn.Parameter, list[str]]], cfg: EngineConfig, dtype: torch.dtype,
+                 host_only: bool, first_group: int, first_chunk: int) -> list[ChunkGroup]:
+    layout = plan_chunk_layout([p.numel() for p, _ in params], cfg.default_chunk_size)
+    groups, next_param, chunk_id = [], 0, first_chunk
+    for index, (capacity, offsets) in enumerate(layout, start=first_group):
+        tensors = []
+        for offset in offsets:
+            param, names = params[next_param]
+            next_param += 1
+            tensors.append(TensorInfo(param=param, names=names, offset=offset, numel=param.numel(),
+                                      shape=param.shape, requires_grad=param.requires_grad))
+        kinds = [(ChunkKind.PARAM, dtype)]
+        if cfg.gradient_accumulation_steps > 1:
+            kinds.append((ChunkKind.GRAD, dtype))
+        kinds += [(k, torch.float32) for k in (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)]
+        chunks = {}
+        for kind, kind_dtype in kinds:
+            chunks[kind] = Chunk(chunk_id, kind, capacity, kind_dtype)
+            chunk_id += 1
+        groups.append(ChunkGroup(index=index, numel=capacity, tensors=tensors,
+                                 param=chunks[ChunkKind.PARAM], master=chunks[ChunkKind.MASTER],
+                                 exp_avg=chunks[ChunkKind.EXP_AVG],
+                                 exp_avg_sq=chunks[ChunkKind.EXP_AVG_SQ],
+                                 grad=chunks.get(ChunkKind.GRAD), host_only=host_only))
+    return groups
+
+
+def _refuse_if_too_large(groups: list[ChunkGroup], manager: ChunkManager) -> None:
+    need = sum(g.model_data_bytes for g in groups)
+    available = manager.device_budget_bytes + manager.host_budget_bytes
+    if need > available:
+        raise ModelTooLargeError(
+            f"the model's data (params, fp32 masters, Adam moments) needs {need:,} bytes but the "
+            f"device and host budgets allow {manager.device_budget_bytes:,} + "
+            f"{manager.host_budget_bytes:,} = {available:,} bytes: raise device_memory_limit / "
+            "host_memory_limit (or the mem_tracer ratios), or train a smaller model"
+        )
+
+
+# ---- materialisation -----------------------------------------------------------------------
+
+def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, device: torch.device,
+                 manager: ChunkManager, on_meta: bool) -> BuiltModel:
+    params = _unique_params(module)
+    host_only_modules, host_only_ids = _host_only_embeddings(module, cfg.use_cpu_embedding)
+    regular = [p for p in params if id(p[0]) not in host_only_ids]
+    host_side = [p for p in params if id(p[0]) in host_only_ids]
+    groups = _plan_groups(regular, cfg, dtype, host_only=False, first_group=0, first_chunk=0)
+    num_chunks = sum(len(g.chunks) for g in groups)
+    groups += _plan_groups(host_side, cfg, dtype, host_only=True, first_group=len(groups),
+                           first_chunk=num_chunks)
+    _refuse_if_too_large(groups, manager)
+    manager.add_groups(groups)
+    infos = [info for g in groups for info in g.tensors]
+    by_original_id = {id(info.param): info for info in infos}
+    init_module = getattr(module, "init_module_", None)
+    with torch.no_grad():
+        for sub in module.modules():
+            if on_meta:
+                _init_module_on_meta(sub, module, init_module, by_original_id, manager)
+            else:
+                _copy_module_into_chunks(sub, by_original_id, manager)
+            for name, buf in sub._buffers.items():
+                if buf is not None:
+                    sub._buffers[name] = buf.to(device)
+    for group in groups:
+        if group.host_only and group.grad is not None:
+            manager.allocate_host(group.grad)
+    return BuiltModel(module, manager, groups, infos, host_only_modules)
+
+
+def _flats(info: TensorInfo, manager: ChunkManager) -> tuple[torch.Tensor, torch.Tensor]:
+    """(master view, param view) of a tensor, allocating its group's host chunks on first use."""
+    group = info.group
+    for chunk in (group.master, group.param):
+        if chunk.location is Location.NOWHERE:
+            manager.allocate_host(chunk)
+    return info.view_of(group.master.host_flat), info.view_of(group.param.host_flat)
+
+
+def _init_module_on_meta(sub: nn.Module, root: nn.Module, init_module, by_original_id, manager) -> None:
+    direct = [(name, p) for name, p in sub._parameters.items() if p is not None]
+    buffers = [(name, b) for name, b in sub._buffers.items() if b is not None]
+    if not direct and not buffers:
+        return
+    fresh: list[TensorInfo] = []
+    for name, param in direct:
+        info = by_original_id[id(param)]
+        master, _ = _flats(info, manager)
+        if info.state is TensorState.FREE:  # first holder of this (possibly tied) parameter
+            master.fill_(float("nan"))
+            new = nn.Parameter(master, requires_grad=param.requires_grad)
+            new.__dict__.update(param.__dict__)  # keep attributes models hang on parameters
+            info.param = new
+            info.state = TensorState.HOLD
+            fresh.append(info)
+        else:
+            info.param.data = master  # a later holder's init writes the fp32 master too
+        sub._parameters[name] = info.param
+    for name, buf in buffers:
+        if buf.is_meta:
+            sub._buffers[name] = _sentinel_like(buf)
+    if init_module is not None:
+        init_module(sub)
+    else:
+        sub.reset_parameters()
+    for name, param in direct:
+        info = by_original_id[id(param)]
+        master, _ = _flats(info, manager)
+        if info.param.data.data_ptr() != master.data_ptr():  # init replaced .data: take its values
+            master.copy_(info.param.data)
+    _check_initialised(sub, fresh, manager)
+    for name, param in direct:
+        info = by_original_id[id(param)]
+        _, compute = _flats(info, manager)
+        compute.copy_(info.view_of(info.group.master.host_flat))
+        info.param.data = compute
+
+
+def _check_initialised(sub: nn.Module, fresh: list[TensorInfo], manager: ChunkManager) -> None:
+    for info in fresh:
+        master, _ = _flats(info, manager)
+        if torch.isnan(master).any():
+            raise _MetaInitIncomplete(f"{type(sub).__name__}'s init left parameter "
+                                      f"'{info.names[0]}' unset on meta")
+    for name, buf in sub._buffers.items():
+        if buf is not None and _still_sentinel(buf):
+            raise _MetaInitIncomplete(f"{type(sub).__name__}'s init left buffer '{name}' unset on meta")
+
+
+def _sentinel_like(buf: torch.Tensor) -> torch.Tensor:
+    real = torch.empty_like(buf, device="cpu")
+    if real.is_floating_point():
+        return real.fill_(float("nan"))
+    if real.dtype == torch.bool:
+        return real.fill_(False)
+    return real.fill_(torch.iinfo(real.dtype).max)
+
+
+def _still_sentinel(buf: torch.Tensor) -> bool:
+    if buf.numel() == 0 or buf.dtype == torch.bool:
+        return False
+    if buf.is_floating_point():
+        return bool(torch.isnan(buf).any())
+    return bool((buf == torch.iinfo(buf.dtype).max).all())
+
+
+def _copy_module_into_chunks(sub: nn.Module, by_original_id, manager) -> None:
+    for param in sub._parameters.values():
+        if param is None:
+            continue
+        info = by_original_id[id(param)]
+        if info.state is not TensorState.FREE:
+            continue
+        master, compute = _flats(info, manager)
+        master.copy_(param.data.reshape(master.shape))
+        compute.copy_(master)
+        param.data = compute  # drops the original storage: host RAM is freed module by module
+        info.state = TensorState.HOLD

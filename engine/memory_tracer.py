@@ -1,0 +1,132 @@
+"""Non-model memory per moment of the warm-up iteration, and the chunk budget derived from it.
+
+Non-model data (activations, temporaries) grows through forward and shrinks through backward. The
+warm-up iteration records, at every moment of the access schedule, the peak non-model memory since
+the previous moment; from then on the chunks may use, at moment t,
+
+    device budget - max(non_model[t], non_model[t + 1])
+
+bytes of the device. During warm-up itself only `warmup_gpu_chunk_mem_ratio` of the budget is used.
+
+How it is measured:
+- CUDA: the caching allocator's peak (`max_memory_allocated`, reset at each moment) minus the chunk
+  bytes resident on the device. This is exact for everything torch allocates on the device, so no
+  sampling thread is needed (`use_async_mem_monitor` is accepted for compatibility).
+- CPU: there is no allocator counter for the CPU, so we count what we can measure exactly: the bytes
+  of the tensors autograd keeps for backward (deduplicated by storage), which dominate non-model
+  memory. Temporaries that live only inside one operator are not seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _SavedActivation:
+    """Wraps a tensor autograd saved for backward; tells the tracer when autograd lets go of it."""
+
+    __slots__ = ("tensor", "_key", "_tracer")
+
+    def __init__(self, tensor: torch.Tensor, key: int, tracer: "MemoryTracer"):
+        self.tensor = tensor
+        self._key = key
+        self._tracer = tracer
+
+    def __del__(self):
+        self._tracer._release_saved(self._key)
+
+
+class MemoryTracer:
+    def __init__(self, device: torch.device, device_budget_bytes: int, warmup_ratio: float):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.device_budget_bytes = device_budget_bytes
+        self.warmup_ratio = warmup_ratio
+        self.non_model_bytes: list[int] = []  # per moment: peak non-model bytes since the previous one
+        self.chunk_bytes_device: list[int] = []  # per moment: chunk bytes resident on the device
+        self.tracing = False
+        self.finished = False
+        self._saved: dict[int, list[int]] = {}  # CPU: storage pointer -> [references, bytes]
+        self._live_saved_bytes = 0
+        self._peak_saved_bytes = 0
+
+    @property
+    def peak_non_model_bytes(self) -> int:
+        return max(self.non_model_bytes, default=0)
+
+    def start(self) -> None:
+        self.tracing = True
+        self.non_model_bytes.clear()
+        self.chunk_bytes_device.clear()
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._peak_saved_bytes = self._live_saved_bytes
+
+    def finish(self) -> None:
+        self.tracing = False
+        self.finished = True
+
+    def on_moment(self, moment: int, device_chunk_bytes: int) -> None:
+        if not self.tracing or moment < 0:
+            return
+        non_model = self._measure(device_chunk_bytes)
+        if moment == len(self.non_model_bytes):
+            self.non_model_bytes.append(non_model)
+            self.chunk_bytes_device.append(device_chunk_bytes)
+        else:  # the same moment again (a repeated access): keep the worst case
+            self.non_model_bytes[moment] = max(self.non_model_bytes[moment], non_model)
+
+    def _measure(self, device_chunk_bytes: int) -> int:
+        if self.is_cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return max(0, peak - device_chunk_bytes)
+        peak = self._peak_saved_bytes
+        self._peak_saved_bytes = self._live_saved_bytes
+        return peak
+
+    def chunk_budget_bytes(self, moment: int | None) -> int:
+        """Bytes the chunks may occupy on the device at `moment` (None: outside forward/backward)."""
+        if not self.finished:
+            return int(self.device_budget_bytes * self.warmup_ratio)
+        if moment is None or not self.non_model_bytes:
+            return self.device_budget_bytes
+        moment = min(max(moment, 0), len(self.non_model_bytes) - 1)
+        after = min(moment + 1, len(self.non_model_bytes) - 1)
+        reserved = max(self.non_model_bytes[moment], self.non_model_bytes[after])
+        return max(0, self.device_budget_bytes - reserved)
+
+    def track_saved(self, tensor: torch.Tensor):
+        """CPU warm-up: count a tensor autograd keeps for backward; returns what to store instead."""
+        if self.is_cuda or not self.tracing:
+            return tensor
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        entry = self._saved.get(key)
+        if entry is None:
+            self._saved[key] = [1, storage.nbytes()]
+            self._live_saved_bytes += storage.nbytes()
+            self._peak_saved_bytes = max(self._peak_saved_bytes, self._live_saved_bytes)
+        else:
+            entry[0] += 1
+        return _SavedActivation(tensor, key, self)
+
+    def _release_saved(self, key: int) -> None:
+        entry = self._saved.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._saved[key]
+            self._live_saved_bytes -= entry[1]
+
+    def timeline(self) -> list[dict]:
+        return [
+            {
+                "moment": moment,
+                "non_model_bytes": non_model,
+                "chunk_bytes_device": self.chunk_bytes_device[moment],
+                "budget_bytes": self.chunk_budget_bytes(moment),
+            }
+            for moment, non_model in enumerate(self.non_model_bytes)
+        ]

@@ -1,0 +1,237 @@
+"""HybridAdam: Adam/AdamW over chunk groups, on the device as far as memory allows, else on the host.
+
+Each chunk group's fp32 master, exp_avg and exp_avg_sq chunks share the param chunk's layout, so a
+step is torch's fused Adam/AdamW kernel (`torch._fused_adam_` / `torch._fused_adamw_`, the kernels
+behind `torch.optim.AdamW(fused=True)`, on CUDA and CPU) over a few flat spans per chunk, followed by
+one cast-copy of the updated masters into the param chunk. A span is a run of neighbouring tensors
+that received a gradient and share a step count; a tensor without a gradient is not touched (no
+weight decay either), as in torch.
+
+Placement, decided once after the warm-up iteration: with `use_hybrid_adam`, the first chunk groups
+(in packing order, i.e. the ones whose backward finishes last) keep their optimizer state on the
+device while it fits in `margin_use_ratio` of the device margin left when all param chunks and the
+peak non-model memory are resident; the rest step on the host with the fused CPU kernel.
+
+Precision: with clipping or fp16 the global gradient norm is computed per device and read with one
+host synchronisation per step; unscaling and clipping become one multiplier applied to the fp32
+gradient copy fed to the kernel. An fp16 overflow skips the step: masters and moments are not
+touched and the compute weights are restored bitwise from the masters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
+from engine.precision import clip_coefficient, sum_of_squares
+from engine.runtime import EngineRuntime
+
+
+def plan_num_device_groups(groups: list[ChunkGroup], device_budget_bytes: int,
+                           peak_non_model_bytes: int, margin_use_ratio: float,
+                           use_hybrid_adam: bool, scratch_bytes: int) -> int:
+    """How many leading chunk groups keep their optimizer state (12 B/param) on the device."""
+    if not use_hybrid_adam:
+        return 0
+    moving = [g for g in groups if not g.host_only]
+    param_bytes = sum(g.param.nbytes + (g.grad.nbytes if g.grad is not None else 0) for g in moving)
+    margin = device_budget_bytes - peak_non_model_bytes - param_bytes - scratch_bytes
+    allowance = margin * margin_use_ratio
+    num_groups, used = 0, 0
+    for group in moving:
+        need = sum(c.nbytes for c in group.optimizer_chunks)
+        if used + need > allowance:
+            break
+        used += need
+        num_groups += 1
+    return num_groups
+
+
+def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
+    """Runs of neighbouring tensors with a gradient and equal step counts: (start, end, tensors).
+
+    Alignment gaps between neighbours are zero in every chunk of the group, so covering them keeps
+    them zero (Adam of a zero weight with a zero gradient is zero).
+    """
+    spans: list[tuple[int, int, list[TensorInfo]]] = []
+    for info in group.tensors:
+        if not info.has_grad:
+            spans.append(None)  # a break
+            continue
+        last = spans[-1] if spans else None
+        if last is not None and last[2][-1].num_steps == info.num_steps:
+            spans[-1] = (last[0], info.offset + info.numel, last[2] + [info])
+        else:
+            spans.append((info.offset, info.offset + info.numel, [info]))
+    return [s for s in spans if s is not None]
+
+
+class HybridAdam(torch.optim.Optimizer):
+    """The engine's optimizer. `param_groups[0]` holds lr, betas, eps, weight_decay; set
+    `param_groups[0]["lr"]` before `step()` to follow a schedule (torch lr schedulers work too)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], runtime: EngineRuntime):
+        opt = runtime.config.optimizer
+        defaults = {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay}
+        # torch requires a non-empty list; a model without trainable params still gets steps.
+        super().__init__(params or [torch.nn.Parameter(torch.zeros(1))], defaults)
+        self._rt = runtime
+        self.last_step_skipped = False
+
+    @property
+    def loss_scale(self) -> float:
+        return self._rt.scaler.scale
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        groups = self._groups_with_grads()
+        if not self._rt.grad_accumulation:
+            self._restore_weights(groups)  # the grads sit where the weights belong
+        self._clear_grads(groups)
+        self._rt.num_micro_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise NotImplementedError("HybridAdam.step does not take a closure")
+        rt = self._rt
+        with rt.manager.lock:
+            if not rt.optimizer_placed:
+                self._place_optimizer_state()
+            groups = self._groups_with_grads()
+            self._bring_to_optimizer(groups)
+            multiplier, overflow = self._gradient_multiplier(groups)
+            if overflow:
+                self._restore_weights(groups)
+            else:
+                self._adam(groups, multiplier)
+            rt.scaler.update(overflow)
+            self.last_step_skipped = overflow
+            if not rt.grad_accumulation:
+                self._clear_grads(groups)  # consumed: the param chunks hold weights again
+            rt.num_micro_steps = 0
+            rt.manager.end_step()
+            rt.end_step_timings()
+        return None
+
+    # ---- placement -----------------------------------------------------------------------
+
+    def _place_optimizer_state(self) -> None:
+        rt = self._rt
+        scratch = max((g.numel for g in rt.groups), default=0) * 4
+        num_device = plan_num_device_groups(
+            rt.groups, rt.manager.device_budget_bytes, rt.tracer.peak_non_model_bytes,
+            rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch)
+        moving = [g for g in rt.groups if not g.host_only]
+        for index, group in enumerate(moving):
+            group.optimizer_on_device = index < num_device
+        for group in rt.groups:
+            if group.optimizer_on_device:
+                self._put_optimizer_state_on_device(group)
+            else:
+                for chunk in group.optimizer_chunks:
+                    if chunk.host_flat is None:
+                        rt.manager.allocate_host(chunk)  # moments start at zero
+        rt.optimizer_placed = True
+
+    def _put_optimizer_state_on_device(self, group: ChunkGroup) -> None:
+        manager = self._rt.manager
+        budget = manager.device_budget_bytes
+        for chunk in group.optimizer_chunks:
+            manager.ensure_on_device(chunk, budget_bytes=budget)  # master: uploaded; moments: zeros
+            chunk.pinned_forever = True
+            if chunk.host_flat is not None:
+                manager.free_host(chunk)  # the device copy is the only one from now on
+
+    def _bring_to_optimizer(self, groups: list[ChunkGroup]) -> None:
+        """Gradients (and the param chunk the new weights go to) where the group's optimizer is."""
+        manager = self._rt.manager
+        host_side = [g for g in groups if not g.optimizer_on_device]
+        for group in host_side:  # first, as it frees device room for the device groups
+            for chunk in {id(c): c for c in (group.grad_chunk, group.param)}.values():
+                manager.move_to_host(chunk)
+        for group in groups:
+            if group.optimizer_on_device:
+                for chunk in {id(c): c for c in (group.grad_chunk, group.param)}.values():
+                    manager.ensure_on_device(chunk, budget_bytes=manager.device_budget_bytes)
+
+    # ---- numerics ------------------------------------------------------------------------
+
+    def _gradient_multiplier(self, groups: list[ChunkGroup]) -> tuple[float, bool]:
+        """(factor to multiply the gradients by, whether the step overflowed)."""
+        rt = self._rt
+        scaler, max_norm = rt.scaler, rt.config.gradient_clipping
+        if not scaler.enabled and max_norm <= 0:
+            return 1.0, False
+        start = time.perf_counter()
+        per_device: dict[str, list[torch.Tensor]] = {}
+        for group in groups:
+            flat = rt.copier.current_flat(group.grad_chunk)
+            for begin, end, _ in _spans(group):
+                per_device.setdefault(str(flat.device), []).append(flat[begin:end])
+        scaled_norm = math.sqrt(sum(sum_of_squares(grads) for grads in per_device.values()))
+        rt.add_time("wait", start)
+        if scaler.enabled and not math.isfinite(scaled_norm):
+            return 0.0, True
+        coefficient = clip_coefficient(scaled_norm / scaler.scale, max_norm)
+        return coefficient / scaler.scale, False
+
+    def _adam(self, groups: list[ChunkGroup], multiplier: float) -> None:
+        rt = self._rt
+        hyper = self.param_groups[0]
+        beta1, beta2 = hyper["betas"]
+        kernel = torch._fused_adamw_ if rt.config.optimizer.type == "AdamW" else torch._fused_adam_
+        for group in groups:
+            start = time.perf_counter()
+            flats = [rt.copier.current_flat(c) for c in (group.grad_chunk, group.param, group.master,
+                                                        group.exp_avg, group.exp_avg_sq)]
+            grad, param, master, exp_avg, exp_avg_sq = flats
+            spans = _spans(group)
+            # The kernel wants fp32 gradients like the masters; this copy is also where the
+            # unscale/clip multiplier is applied, so the chunk's own gradient stays as it was.
+            grads = [grad[b:e].float() * multiplier if multiplier != 1.0 else grad[b:e].float()
+                     for b, e, _ in spans]
+            steps = [torch.full((), float(infos[0].num_steps + 1), device=master.device)
+                     for _, _, infos in spans]
+            kernel([master[b:e] for b, e, _ in spans], grads,
+                   [exp_avg[b:e] for b, e, _ in spans], [exp_avg_sq[b:e] for b, e, _ in spans],
+                   [], steps, lr=hyper["lr"], beta1=beta1, beta2=beta2,
+                   weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=False, maximize=False)
+            for begin, end, infos in spans:
+                param[begin:end].copy_(master[begin:end])  # new compute weights (cast)
+                for info in infos:
+                    info.num_steps += 1
+            self._mark_written(group)
+            rt.add_time("optimizer_device" if group.optimizer_on_device else "optimizer_host", start)
+
+    def _restore_weights(self, groups: list[ChunkGroup]) -> None:
+        """Put the compute weights back (cast from the untouched masters) where grads overwrote them."""
+        rt = self._rt
+        if rt.grad_accumulation:
+            return  # grads live in their own chunks; the weights were never overwritten
+        for group in groups:
+            param = rt.copier.current_flat(group.param)
+            master = rt.copier.current_flat(group.master)
+            for begin, end, _ in _spans(group):
+                param[begin:end].copy_(master[begin:end])
+            self._mark_written(group)
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def _mark_written(self, group: ChunkGroup) -> None:
+        if group.param.location is Location.DEVICE:
+            group.param.dirty = True
+
+    def _groups_with_grads(self) -> list[ChunkGroup]:
+        return [g for g in self._rt.groups if any(info.has_grad for info in g.tensors)]
+
+    def _clear_grads(self, groups: list[ChunkGroup]) -> None:
+        for group in groups:
+            for info in group.tensors:
+                info.has_grad = False
+                if info.num_users == 0:
+                    info.state = TensorState.HOLD

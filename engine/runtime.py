@@ -1,0 +1,83 @@
+"""The state one engine instance shares between its model wrapper, hooks and optimizer.
+
+Built once by `initialize_engine` and passed explicitly (no module-level state), it also keeps the
+step's coarse timings: host wall-clock seconds, so on CUDA the forward/backward figures are the time
+to issue the work, not to finish it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.chunk import ChunkGroup, TensorInfo
+from engine.chunk_manager import ChunkManager
+from engine.config import EngineConfig
+from engine.device import Copier
+from engine.memory_tracer import MemoryTracer
+from engine.precision import LossScaler
+from engine.schedule import AccessSchedule
+
+TIMING_KEYS = ("forward", "backward", "optimizer_device", "optimizer_host", "transfer", "wait")
+
+
+@dataclass
+class EngineRuntime:
+    config: EngineConfig
+    device: torch.device
+    compute_dtype: torch.dtype
+    copier: Copier
+    schedule: AccessSchedule
+    tracer: MemoryTracer
+    manager: ChunkManager
+    scaler: LossScaler
+    groups: list[ChunkGroup]
+    infos: list[TensorInfo]  # one per distinct parameter, in layout order
+    num_micro_steps: int = 0  # backward passes since the last optimizer step
+    optimizer_placed: bool = False
+    _timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+    last_step_timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+    _copier_marks: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def grad_accumulation(self) -> bool:
+        return self.config.gradient_accumulation_steps > 1
+
+    # ---- phases --------------------------------------------------------------------------
+
+    def begin_forward(self) -> None:
+        with self.manager.lock:
+            self.schedule.restart()
+            self.manager.in_fwd_bwd = True
+            if not self.schedule.recorded and not self.schedule.recording and torch.is_grad_enabled():
+                # The warm-up iteration: the first forward + backward with autograd on.
+                self.schedule.start_recording()
+                self.tracer.start()
+
+    def end_forward_without_grad(self) -> None:
+        """A forward under no_grad has no backward to wait for."""
+        self.manager.in_fwd_bwd = False
+
+    def end_backward(self) -> None:
+        with self.manager.lock:
+            if self.manager.in_fwd_bwd:
+                self.num_micro_steps += 1
+            self.manager.in_fwd_bwd = False
+            if self.schedule.recording:
+                self.schedule.finish_recording()
+                self.tracer.finish()
+
+    # ---- timings -------------------------------------------------------------------------
+
+    def add_time(self, key: str, start: float) -> None:
+        self._timing[key] += time.perf_counter() - start
+
+    def end_step_timings(self) -> None:
+        transfer, wait = self.copier.transfer_s, self.copier.wait_s
+        self._timing["transfer"] = transfer - self._copier_marks[0]
+        self._timing["wait"] += wait - self._copier_marks[1]
+        self._copier_marks = (transfer, wait)
+        self.last_step_timings = dict(self._timing)
+        self._timing = dict.fromkeys(TIMING_KEYS, 0.0)

@@ -1,0 +1,112 @@
+"""Small models the engine tests train side by side with plain PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.fc = nn.Linear(hidden, 4 * hidden)
+        self.out = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A pre-LayerNorm GPT with a tied head, following pstar's init contract (init_module_)."""
+
+    def __init__(self, vocab: int = 96, hidden: int = 32, layers: int = 2, heads: int = 4, seq: int = 16):
+        super().__init__()
+        self.num_layers = layers
+        with torch.device("meta"):  # the init contract: build on meta, then materialise + init
+            self.wte = nn.Embedding(vocab, hidden)
+            self.wpe = nn.Embedding(seq, hidden)
+            self.blocks = nn.ModuleList(TinyBlock(hidden, heads) for _ in range(layers))
+            self.ln_f = nn.LayerNorm(hidden)
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        device = torch.get_default_device()
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.lm_head.weight = self.wte.weight  # to_empty makes new tensors: tie again
+            self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            self.init_module_(m)
+
+    def init_module_(self, m: nn.Module):
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.num_layers) if m.out_features == m.in_features else 0.02
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+class Scale(nn.Module):
+    """A parameter-free module."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
+class OddModel(nn.Module):
+    """Everything the engine must cope with besides a GPT: a tied embedding/head, a module called
+    twice in one forward, a parameter that never gets a gradient, a frozen parameter, a buffer,
+    a module without parameters, and one tensor larger than the test's chunk size."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 24):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.shared = nn.Linear(hidden, hidden)  # called twice
+        self.big = nn.Linear(hidden, 8 * hidden)  # 4608 + 192 elements: larger than a test chunk
+        self.down = nn.Linear(8 * hidden, hidden)
+        self.unused = nn.Linear(hidden, hidden)  # never called: grads stay None
+        self.frozen = nn.Linear(hidden, hidden)
+        self.frozen.weight.requires_grad_(False)
+        self.scale = Scale()
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, hidden))
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx) * self.gain
+        x = torch.tanh(self.shared(x))
+        x = x + self.down(F.gelu(self.big(x)))
+        x = self.scale(torch.tanh(self.shared(x)) + self.frozen(x))
+        logits = self.head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
