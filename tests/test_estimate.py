@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from pstar_cli.config import config_from_dict, load_config
 from pstar_cli.estimate import (GIB, Hardware, Workload, activation_bytes, estimate_report,
                                 estimate_systems, largest_layer_params, largest_trainable,
-                                layer_activation_bytes, place_on_gpu, pstar_bytes_per_param,
-                                workload_from_config)
+                                layer_activation_bytes, llama_layer_activation_bytes, place_on_gpu,
+                                pstar_bytes_per_param, workload_from_config)
 from pstar_cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ H200 = Hardware(gpu_bytes=140 * GIB, host_bytes=128 * GIB, gpu_source="given", h
 # gpt-1.3b, micro-batch 8, sequence 1024, bf16 (BENCHMARKS.md's T1 workload)
 GPT_1_3B = Workload(
     family="gpt", size="gpt-1.3b", num_params=1_313_722_368, largest_layer_params=50304 * 2048,
-    hidden=2048, layers=24, heads=16, vocab_size=50304, seq_len=1024, micro_batch_size=8,
+    hidden=2048, layers=24, heads=16, ffn_hidden=4 * 2048, vocab_size=50304, seq_len=1024, micro_batch_size=8,
     activation_checkpointing=False, precision="bf16", grad_accum=1, gpus_per_node=1, num_nodes=1,
     chunk_size=64 * 2**20, device_memory_limit=None, host_memory_limit=None, gpu_mem_ratio=0.9,
     host_mem_ratio=0.8)
@@ -34,11 +34,21 @@ def test_layer_activations_follow_korthikanti():
 
 
 def test_activations_with_and_without_recomputation():
-    logits = 8 * 1024 * 50304 * 4
-    assert activation_bytes(GPT_1_3B) == 24 * 570_425_344 + logits
+    loss = 8 * 1024 * 50304 * 12  # fp32 log-probs (4 B) kept, 8 B more in the loss's backward
+    assert activation_bytes(GPT_1_3B) == 24 * 570_425_344 + loss
     recompute = dataclasses.replace(GPT_1_3B, activation_checkpointing=True)
     # each layer keeps its 2·s·b·h input; one layer is rebuilt in full during backward
-    assert activation_bytes(recompute) == 24 * 2 * 1024 * 8 * 2048 + 570_425_344 + logits
+    assert activation_bytes(recompute) == 24 * 2 * 1024 * 8 * 2048 + 570_425_344 + loss
+    fp32 = dataclasses.replace(GPT_1_3B, precision="fp32")
+    assert activation_bytes(fp32) == 2 * 24 * 570_425_344 + loss
+
+
+def test_llama_layers_keep_their_swiglu_and_fp32_norm_tensors():
+    # llama-1b at b8 s2048: s·b·(26·2048 + 8·8192) bytes per layer
+    assert llama_layer_activation_bytes(2048, 8, 2048, 8192) == 2048 * 8 * 118_784
+    llama = dataclasses.replace(GPT_1_3B, family="llama", hidden=2048, layers=16, heads=32,
+                                ffn_hidden=8192, vocab_size=32000, seq_len=2048)
+    assert activation_bytes(llama) == 16 * 2048 * 8 * 118_784 + 8 * 2048 * 32000 * 12
 
 
 def test_bytes_per_param_by_precision():
@@ -62,10 +72,10 @@ def test_pstar_splits_model_data_between_gpu_and_host():
     assert est.gpu.activations == activation_bytes(GPT_1_3B)
     assert est.gpu.other == 2 * 50304 * 2048 * 2  # two embedding-sized chunks in bf16
     assert est.gpu.budget == int(140 * GIB * 0.9) and est.fits is True
-    # a 20 GiB GPU: the room left after activations and working chunks is all model data there
-    small = Hardware(20 * GIB, 128 * GIB, "given", "given")
+    # a 24 GiB GPU: the room left after activations and working chunks is all model data there
+    small = Hardware(24 * GIB, 128 * GIB, "given", "given")
     est = estimate_systems(GPT_1_3B, small)["pstar"]
-    room = int(20 * GIB * 0.9) - activation_bytes(GPT_1_3B) - est.gpu.other
+    room = int(24 * GIB * 0.9) - activation_bytes(GPT_1_3B) - est.gpu.other
     assert sum(est.gpu.model_data.values()) == pytest.approx(room, abs=5)
     assert est.gpu.model_data["param"] == 2 * n  # params first
     assert est.gpu.total <= est.gpu.budget and est.host.total == 14 * n - sum(est.gpu.model_data.values())
@@ -80,10 +90,15 @@ def test_pstar_shards_over_ranks_and_sums_ranks_per_host():
     assert est.gpu.fits is False
 
 
-def test_plain_pytorch_is_18_bytes_per_param_plus_activations():
+def test_plain_pytorch_peaks_at_backward_start_or_at_the_step():
+    n, act = GPT_1_3B.num_params, activation_bytes(GPT_1_3B)
     est = estimate_systems(GPT_1_3B, H200)["pytorch"]
-    assert sum(est.gpu.model_data.values()) == 18 * GPT_1_3B.num_params
-    assert est.gpu.total == 18 * GPT_1_3B.num_params + activation_bytes(GPT_1_3B)
+    assert sum(est.gpu.model_data.values()) == 18 * n
+    # start of backward: no grads yet (4 + 8 + 2 B/param and all activations)
+    assert est.gpu.total == 14 * n + act
+    # a model with little activation memory peaks at the step instead: 16 B/param, no copies
+    short = dataclasses.replace(GPT_1_3B, seq_len=8, micro_batch_size=1)
+    assert estimate_systems(short, H200)["pytorch"].gpu.total == 16 * n
     assert est.host.total == 0
 
 
