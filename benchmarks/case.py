@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -75,23 +76,30 @@ def start_process_group(spec: CaseSpec, runtime: Runtime) -> None:
 
 
 def run_guarded(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:
-    """Run the case; any failure becomes a status (and the traceback goes to the case log)."""
+    """Run the case; any failure becomes a status, kept with what was measured before it.
+
+    `phase` says how far the case got ("init" or "steps"); tracebacks go to the case's log.
+    """
+    found: dict = {"phase": "init"}
     try:
-        return {"status": "ok", **run_case(spec, runtime, sampler)}
+        run_case(spec, runtime, sampler, found)
+        return {"status": "ok", **found}
     except torch.OutOfMemoryError as exc:
-        return {"status": "out of memory", "error": first_line(exc)}
+        return {**found, "status": "out of memory", "error": first_line(exc)}
     except MemoryError as exc:
-        return {"status": "out of memory (host)", "error": first_line(exc) or "MemoryError"}
+        return {**found, "status": "out of memory (host)", "error": first_line(exc) or "MemoryError"}
     except NotImplementedError as exc:
         traceback.print_exc()
-        return {"status": f"not implemented: {first_line(exc)}", "error": first_line(exc)}
+        return {**found, "status": f"not implemented: {first_line(exc)}", "error": first_line(exc)}
     except Exception as exc:  # reported in the row; the harness goes on with the next case
         traceback.print_exc()
-        return {"status": status_of_exception(exc), "error": first_line(exc)}
+        return {**found, "status": status_of_exception(exc), "error": first_line(exc)}
 
 
 def status_of_exception(exc: BaseException) -> str:
     message = str(exc)
+    if type(exc).__name__ == "ModelTooLargeError":  # pstar refusing a model its budgets cannot hold
+        return "out of memory"
     if "can't allocate memory" in message or "DefaultCPUAllocator" in message:
         return "out of memory (host)"
     if "out of memory" in message.lower():  # e.g. NCCL or cuBLAS failing to allocate workspace
@@ -99,24 +107,23 @@ def status_of_exception(exc: BaseException) -> str:
     return f"failed: {type(exc).__name__}: {first_line(exc)}"
 
 
-def run_case(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:
+def run_case(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler, found: dict) -> None:
+    """Initialise the system, warm up, time the steps; each figure goes into `found` once measured."""
     start_process_group(spec, runtime)
-    rehearse_failure(os.environ.get(SIMULATE_ENV, ""))
+    if runtime.device.type == "cuda":
+        torch.zeros(1, device=runtime.device)  # the CUDA context's host memory belongs to the baseline
+    found["host_base_bytes"] = psutil.Process().memory_info().rss
+    rehearse_failure(os.environ.get(SIMULATE_ENV, ""), "init")
     trainer = build_trainer(spec, runtime)
-    host_init_peak_bytes = sampler.mark("init")
+    found.update(phase="steps", init_s=trainer.init_s, host_init_peak_bytes=sampler.mark("init"))
+    rehearse_failure(os.environ.get(SIMULATE_ENV, ""), "steps")
     batches = random_batches(spec, runtime)
     step_times_s, loss = time_steps(trainer, batches, spec, runtime.device)
     step_times_s = slowest_rank_times(step_times_s, runtime)
+    found.update(step_times_s=step_times_s, step_s=statistics.median(step_times_s), loss=loss,
+                 details=trainer.details())
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} after {spec.num_warmup + spec.num_steps} steps")
-    return {
-        "init_s": trainer.init_s,
-        "step_times_s": step_times_s,
-        "step_s": statistics.median(step_times_s),
-        "loss": loss,
-        "host_init_peak_bytes": host_init_peak_bytes,
-        "details": trainer.details(),
-    }
 
 
 def random_batches(spec: CaseSpec, runtime: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -158,8 +165,15 @@ def slowest_rank_times(step_times_s: list[float], runtime: Runtime) -> list[floa
     return times.tolist()
 
 
-def rehearse_failure(kind: str) -> None:
-    """Fail on purpose, as a case can on a real machine (set by tests through SIMULATE_ENV)."""
+def rehearse_failure(setting: str, phase: str) -> None:
+    """Fail on purpose, as a case can on a real machine (tests set SIMULATE_ENV).
+
+    `setting` is KIND or KIND@PHASE (phase "init", the default, or "steps"); KIND is oom, host-oom,
+    crash, abort (dies without writing a result) or hang.
+    """
+    kind, _, when = setting.partition("@")
+    if (when or "init") != phase:
+        return
     if kind == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
     if kind == "host-oom":

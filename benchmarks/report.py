@@ -60,8 +60,10 @@ def _extras(spec: CaseSpec, shape: dict, outcome: CaseOutcome, lead: dict, flops
         "gpu_reserved_peak_gib": _gib(_max_of(ranks, "gpu_reserved_peak_bytes")),
         "gpu_nvml_peak_gib": _gib(_max_of(ranks, "gpu_nvml_peak_bytes")),
         "host_init_peak_gib": _gib(_sum_of(ranks, "host_init_peak_bytes")),
+        "host_base_gib": _gib(_sum_of(ranks, "host_base_bytes")),  # RSS before init: torch, CUDA context
         "loss": _round(lead.get("loss"), 4),
         "error": next((r.get("error") for r in ranks if r.get("error")), None),
+        "failed_in": lead.get("phase") if outcome.status != "ok" and ranks else None,
         "wall_s": round(outcome.wall_s, 1),
         "log": str(outcome.log_path) if outcome.log_path else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -125,6 +125,13 @@ def test_simulated_gpu_oom_becomes_a_row_and_the_harness_goes_on(tmp_path):
     assert done.stdout.rstrip().splitlines()[-1].endswith("out of memory")  # the table comes last
 
 
+def test_oom_after_init_keeps_what_was_measured(tmp_path):
+    outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=120, extra_env={SIMULATE_ENV: "oom@steps"})
+    row = build_row(tiny_spec(), TINY_SHAPE, outcome, "m")
+    assert row["status"] == "out of memory" and row["failed_in"] == "steps"
+    assert row["init_s"] > 0 and row["host_init_peak_gib"] > 0 and row["step_s"] is None
+
+
 def test_case_that_dies_without_a_result_is_reported_with_its_last_line(tmp_path):
     outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=120, extra_env={SIMULATE_ENV: "abort"})
     assert outcome.status.startswith("failed: simulated abort")
