@@ -12,9 +12,10 @@ Placement, decided once after the warm-up iteration: with `use_hybrid_adam`, the
 device while it fits in `margin_use_ratio` of the device margin left when all param chunks and the
 peak non-model memory are resident; the rest step on the host with the fused CPU kernel.
 
-Precision: with clipping or fp16 the global gradient norm is computed per device and read with one
-host synchronisation per step; unscaling and clipping become one multiplier applied to the fp32
-gradient copy fed to the kernel. An fp16 overflow skips the step: masters and moments are not
+Precision: with clipping or fp16 the global gradient norm is computed on the devices holding the
+gradients (fp16 reads it once on the host: the step's one synchronisation, to decide on a skip);
+unscaling and clipping become one multiplier tensor applied to the fp32 gradient copy fed to the
+kernel. An fp16 overflow skips the step: masters and moments are not
 touched and the compute weights are restored bitwise from the masters.
 """
 
@@ -26,7 +27,7 @@ import time
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
-from engine.precision import clip_coefficient, sum_of_squares
+from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
 
@@ -118,6 +119,43 @@ class HybridAdam(torch.optim.Optimizer):
             rt.end_step_timings()
         return None
 
+    def state_dict(self) -> dict:
+        """Adam state by parameter name (a tied parameter under its first name): `step` and the
+        fp32 `exp_avg` / `exp_avg_sq` shaped like the parameter (views, not copies); the
+        hyper-parameters; the loss scaler. Parameters that were never stepped have no entry."""
+        state = {}
+        copier = self._rt.copier
+        for info in self._rt.infos:
+            group = info.group
+            if not info.requires_grad or group.exp_avg.location is Location.NOWHERE:
+                continue
+            state[info.names[0]] = {
+                "step": info.num_steps,
+                "exp_avg": info.view_of(copier.current_flat(group.exp_avg)),
+                "exp_avg_sq": info.view_of(copier.current_flat(group.exp_avg_sq)),
+            }
+        hyper = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [hyper], "loss_scaler": self._rt.scaler.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        rt = self._rt
+        by_name = {info.names[0]: info for info in rt.infos}
+        unknown = [name for name in state_dict["state"] if name not in by_name]
+        if unknown:
+            raise RuntimeError(f"optimizer state for unknown parameters: {unknown[:5]}")
+        with rt.manager.lock:
+            for name, entry in state_dict["state"].items():
+                info = by_name[name]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    chunk = getattr(info.group, key)
+                    if chunk.location is Location.NOWHERE:
+                        rt.manager.allocate_host(chunk)  # placement after warm-up may move it
+                    info.view_of(rt.copier.current_flat(chunk)).copy_(entry[key])
+                info.num_steps = int(entry["step"])
+        self.param_groups[0].update(state_dict["param_groups"][0])
+        rt.scaler.load_state_dict(state_dict["loss_scaler"])
+
     # ---- placement -----------------------------------------------------------------------
 
     def _place_optimizer_state(self) -> None:
@@ -161,30 +199,53 @@ class HybridAdam(torch.optim.Optimizer):
 
     # ---- numerics ------------------------------------------------------------------------
 
-    def _gradient_multiplier(self, groups: list[ChunkGroup]) -> tuple[float, bool]:
-        """(factor to multiply the gradients by, whether the step overflowed)."""
+    def _gradient_multiplier(self, groups: list[ChunkGroup]) -> tuple[torch.Tensor | None, bool]:
+        """(what to multiply the gradients by, or None for nothing; whether the step overflowed).
+
+        Clipping follows torch.nn.utils.clip_grad_norm_ operation for operation (per-tensor norms,
+        the norm of those, then min(1, max_norm / (norm + 1e-6)) as an fp32 tensor), so a clipped
+        step equals the plain one. Only fp16 reads the norm on the host: the step's one sync.
+        """
         rt = self._rt
         scaler, max_norm = rt.scaler, rt.config.gradient_clipping
         if not scaler.enabled and max_norm <= 0:
-            return 1.0, False
+            return None, False
         start = time.perf_counter()
-        per_device: dict[str, list[torch.Tensor]] = {}
-        for group in groups:
-            flat = rt.copier.current_flat(group.grad_chunk)
-            for begin, end, _ in _spans(group):
-                per_device.setdefault(str(flat.device), []).append(flat[begin:end])
-        scaled_norm = math.sqrt(sum(sum_of_squares(grads) for grads in per_device.values()))
-        rt.add_time("wait", start)
-        if scaler.enabled and not math.isfinite(scaled_norm):
-            return 0.0, True
-        coefficient = clip_coefficient(scaled_norm / scaler.scale, max_norm)
-        return coefficient / scaler.scale, False
+        total_norm = self._global_norm(groups)
+        if scaler.enabled:
+            overflow = not math.isfinite(total_norm.item())
+            rt.add_time("wait", start)
+            if overflow:
+                return None, True
+            total_norm = total_norm / scaler.scale
+        multiplier = torch.ones_like(total_norm)
+        if max_norm > 0:
+            multiplier = clip_coefficient(total_norm, max_norm)
+        if scaler.enabled:
+            multiplier = multiplier / scaler.scale
+        return multiplier, False
 
-    def _adam(self, groups: list[ChunkGroup], multiplier: float) -> None:
+    def _global_norm(self, groups: list[ChunkGroup]) -> torch.Tensor:
+        """L2 norm over every gradient, as an fp32 scalar tensor on the compute device."""
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in groups:
+            flat = self._rt.copier.current_flat(group.grad_chunk)
+            for info in group.tensors:
+                if info.has_grad:
+                    per_device.setdefault(flat.device, []).append(info.region_of(flat))
+        norms = []
+        for grads in per_device.values():
+            norms += torch._foreach_norm(grads, 2, dtype=torch.float32)
+        if not norms:
+            return torch.zeros((), device=self._rt.device)
+        return torch.linalg.vector_norm(torch.stack([n.to(self._rt.device) for n in norms]), 2)
+
+    def _adam(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         rt = self._rt
         hyper = self.param_groups[0]
         beta1, beta2 = hyper["betas"]
         kernel = torch._fused_adamw_ if rt.config.optimizer.type == "AdamW" else torch._fused_adam_
+        multipliers = {}  # one copy per device the groups step on
         for group in groups:
             start = time.perf_counter()
             flats = [rt.copier.current_flat(c) for c in (group.grad_chunk, group.param, group.master,
@@ -193,10 +254,13 @@ class HybridAdam(torch.optim.Optimizer):
             spans = _spans(group)
             # The kernel wants fp32 gradients like the masters; this copy is also where the
             # unscale/clip multiplier is applied, so the chunk's own gradient stays as it was.
-            grads = [grad[b:e].float() * multiplier if multiplier != 1.0 else grad[b:e].float()
-                     for b, e, _ in spans]
-            steps = [torch.full((), float(infos[0].num_steps + 1), device=master.device)
-                     for _, _, infos in spans]
+            grads = [grad[b:e].float() for b, e, _ in spans]
+            if multiplier is not None:
+                if master.device not in multipliers:
+                    multipliers[master.device] = multiplier.to(master.device)
+                grads = [g * multipliers[master.device] for g in grads]
+            steps = [torch.full((), float(infos[0].num_steps + 1), dtype=torch.float32,
+                                device=master.device) for _, _, infos in spans]
             kernel([master[b:e] for b, e, _ in spans], grads,
                    [exp_avg[b:e] for b, e, _ in spans], [exp_avg_sq[b:e] for b, e, _ in spans],
                    [], steps, lr=hyper["lr"], beta1=beta1, beta2=beta2,

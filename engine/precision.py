@@ -9,8 +9,6 @@ either way.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from engine.config import EngineConfig, Fp16Config
@@ -65,24 +63,7 @@ class LossScaler:
         self._clean_steps = int(state["clean_steps"])
 
 
-def sum_of_squares(grads: list[torch.Tensor]) -> float:
-    """Sum of squared elements over tensors on one device, accumulated in fp32.
-
-    The `.item()` is the step's one host synchronisation for this device (per-tensor norms are
-    combined on the device first, never read one by one).
-    """
-    if not grads:
-        return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
-    return norms.square().sum().item()
-
-
-def clip_coefficient(total_norm: float, max_norm: float) -> float:
-    """What clip_grad_norm_ multiplies the gradients by (1.0 when clipping is off)."""
-    if max_norm <= 0:
-        return 1.0
-    return min(1.0, max_norm / (total_norm + _CLIP_EPS))
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clip_grad_norm_ multiplies the gradients by: min(1, max_norm / (norm + 1e-6)), as the
+    same fp32 tensor operations, so clipped steps match plain PyTorch bit for bit."""
+    return torch.clamp(max_norm / (total_norm + _CLIP_EPS), max=1.0)

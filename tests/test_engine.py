@@ -1,0 +1,431 @@
+"""The engine against plain PyTorch (issue 2's checks).
+
+Every numerics test trains the engine and a plain PyTorch model from the same initial weights on the
+same batches, with chunks small enough that the model spans several of them (one tensor larger than a
+chunk) and a device budget small enough that chunks are evicted and fetched again in every step.
+
+The reference optimizer is `torch.optim.AdamW(fused=True)` (or Adam): torch's own fused kernel, the
+one HybridAdam calls on flat chunks. torch's default for-loop AdamW rounds differently in the last bit,
+and Adam's normalisation by sqrt(v) turns such bits on near-zero gradients into visible differences
+after a few steps, which would say nothing about the engine.
+
+On a machine with CUDA the engine computes on the GPU, and the reference runs there too.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from engine import initialize_engine
+from engine.errors import EngineError, ModelTooLargeError
+from tests.engine_models import OddModel, TinyGPT
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CHUNK = 2048  # elements: TinyGPT spans many chunks; OddModel.big (4800 elements) gets its own
+VOCAB = {"gpt": 96, "odd": 64}
+MAKERS = {"gpt": TinyGPT, "odd": OddModel}
+
+
+def engine_config(**overrides) -> dict:
+    cfg = {
+        "default_chunk_size": CHUNK,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 0.1}},
+        # Room for a few chunks next to the activations: evictions in every step.
+        "device_memory_limit": 64 * 1024,
+        "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def batches(kind: str, num_steps: int, batch: int = 4, seq: int = 16):
+    gen = torch.Generator().manual_seed(1234)
+    vocab = VOCAB[kind]
+    for _ in range(num_steps):
+        x = torch.randint(0, vocab, (batch, seq), generator=gen)
+        y = torch.randint(0, vocab, (batch, seq), generator=gen)
+        yield x.to(DEVICE), y.to(DEVICE)
+
+
+def plain_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    opt = cfg["optimizer"]
+    cls = torch.optim.AdamW if opt["type"] == "AdamW" else torch.optim.Adam
+    p = opt["params"]
+    return cls(params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+               weight_decay=p["weight_decay"], fused=True)
+
+
+def build_pair(kind: str, cfg: dict, seed: int = 0):
+    """The engine's model and a plain one with the same initial weights."""
+    torch.manual_seed(seed)
+    model, optimizer = initialize_engine(model_func=MAKERS[kind], config=cfg)
+    reference = MAKERS[kind]().to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    return model, optimizer, reference
+
+
+def engine_step(model, optimizer, x, y) -> float:
+    optimizer.zero_grad()
+    loss = model(x, y)
+    model.backward(loss)
+    optimizer.step()
+    return loss.item()
+
+
+def assert_state_close(model, reference, rtol, atol):
+    ours = model.state_dict()
+    theirs = reference.state_dict()
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key].float(), value.float(), rtol=rtol, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "odd"])
+def test_fp32_matches_plain_pytorch_with_evictions_every_step(kind):
+    cfg = engine_config()
+    model, optimizer, reference = build_pair(kind, cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    unused_before = model.state_dict()["unused.weight"].clone() if kind == "odd" else None
+    losses, ref_losses = [], []
+    for step, (x, y) in enumerate(batches(kind, 30)):
+        losses.append(engine_step(model, optimizer, x, y))
+        ref_opt.zero_grad()
+        ref_loss = reference(x, y)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_losses.append(ref_loss.item())
+        stats = model.chunk_stats()
+        if step > 0:  # after the warm-up step: evicted and fetched again in every step
+            assert stats["step_evictions"] > 0 and stats["step_h2d_moves"] > 0, stats
+            assert stats["step_d2h_bytes"] > 0, stats  # gradients / new weights went down
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+    stats = model.chunk_stats()
+    assert stats["param_chunks_device"] + stats["param_chunks_host"] >= 4
+    if kind == "odd":  # never used, so never updated (no weight decay either)
+        assert torch.equal(model.state_dict()["unused.weight"], unused_before)
+        assert reference.frozen.weight.grad is None
+
+
+def test_bf16_matches_mixed_precision_reference():
+    """bf16 compute weights cast from fp32 masters, fp32 AdamW on the masters.
+
+    The reference does exactly that with plain PyTorch (a bf16 copy of an fp32 model, its grads
+    cast to fp32 for a fused AdamW on the fp32 model). Both run the same bf16 kernels on the same
+    bf16 weights and the same fp32 update, so they agree to fp32 rounding: losses within 1e-5. The
+    masters differ at most by the bf16 rounding of a gradient (2**-8 relative) times lr, far below
+    the 1e-4 absolute tolerance used (lr 3e-3, 30 steps).
+    """
+    cfg = engine_config(bf16={"enabled": True})
+    model, optimizer, master = build_pair("gpt", cfg)
+    compute = copy.deepcopy(master).to(torch.bfloat16)
+    ref_opt = plain_optimizer(master.parameters(), cfg)
+    for x, y in batches("gpt", 30):
+        loss = engine_step(model, optimizer, x, y)
+        with torch.no_grad():
+            for c, m in zip(compute.parameters(), master.parameters()):
+                c.copy_(m)
+        compute.zero_grad()
+        ref_loss = compute(x, y)
+        ref_loss.backward()
+        for c, m in zip(compute.parameters(), master.parameters()):
+            m.grad = c.grad.float()
+        ref_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert_state_close(model, master, rtol=0, atol=1e-4)
+    assert next(model.module.parameters()).dtype == torch.bfloat16
+
+
+def test_gradient_clipping_equals_clip_grad_norm():
+    max_norm = 0.05
+    cfg = engine_config(gradient_clipping=max_norm)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    for x, y in batches("gpt", 15):
+        loss = engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        ref_loss = reference(x, y)
+        ref_loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        assert norm > max_norm  # clipping is active in every step
+        ref_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_matches_summed_gradients():
+    cfg = engine_config(gradient_accumulation_steps=2)
+    model, optimizer, reference = build_pair("odd", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    data = list(batches("odd", 20))
+    for i in range(0, 20, 2):
+        optimizer.zero_grad()
+        ref_opt.zero_grad()
+        for x, y in data[i:i + 2]:
+            model.backward(model(x, y) / 2)
+            (reference(x, y) / 2).backward()
+        optimizer.step()
+        ref_opt.step()
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+    assert model.chunk_stats()["grad_chunks_device"] + model.chunk_stats()["grad_chunks_host"] > 0
+
+
+def test_adam_with_l2_decay_and_a_changing_learning_rate():
+    cfg = engine_config()
+    cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-7,
+                                                   "weight_decay": 0.01}}
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    for step, (x, y) in enumerate(batches("gpt", 12)):
+        lr = 1e-2 * (step + 1) / 12  # a warm-up schedule, set the way the docs say
+        optimizer.param_groups[0]["lr"] = lr
+        ref_opt.param_groups[0]["lr"] = lr
+        engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_state_on_the_device_when_the_margin_allows():
+    cfg = engine_config(device_memory_limit=64 * 1024 * 1024)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    for x, y in batches("gpt", 5):
+        engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+    stats = model.chunk_stats()
+    assert stats["optim_chunks_device"] > 0 and stats["optim_chunks_host"] == 0
+    assert stats["step_h2d_moves"] == 0 and stats["step_d2h_moves"] == 0  # everything stays put
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_use_hybrid_adam_false_steps_everything_on_the_host():
+    cfg = engine_config(device_memory_limit=64 * 1024 * 1024)
+    cfg["optimizer"]["params"]["use_hybrid_adam"] = False
+    model, optimizer, _ = build_pair("gpt", cfg)
+    for x, y in batches("gpt", 2):
+        engine_step(model, optimizer, x, y)
+    stats = model.chunk_stats()
+    assert stats["optim_chunks_device"] == 0 and stats["optim_chunks_host"] > 0
+
+
+def test_cpu_embedding_matches_plain_pytorch():
+    cfg = engine_config(use_cpu_embedding=True)
+    model, optimizer, reference = build_pair("odd", cfg)  # embed is tied: stays with the head
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    torch.manual_seed(0)
+    gpt_model, gpt_opt, gpt_ref = build_pair("gpt", cfg)  # wpe is a plain table: host side
+    gpt_ref_opt = plain_optimizer(gpt_ref.parameters(), cfg)
+    for (x, y), (gx, gy) in zip(batches("odd", 5), batches("gpt", 5)):
+        engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+        engine_step(gpt_model, gpt_opt, gx, gy)
+        gpt_ref_opt.zero_grad()
+        gpt_ref(gx, gy).backward()
+        gpt_ref_opt.step()
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+    assert_state_close(gpt_model, gpt_ref, rtol=1e-5, atol=1e-7)
+    assert gpt_model.module.wpe.weight.device.type == "cpu"
+
+
+def test_fp16_overflow_skips_the_step_and_the_scale_follows_the_rules():
+    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 3,
+            "hysteresis": 2, "min_loss_scale": 128}
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(fp16=fp16))
+    inject = {"on": False}
+
+    def poison(module, args, output):
+        if inject["on"]:
+            output.register_hook(lambda g: g * float("inf"))
+
+    model.module.blocks[0].register_forward_hook(poison)
+    # step: overflow?  ->  expected scale after the step
+    plan = [(False, 256), (True, 256), (True, 128), (True, 128), (False, 128), (False, 128),
+            (False, 256), (False, 256)]
+    for (overflow, expected_scale), (x, y) in zip(plan, batches("gpt", len(plan))):
+        before = snapshot(model, optimizer)
+        inject["on"] = overflow
+        engine_step(model, optimizer, x, y)
+        assert optimizer.last_step_skipped is overflow
+        assert optimizer.loss_scale == expected_scale
+        after = snapshot(model, optimizer)
+        same = all(torch.equal(a, b) for a, b in zip(before, after))
+        assert same is overflow  # skipped: bitwise unchanged; clean: something moved
+    assert next(model.module.parameters()).dtype == torch.float16
+
+
+def snapshot(model, optimizer) -> list[torch.Tensor]:
+    """Compute weights, fp32 masters and Adam moments, copied."""
+    tensors = [p.detach().clone() for p in model.module.parameters()]
+    tensors += [t.clone() for t in model.state_dict().values()]
+    for state in optimizer.state_dict()["state"].values():
+        tensors += [state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
+    return tensors
+
+
+def test_init_equals_a_plain_build_with_the_same_seed():
+    torch.manual_seed(7)
+    plain = TinyGPT()
+    torch.manual_seed(7)
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config())
+    ours = model.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ours[key].cpu(), value), key
+
+
+def test_init_equals_a_plain_build_for_pstar_gpt():
+    models = pytest.importorskip("models")
+    cfg = {"family": "gpt", "size": "gpt-tiny"}
+    torch.manual_seed(3)
+    plain = models.build_model(cfg)
+    torch.manual_seed(3)
+    model, _ = initialize_engine(model_func=lambda: models.build_model(cfg),
+                                 config=engine_config(default_chunk_size=64 * 1024))
+    ours = model.state_dict()
+    assert list(ours) == list(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ours[key].cpu(), value), key
+
+
+def test_pstar_gpt_with_activation_checkpointing_matches_plain_pytorch():
+    models = pytest.importorskip("models")
+    cfg = {"family": "gpt", "size": "gpt-tiny", "activation_checkpointing": True}
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=lambda: models.build_model(cfg),
+                                         config=engine_config(default_chunk_size=16 * 1024,
+                                                              device_memory_limit=1 << 20))
+    reference = models.build_model(cfg).to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = plain_optimizer(reference.parameters(), engine_config())
+    vocab = models.resolve_model_config(cfg)["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, y = (torch.randint(0, vocab, (2, 32), generator=gen).to(DEVICE) for _ in range(2))
+        loss = engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        ref_loss = reference(x, y)
+        ref_loss.backward()
+        ref_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_model_that_cannot_init_on_meta_falls_back_to_a_cpu_build(caplog):
+    class Custom(nn.Module):  # a parameter no reset_parameters() knows how to initialise
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, idx):
+            return self.proj(self.table[idx]).sum()
+
+    torch.manual_seed(5)
+    plain = Custom()
+    torch.manual_seed(5)
+    with caplog.at_level("WARNING", logger="pstar.engine"):
+        model, _ = initialize_engine(model_func=Custom, config=engine_config())
+    assert len([r for r in caplog.records if "building the model on the CPU" in r.message]) == 1
+    for key, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[key].cpu(), value), key
+
+
+def test_forward_after_backward_without_step_is_refused():
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())
+    x, y = next(batches("gpt", 1))
+    model.backward(model(x, y))
+    with pytest.raises(EngineError, match="optimizer.step"):
+        model(x, y)
+    optimizer.zero_grad()  # restores the weights: a forward is fine again
+    model(x, y)
+
+
+def test_model_too_large_for_the_budgets_is_refused_before_any_step():
+    cfg = engine_config(device_memory_limit=10_000, host_memory_limit=20_000)
+    with pytest.raises(ModelTooLargeError) as err:
+        initialize_engine(model_func=TinyGPT, config=cfg)
+    assert "30,000 bytes" in str(err.value) and "needs" in str(err.value)
+
+
+def test_memory_timeline_and_step_timings_are_reported():
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())
+    for x, y in batches("gpt", 2):
+        engine_step(model, optimizer, x, y)
+    timeline = model.memory_timeline()
+    assert len(timeline) > 10
+    assert max(m["non_model_bytes"] for m in timeline) > 0  # activations were seen
+    assert all(m["budget_bytes"] <= 64 * 1024 for m in timeline)
+    timings = model.step_timings()
+    assert set(timings) == {"forward", "backward", "optimizer_device", "optimizer_host",
+                            "transfer", "wait"}
+    assert timings["forward"] > 0 and timings["backward"] > 0
+
+
+def _peak_rss_during(fn):
+    process = psutil.Process()
+    peak = {"rss": process.memory_info().rss}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak["rss"] = max(peak["rss"], process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return result, peak["rss"]
+
+
+def test_init_never_holds_a_full_copy_of_the_model_in_host_memory():
+    hidden, layers = 2048, 12  # 50M parameters: 200 MB fp32 masters + 100 MB bf16 params
+    make = lambda: nn.Sequential(*(nn.Linear(hidden, hidden) for _ in range(layers)))  # noqa: E731
+    largest_module_bytes = (hidden * hidden + hidden) * 4
+    cfg = {"bf16": {"enabled": True}, "default_chunk_size": 4 * 1024 * 1024}
+    before = psutil.Process().memory_info().rss
+    (model, _), peak = _peak_rss_during(lambda: initialize_engine(model_func=make, config=cfg))
+    stats = model.chunk_stats()
+    chunk_bytes = stats["param_bytes_host"] + stats["optim_bytes_host"] + stats["param_bytes_device"]
+    assert chunk_bytes >= 300_000_000
+    assert peak - before < chunk_bytes + largest_module_bytes + 32 * 1024 * 1024, (
+        peak - before, chunk_bytes)
+
+
+@pytest.mark.gpu
+def test_cuda_numerics_with_evictions_and_the_budget_respected():
+    """The fp32 comparison on the GPU, plus the device budget holding."""
+    assert DEVICE.type == "cuda"
+    limit = 256 * 1024
+    cfg = engine_config(device_memory_limit=limit)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    for step, (x, y) in enumerate(batches("gpt", 30)):
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = engine_step(model, optimizer, x, y)
+        assert torch.cuda.max_memory_allocated() - base <= limit
+        ref_opt.zero_grad()
+        ref_loss = reference(x, y)
+        ref_loss.backward()
+        ref_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        if step > 0:
+            assert model.chunk_stats()["step_evictions"] > 0
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
