@@ -170,6 +170,8 @@ def run_cases(specs: list[CaseSpec], shapes: dict, args: argparse.Namespace, mac
 def progress_line(row: dict, outcome: CaseOutcome) -> str:
     if row["status"] == "ok":
         summary = f"{row['step_s']:.4g} s/step, {row['tflops']:.4g} TFLOPS, init {row['init_s']:.1f} s"
+        if row["ratio_to_pytorch"] is not None:
+            summary += f", {row['ratio_to_pytorch']:.2f}x pytorch"
     else:
         summary = row["status"]
     return f"    {summary}  (log: {outcome.log_path})"
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = build_specs(args, device, shapes)
         previous_rows = read_rows(args.out)
     except (UsageError, ValueError) as exc:
-        parser.error(str(exc))
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     machine = args.machine or os.uname().nodename
     log_dir = args.log_dir or default_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
