@@ -90,3 +90,17 @@ def test_fresh_clone_sets_itself_up(tmp_path):
     assert version.stdout.startswith("pstar ")
     again = subprocess.run(["make", "setup"], cwd=clone, capture_output=True, text=True, timeout=60)
     assert "pip install" not in again.stdout
+
+
+def test_readme_python_example_runs():
+    """The README's API example, shrunk to gpt-tiny, trains on the CPU."""
+    import torch
+
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    small = code.replace('"size": "gpt-1.3b", "seq_len": 1024', '"size": "gpt-tiny", "seq_len": 32')
+    assert small != code
+    batches = [(torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))) for _ in range(2)]
+    namespace = {"batches": batches}
+    exec(compile(small, "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["loss"])
