@@ -172,3 +172,25 @@ def test_cli_table_output_without_a_gpu():
     assert result.exit_code == 0, result.output
     for text in ("Per GPU", "Per host", "pstar", "DeepSpeed ZeRO-3 offload", "exp_avg_sq"):
         assert text in result.stdout
+
+
+# Peaks measured on one H200 with torch 2.11 (torch.cuda.max_memory_allocated, GiB): activations
+# of one forward + backward with bf16 weights, and three steps of plain PyTorch AMP + fused AdamW.
+MEASURED_H200 = [
+    # size, batch, seq, recompute, activation peak, plain AMP peak
+    ("gpt-1.3b", 8, 1024, False, 16.71, 35.40),
+    ("gpt-1.3b", 8, 1024, True, 5.42, None),
+    ("gpt-6.7b", 4, 1024, False, 18.38, 107.23),
+    ("llama-1b", 8, 2048, False, 35.14, 54.55),
+]
+
+
+@pytest.mark.parametrize("size,batch,seq_len,recompute,activations_gib,amp_gib", MEASURED_H200)
+def test_estimates_match_peaks_measured_on_h200(size, batch, seq_len, recompute, activations_gib, amp_gib):
+    cfg = config_from_dict({"model": {"size": size, "activation_checkpointing": recompute},
+                            "train": {"seq_len": seq_len, "batch_size": batch},
+                            "engine": {"bf16": {"enabled": True}}}, bf16_supported=True)
+    w = workload_from_config(cfg)
+    assert activation_bytes(w) / GIB == pytest.approx(activations_gib, rel=0.09)
+    if amp_gib is not None:
+        assert estimate_systems(w, H200)["pytorch"].gpu.total / GIB == pytest.approx(amp_gib, rel=0.10)
