@@ -71,10 +71,12 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int = 0,
     copier = Copier(device)
 
     def new_manager() -> ChunkManager:
-        tracer = MemoryTracer(device, device_budget, cfg.mem_tracer.warmup_gpu_chunk_mem_ratio)
+        tracer = MemoryTracer(device, device_budget, cfg.mem_tracer.warmup_gpu_chunk_mem_ratio,
+                              budget_shared_with_others=cfg.device_memory_limit is None)
         return ChunkManager(copier, AccessSchedule(), tracer, device_budget, host_budget)
 
     built = build_in_chunks(model_func, cfg, dtype, device, new_manager)
+    built.manager.repoint_all()  # on CUDA: evicted-weight placeholders until the first fetch
     runtime = EngineRuntime(config=cfg, device=device, compute_dtype=dtype, copier=copier,
                             schedule=built.manager.schedule, tracer=built.manager.tracer,
                             manager=built.manager, scaler=LossScaler(cfg.fp16), groups=built.groups,

@@ -116,12 +116,17 @@ class ChunkManager:
         return self.tracer.chunk_budget_bytes(moment)
 
     def ensure_on_device(self, chunk: Chunk, budget_bytes: int | None = None) -> None:
-        if chunk.location is Location.DEVICE or chunk.group.host_only:
+        """Make `chunk` resident, and the resident chunks fit the budget of this moment: as
+        activations grow the budget shrinks, so a moment may evict even when it fetches nothing."""
+        if chunk.group.host_only:
             return
         budget = self.current_budget_bytes() if budget_bytes is None else budget_bytes
+        if chunk.location is Location.DEVICE:
+            self._make_room(0, budget, keep=chunk)
+            return
         self._make_room(chunk.nbytes, budget, keep=chunk)
         if chunk.location is Location.NOWHERE:
-            chunk.device_flat = self.copier.zeros_device(chunk.numel, chunk.dtype)
+            self.copier.allocate_zeroed(chunk)
             chunk.dirty = True
         else:
             self.copier.upload(chunk)
@@ -177,13 +182,29 @@ class ChunkManager:
                 "default_chunk_size"
             )
 
+    def repoint_all(self) -> None:
+        for group in self.groups:
+            self._repoint(group.param)
+
     def _repoint(self, chunk: Chunk) -> None:
-        """Point every parameter stored in this param chunk at the chunk's current buffer."""
+        """Point every parameter stored in this param chunk at the chunk's current buffer.
+
+        On CUDA a parameter whose chunk is on the host points at a NaN placeholder on the device
+        instead: a parameter's device must never change while autograd holds its gradient
+        accumulator (torch drops the accumulator on a device change, so a tied or reused parameter
+        would get several partial "final" gradients), and reading an evicted weight outside the
+        hooks must fail loudly rather than compute with stale numbers.
+        """
         if chunk.kind is not ChunkKind.PARAM:
             return
-        flat = chunk.flat
+        if chunk.location is Location.DEVICE or not self.copier.is_cuda or chunk.group.host_only:
+            flat = chunk.flat
+            for info in chunk.group.tensors:
+                info.param.data = info.view_of(flat)
+            return
+        placeholder = self.copier.placeholder(chunk.dtype)
         for info in chunk.group.tensors:
-            info.param.data = info.view_of(flat)
+            info.param.data = placeholder.expand(info.shape)
 
     def _count(self, h2d: int = 0, d2h: int = 0) -> None:
         self.totals.h2d_bytes += h2d
@@ -200,27 +221,30 @@ class ChunkManager:
                 moment = self.schedule.on_access(chunk.chunk_id)
                 self.tracer.on_moment(moment, self.device_bytes)
                 self.ensure_on_device(chunk)
-                self._prefetch_next()
+                self._prefetch_next(accessed=chunk)
             return self.copier.current_flat(chunk)
 
-    def _prefetch_next(self) -> None:
+    def _prefetch_next(self, accessed: Chunk) -> None:
         if not self.schedule.recorded or not self.in_fwd_bwd:
             return
         for chunk_id in self.schedule.upcoming(_PREFETCH_MOMENTS):
             chunk = self.chunks[chunk_id]
-            if chunk.location is Location.DEVICE:
+            if chunk.location is Location.DEVICE or chunk.group.host_only:
                 continue
-            self._prefetch(chunk)
+            self._prefetch(chunk, keep=accessed)
             return  # one chunk ahead is enough to overlap the copy with this moment's compute
 
-    def _prefetch(self, chunk: Chunk) -> None:
-        budget = self.tracer.chunk_budget_bytes(self.schedule.position + 1)
+    def _prefetch(self, chunk: Chunk, keep: Chunk) -> None:
+        # The copy lands while this moment still computes: both moments' budgets apply.
+        budget = min(self.current_budget_bytes(),
+                     self.tracer.chunk_budget_bytes(self.schedule.position + 1))
         need = chunk.nbytes
         if self.device_bytes + need > budget:
-            # Evict only chunks needed later than this one, so prefetching never costs a re-fetch.
+            # Evict only chunks needed later than this one, so prefetching never costs a re-fetch
+            # (and never the chunk being accessed right now).
             its_distance = self.schedule.distance_to_next_use(chunk.chunk_id)
-            later = [c for c in self._on_device.values()
-                     if c.movable and self.schedule.distance_to_next_use(c.chunk_id) > its_distance]
+            later = [c for c in self._on_device.values() if c.movable and c is not keep
+                     and self.schedule.distance_to_next_use(c.chunk_id) > its_distance]
             freeable = sum(c.nbytes for c in later)
             if self.device_bytes - freeable + need > budget:
                 return

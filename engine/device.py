@@ -39,8 +39,15 @@ class Copier:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.transfer_s = 0.0  # host time spent issuing copies (whole copy time on CPU)
         self.wait_s = 0.0  # host time spent waiting for copies to finish
+
+    def placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        """A one-element NaN tensor on the device that stands in for evicted weights."""
+        if dtype not in self._placeholders:
+            self._placeholders[dtype] = torch.full((), float("nan"), dtype=dtype, device=self.device)
+        return self._placeholders[dtype]
 
     def alloc_host(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
         # Pinned memory is what makes async H2D/D2H copies possible; only moving chunks need it.
@@ -56,13 +63,17 @@ class Copier:
         buf.record_stream(torch.cuda.current_stream(self.device))
         return buf
 
-    def zeros_device(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self.alloc_device(numel, dtype)
+    def allocate_zeroed(self, chunk: Chunk) -> None:
+        """A zero-filled device buffer for a chunk that has no data yet (moments, grad chunks)."""
+        buf = self.alloc_device(chunk.numel, chunk.dtype)
         if self.is_cuda:
             with torch.cuda.stream(self.copy_stream):
                 buf.zero_()
-            return buf
-        return buf.zero_()
+                chunk.ready_event = torch.cuda.Event()
+                chunk.ready_event.record(self.copy_stream)
+        else:
+            buf.zero_()
+        chunk.device_flat = buf
 
     def upload(self, chunk: Chunk) -> None:
         """host -> device; on CUDA asynchronous: `wait_uploaded` orders the compute stream after it."""

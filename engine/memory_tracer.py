@@ -10,8 +10,11 @@ bytes of the device. During warm-up itself only `warmup_gpu_chunk_mem_ratio` of 
 
 How it is measured:
 - CUDA: the caching allocator's peak (`max_memory_allocated`, reset at each moment) minus the chunk
-  bytes resident on the device. This is exact for everything torch allocates on the device, so no
-  sampling thread is needed (`use_async_mem_monitor` is accepted for compatibility).
+  bytes resident on the device and minus what was allocated before the warm-up began (other
+  models, the user's tensors). This is exact for everything torch allocates on the device, so no
+  sampling thread is needed (`use_async_mem_monitor` is accepted for compatibility). An explicit
+  `device_memory_limit` bounds pstar's own use; a budget taken as a share of the GPU's memory also
+  leaves room for what others had allocated at warm-up.
 - CPU: there is no allocator counter for the CPU, so we count what we can measure exactly: the bytes
   of the tensors autograd keeps for backward (deduplicated by storage), which dominate non-model
   memory. Temporaries that live only inside one operator are not seen.
@@ -37,8 +40,11 @@ class _SavedActivation:
 
 
 class MemoryTracer:
-    def __init__(self, device: torch.device, device_budget_bytes: int, warmup_ratio: float):
+    def __init__(self, device: torch.device, device_budget_bytes: int, warmup_ratio: float,
+                 budget_shared_with_others: bool):
         self.device = device
+        self.budget_shared_with_others = budget_shared_with_others
+        self.outside_bytes = 0  # CUDA: bytes allocated by others when the warm-up began
         self.is_cuda = device.type == "cuda"
         self.device_budget_bytes = device_budget_bytes
         self.warmup_ratio = warmup_ratio
@@ -54,11 +60,12 @@ class MemoryTracer:
     def peak_non_model_bytes(self) -> int:
         return max(self.non_model_bytes, default=0)
 
-    def start(self) -> None:
+    def start(self, device_chunk_bytes: int) -> None:
         self.tracing = True
         self.non_model_bytes.clear()
         self.chunk_bytes_device.clear()
         if self.is_cuda:
+            self.outside_bytes = max(0, torch.cuda.memory_allocated(self.device) - device_chunk_bytes)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_saved_bytes = self._live_saved_bytes
 
@@ -80,21 +87,24 @@ class MemoryTracer:
         if self.is_cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            return max(0, peak - device_chunk_bytes)
+            return max(0, peak - device_chunk_bytes - self.outside_bytes)
         peak = self._peak_saved_bytes
         self._peak_saved_bytes = self._live_saved_bytes
         return peak
 
     def chunk_budget_bytes(self, moment: int | None) -> int:
         """Bytes the chunks may occupy on the device at `moment` (None: outside forward/backward)."""
+        budget = self.device_budget_bytes
+        if self.budget_shared_with_others:
+            budget -= self.outside_bytes
         if not self.finished:
-            return int(self.device_budget_bytes * self.warmup_ratio)
+            return int(budget * self.warmup_ratio)
         if moment is None or not self.non_model_bytes:
-            return self.device_budget_bytes
+            return budget
         moment = min(max(moment, 0), len(self.non_model_bytes) - 1)
         after = min(moment + 1, len(self.non_model_bytes) - 1)
         reserved = max(self.non_model_bytes[moment], self.non_model_bytes[after])
-        return max(0, self.device_budget_bytes - reserved)
+        return max(0, budget - reserved)
 
     def track_saved(self, tensor: torch.Tensor):
         """CPU warm-up: count a tensor autograd keeps for backward; returns what to store instead."""

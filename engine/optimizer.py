@@ -162,7 +162,7 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         scratch = max((g.numel for g in rt.groups), default=0) * 4
         num_device = plan_num_device_groups(
-            rt.groups, rt.manager.device_budget_bytes, rt.tracer.peak_non_model_bytes,
+            rt.groups, rt.tracer.chunk_budget_bytes(None), rt.tracer.peak_non_model_bytes,
             rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch)
         moving = [g for g in rt.groups if not g.host_only]
         for index, group in enumerate(moving):
@@ -178,7 +178,7 @@ class HybridAdam(torch.optim.Optimizer):
 
     def _put_optimizer_state_on_device(self, group: ChunkGroup) -> None:
         manager = self._rt.manager
-        budget = manager.device_budget_bytes
+        budget = manager.current_budget_bytes()
         for chunk in group.optimizer_chunks:
             manager.ensure_on_device(chunk, budget_bytes=budget)  # master: uploaded; moments: zeros
             chunk.pinned_forever = True
@@ -195,7 +195,7 @@ class HybridAdam(torch.optim.Optimizer):
         for group in groups:
             if group.optimizer_on_device:
                 for chunk in {id(c): c for c in (group.grad_chunk, group.param)}.values():
-                    manager.ensure_on_device(chunk, budget_bytes=manager.device_budget_bytes)
+                    manager.ensure_on_device(chunk, budget_bytes=manager.current_budget_bytes())
 
     # ---- numerics ------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class EngineRuntime:
             if not self.schedule.recorded and not self.schedule.recording and torch.is_grad_enabled():
                 # The warm-up iteration: the first forward + backward with autograd on.
                 self.schedule.start_recording()
-                self.tracer.start()
+                self.tracer.start(self.manager.device_bytes)
 
     def end_forward_without_grad(self) -> None:
         """A forward under no_grad has no backward to wait for."""
