@@ -106,7 +106,8 @@ class EngineModel(nn.Module):
         self._infos_by_param = {id(info.param): info for info in built.infos}
         self._hooks = EngineHooks(built.module, built.manager, self._infos_by_param,
                                   runtime.grad_accumulation, runtime.device, built.host_only_modules,
-                                  on_backward_end=runtime.end_backward)
+                                  on_backward_end=runtime.end_backward,
+                                  first_used=runtime.first_used)
         self._hooks.install()
 
     def forward(self, *args, **kwargs):

@@ -102,12 +102,24 @@ class ChunkManager:
         self._by_storage[chunk.host_flat.untyped_storage().data_ptr()] = chunk
 
     def free_host(self, chunk: Chunk) -> None:
-        """Drop the host buffer of a chunk that now lives on the device for good."""
-        assert chunk.location is Location.DEVICE
+        """Drop a chunk's host buffer (it lives on the device for good, or is no longer used)."""
         self.copier.wait_downloaded(chunk)
         self._by_storage.pop(chunk.host_flat.untyped_storage().data_ptr(), None)
         self.host_allocated_bytes -= chunk.nbytes
         chunk.host_flat = None
+        if chunk.location is Location.HOST:
+            chunk.location = Location.NOWHERE
+
+    def replace_groups(self, groups: list[ChunkGroup]) -> None:
+        """Adopt a new layout (after re-packing on the host): chunk ids are renumbered densely."""
+        assert not self._on_device, "re-packing happens with every chunk on the host"
+        self.groups, self.chunks = [], []
+        self._by_storage = {}
+        self.host_allocated_bytes = 0
+        chunks = [chunk for group in groups for chunk in group.chunks]
+        for chunk_id, chunk in enumerate(chunks):
+            chunk.chunk_id = chunk_id
+        self.add_groups(groups)
 
     # ---- moves ---------------------------------------------------------------------------
 

@@ -42,7 +42,8 @@ class ChunkRef:
 class EngineHooks:
     def __init__(self, root: nn.Module, manager: ChunkManager, infos: dict[int, TensorInfo],
                  grad_accumulation: bool, compute_device: torch.device,
-                 host_only_modules: list[nn.Module], on_backward_end: Callable[[], None]):
+                 host_only_modules: list[nn.Module], on_backward_end: Callable[[], None],
+                 first_used: list[TensorInfo]):
         self.root = root
         self.manager = manager
         self.infos = infos  # id(parameter) -> its TensorInfo
@@ -50,6 +51,7 @@ class EngineHooks:
         self.compute_device = compute_device
         self.host_only_modules = host_only_modules
         self.on_backward_end = on_backward_end
+        self.first_used = first_used  # filled during the warm-up forward, in order of first use
         self._direct: dict[nn.Module, list[TensorInfo]] = {}
         self._pinned: list[Chunk] = []
         self._pinned_node = None  # the autograd node the pinned chunks are pinned for
@@ -91,6 +93,8 @@ class EngineHooks:
     def _pre_forward(self, module: nn.Module, args) -> None:
         infos = self._direct[module]
         with self.manager.lock:
+            if self.manager.schedule.recording:
+                self._note_first_use(infos)
             for chunk in _unique_chunks(infos):
                 if not self.grad_accumulation:
                     self._refuse_pending_grads(chunk, infos)
@@ -99,6 +103,14 @@ class EngineHooks:
                 for info in infos:
                     if info.group.param is chunk:
                         info.start_compute()
+
+    def _note_first_use(self, infos: list[TensorInfo]) -> None:
+        if not self.first_used:
+            self._first_used_ids: set[int] = set()
+        for info in infos:
+            if id(info) not in self._first_used_ids:
+                self._first_used_ids.add(id(info))
+                self.first_used.append(info)
 
     def _post_forward(self, module: nn.Module, args, output) -> None:
         with self.manager.lock:

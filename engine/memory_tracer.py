@@ -69,6 +69,13 @@ class MemoryTracer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_saved_bytes = self._live_saved_bytes
 
+    def forget(self) -> None:
+        """Drop the trace (the layout changed): the next forward traces a new warm-up."""
+        self.tracing = False
+        self.finished = False
+        self.non_model_bytes.clear()
+        self.chunk_bytes_device.clear()
+
     def finish(self) -> None:
         self.tracing = False
         self.finished = True

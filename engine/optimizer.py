@@ -27,6 +27,7 @@ import time
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
+from engine.packing import repack_in_first_use_order
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
@@ -102,7 +103,7 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         with rt.manager.lock:
             if not rt.optimizer_placed:
-                self._place_optimizer_state()
+                self._settle_layout_and_placement()
             groups = self._groups_with_grads()
             self._bring_to_optimizer(groups)
             multiplier, overflow = self._gradient_multiplier(groups)
@@ -157,6 +158,21 @@ class HybridAdam(torch.optim.Optimizer):
         rt.scaler.load_state_dict(state_dict["loss_scaler"])
 
     # ---- placement -----------------------------------------------------------------------
+
+    def _settle_layout_and_placement(self) -> None:
+        """First step(s): re-pack in first-use order (once), then place the optimizer state after
+        a warm-up traced with the final layout; until then it stays on the host."""
+        rt = self._rt
+        if not rt.repack_checked:
+            rt.repack_checked = True
+            repack_in_first_use_order(rt, rt.first_used)
+        if rt.tracer.finished:
+            self._place_optimizer_state()
+            return
+        for group in rt.groups:
+            for chunk in group.optimizer_chunks:
+                if chunk.location is Location.NOWHERE:
+                    rt.manager.allocate_host(chunk)
 
     def _place_optimizer_state(self) -> None:
         rt = self._rt

@@ -37,6 +37,8 @@ class EngineRuntime:
     infos: list[TensorInfo]  # one per distinct parameter, in layout order
     num_micro_steps: int = 0  # backward passes since the last optimizer step
     optimizer_placed: bool = False
+    repack_checked: bool = False
+    first_used: list[TensorInfo] = field(default_factory=list)  # warm-up forward's first uses
     _timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     last_step_timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     _copier_marks: tuple[float, float] = (0.0, 0.0)
@@ -55,6 +57,7 @@ class EngineRuntime:
                 # The warm-up iteration: the first forward + backward with autograd on.
                 self.schedule.start_recording()
                 self.tracer.start(self.manager.device_bytes)
+                self.first_used.clear()
 
     def end_forward_without_grad(self) -> None:
         """A forward under no_grad has no backward to wait for."""

@@ -49,6 +49,15 @@ class AccessSchedule:
         for moment, chunk_id in enumerate(self.order):
             self._uses.setdefault(chunk_id, []).append(moment)
 
+    def forget(self) -> None:
+        """Drop the recording (the layout changed): the next forward records a new warm-up."""
+        self.order.clear()
+        self._uses = {}
+        self.recording = False
+        self.recorded = False
+        self.position = -1
+        self._last_used.clear()
+
     def restart(self) -> None:
         """A new forward begins: the next access is moment 0 again."""
         self.position = -1

@@ -400,6 +400,58 @@ def test_model_that_cannot_init_on_meta_falls_back_to_a_cpu_build(caplog):
         assert torch.equal(model.state_dict()[key].cpu(), value), key
 
 
+def test_chunks_are_repacked_in_first_use_order():
+    model, optimizer = initialize_engine(model_func=OddModel, config=engine_config())
+    names = lambda: [info.names[0] for info in model._rt.infos]  # noqa: E731
+    registered = names()
+    assert registered.index("unused.weight") < registered.index("frozen.weight")
+    for x, y in batches("odd", 2):
+        engine_step(model, optimizer, x, y)
+    # frozen runs in forward, unused never does: it goes last
+    assert names()[-2:] == ["unused.weight", "unused.bias"]
+    assert names().index("frozen.weight") < names().index("unused.weight")
+
+
+def test_resuming_from_state_dicts_continues_the_same_run():
+    cfg = engine_config(gradient_clipping=1.0)
+    data = list(batches("gpt", 8))
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    for x, y in data[:4]:
+        engine_step(model, optimizer, x, y)
+    saved_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    saved_opt = optimizer.state_dict()
+    saved_opt["state"] = {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v)
+                                 for k, v in entry.items()} for name, entry in saved_opt["state"].items()}
+    straight = [engine_step(model, optimizer, x, y) for x, y in data[4:]]
+
+    torch.manual_seed(99)  # a different init, overwritten by the checkpoint
+    resumed, resumed_opt = initialize_engine(model_func=TinyGPT, config=cfg)
+    resumed.load_state_dict(saved_model)
+    resumed_opt.load_state_dict(saved_opt)
+    again = [engine_step(resumed, resumed_opt, x, y) for x, y in data[4:]]
+    assert again == straight
+    assert_state_close(resumed, model, rtol=0, atol=0)
+
+
+def test_lr_scheduler_and_no_grad_forward():
+    cfg = engine_config()
+    model, optimizer, reference = build_pair("gpt", cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    for step, (x, y) in enumerate(batches("gpt", 4)):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 / (step + 1))
+        ref_opt.set_lr(optimizer.param_groups[0]["lr"])
+        engine_step(model, optimizer, x, y)
+        scheduler.step()
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+        with torch.no_grad():  # an evaluation forward between steps
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
 def test_forward_after_backward_without_step_is_refused():
     model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())
     x, y = next(batches("gpt", 1))
