@@ -80,7 +80,7 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int = 0,
     runtime = EngineRuntime(config=cfg, device=device, compute_dtype=dtype, copier=copier,
                             schedule=built.manager.schedule, tracer=built.manager.tracer,
                             manager=built.manager, scaler=LossScaler(cfg.fp16), groups=built.groups,
-                            infos=built.infos)
+                            infos=built.infos, param_order=built.param_order)
     model = EngineModel(built, runtime)
     trainable = [info.param for info in built.infos if info.requires_grad]
     return model, HybridAdam(trainable, runtime)

@@ -162,24 +162,26 @@ class ChunkGroup:
         return sum(c.nbytes for c in self.chunks)
 
 
-def plan_chunk_layout(numels: list[int], chunk_numel: int) -> list[tuple[int, list[int]]]:
-    """Pack tensors, in the given order, into chunks of `chunk_numel` elements.
+def plan_chunk_layout(numels: list[int], chunk_numel: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Pack tensors, in the given order, into chunks of at most `chunk_numel` elements.
 
-    Returns one (chunk capacity, offsets of its tensors) per chunk; tensor i of the input goes into
-    the chunks in order. A tensor larger than a chunk gets a chunk of its own, sized to fit it.
+    Returns one (chunk capacity, [(tensor index, offset), ...]) per chunk, chunks in the order of
+    their first tensor. A tensor larger than `chunk_numel` gets a chunk of its own, sized to fit it,
+    and the chunk being filled stays open for the tensors after it. A chunk is closed at the size
+    its tensors use, so the only memory not holding a tensor is the alignment padding (a fixed-size
+    chunk would waste up to the largest tensor's size each time the next one does not fit).
     """
-    capacity = round_up(chunk_numel, ALIGN_ELEMENTS)
-    chunks: list[tuple[int, list[int]]] = []
-    used = capacity  # forces a new chunk for the first tensor
-    for numel in numels:
+    limit = round_up(chunk_numel, ALIGN_ELEMENTS)
+    chunks: list[list] = []  # [used elements, members]
+    open_chunk = None
+    for index, numel in enumerate(numels):
         padded = round_up(max(numel, 1), ALIGN_ELEMENTS)
-        if padded > capacity:
-            chunks.append((padded, [0]))
-            used = capacity  # the next tensor starts a fresh chunk
+        if padded > limit:
+            chunks.append([padded, [(index, 0)]])
             continue
-        if used + padded > capacity:
-            chunks.append((capacity, []))
-            used = 0
-        chunks[-1][1].append(used)
-        used += padded
-    return chunks
+        if open_chunk is None or open_chunk[0] + padded > limit:
+            open_chunk = [0, []]
+            chunks.append(open_chunk)
+        open_chunk[1].append((index, open_chunk[0]))
+        open_chunk[0] += padded
+    return [(used, members) for used, members in chunks]

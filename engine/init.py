@@ -40,7 +40,8 @@ class BuiltModel:
     module: nn.Module
     manager: ChunkManager
     groups: list[ChunkGroup]
-    infos: list[TensorInfo]
+    infos: list[TensorInfo]  # layout order
+    param_order: list[TensorInfo]  # the model's parameters() order
     host_only_modules: list[nn.Module]
 
 
@@ -145,12 +146,11 @@ def _host_only_embeddings(module: nn.Module, use_cpu_embedding: bool) -> tuple[l
 def _plan_groups(params: list[tuple[nn.Parameter, list[str]]], cfg: EngineConfig, dtype: torch.dtype,
                  host_only: bool, first_group: int, first_chunk: int) -> list[ChunkGroup]:
     layout = plan_chunk_layout([p.numel() for p, _ in params], cfg.default_chunk_size)
-    groups, next_param, chunk_id = [], 0, first_chunk
-    for index, (capacity, offsets) in enumerate(layout, start=first_group):
+    groups, chunk_id = [], first_chunk
+    for index, (capacity, members) in enumerate(layout, start=first_group):
         tensors = []
-        for offset in offsets:
-            param, names = params[next_param]
-            next_param += 1
+        for param_index, offset in members:
+            param, names = params[param_index]
             tensors.append(TensorInfo(param=param, names=names, offset=offset, numel=param.numel(),
                                       shape=param.shape, requires_grad=param.requires_grad))
         kinds = [(ChunkKind.PARAM, dtype)]
@@ -197,6 +197,7 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     manager.add_groups(groups)
     infos = [info for g in groups for info in g.tensors]
     by_original_id = {id(info.param): info for info in infos}
+    param_order = [by_original_id[id(param)] for param, _ in params]
     init_module = getattr(module, "init_module_", None)
     with torch.no_grad():
         for sub in module.modules():
@@ -210,7 +211,7 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     for group in groups:
         if group.host_only and group.grad is not None:
             manager.allocate_host(group.grad)
-    return BuiltModel(module, manager, groups, infos, host_only_modules)
+    return BuiltModel(module, manager, groups, infos, param_order, host_only_modules)
 
 
 def _flats(info: TensorInfo, manager: ChunkManager) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,7 +227,7 @@ class HybridAdam(torch.optim.Optimizer):
         if not scaler.enabled and max_norm <= 0:
             return None, False
         start = time.perf_counter()
-        total_norm = self._global_norm(groups)
+        total_norm = self._global_norm()
         if scaler.enabled:
             overflow = not math.isfinite(total_norm.item())
             rt.add_time("wait", start)
@@ -241,14 +241,13 @@ class HybridAdam(torch.optim.Optimizer):
             multiplier = multiplier / scaler.scale
         return multiplier, False
 
-    def _global_norm(self, groups: list[ChunkGroup]) -> torch.Tensor:
+    def _global_norm(self) -> torch.Tensor:
         """L2 norm over every gradient, as an fp32 scalar tensor on the compute device."""
         per_device: dict[torch.device, list[torch.Tensor]] = {}
-        for group in groups:
-            flat = self._rt.copier.current_flat(group.grad_chunk)
-            for info in group.tensors:
-                if info.has_grad:
-                    per_device.setdefault(flat.device, []).append(info.region_of(flat))
+        for info in self._rt.param_order:  # torch's order, so the norm rounds the same way
+            if info.has_grad:
+                flat = self._rt.copier.current_flat(info.group.grad_chunk)
+                per_device.setdefault(flat.device, []).append(info.region_of(flat))
         norms = []
         for grads in per_device.values():
             norms += torch._foreach_norm(grads, 2, dtype=torch.float32)

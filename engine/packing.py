@@ -33,9 +33,12 @@ def repack_in_first_use_order(rt: EngineRuntime, first_used: list[TensorInfo]) -
     """Re-pack the movable chunk groups in first-use order; True when the layout changed."""
     regular = [g for g in rt.groups if not g.host_only]
     order = packing_order(rt.groups, first_used)
-    if [id(i) for i in order] == [id(i) for g in regular for i in g.tensors]:
-        return False
     layout = plan_chunk_layout([info.numel for info in order], rt.config.default_chunk_size)
+    current = {id(info): (g_index, info.offset) for g_index, g in enumerate(regular) for info in g.tensors}
+    proposed = {id(order[t]): (c_index, offset)
+                for c_index, (_, members) in enumerate(layout) for t, offset in members}
+    if proposed == current:
+        return False
     if not _fits_twice(rt, regular, layout):
         log.info("pstar: keeping the init packing order: the host budget cannot hold the old and "
                  "the re-packed chunks at once")
@@ -67,16 +70,15 @@ def _copy_into_new_groups(rt: EngineRuntime, regular: list[ChunkGroup], order: l
     manager = rt.manager
     old_place = {id(info): (info.group, info.offset) for info in order}
     left_in_old = {id(group): len(group.tensors) for group in regular}
-    new_groups, next_info = [], 0
-    for index, (capacity, offsets) in enumerate(layout):
-        tensors = order[next_info:next_info + len(offsets)]
-        next_info += len(offsets)
+    new_groups = []
+    for index, (capacity, members) in enumerate(layout):
+        tensors = [order[t] for t, _ in members]
         template = regular[0]
         chunks = {kind: Chunk(0, c.kind, capacity, c.dtype)
                   for kind, c in (("param", template.param), ("grad", template.grad),
                                   ("master", template.master), ("exp_avg", template.exp_avg),
                                   ("exp_avg_sq", template.exp_avg_sq)) if c is not None}
-        for info, offset in zip(tensors, offsets):
+        for info, (_, offset) in zip(tensors, members):
             info.offset = offset
         group = ChunkGroup(index=index, numel=capacity, tensors=list(tensors), param=chunks["param"],
                            master=chunks["master"], exp_avg=chunks["exp_avg"],

@@ -35,6 +35,7 @@ class EngineRuntime:
     scaler: LossScaler
     groups: list[ChunkGroup]
     infos: list[TensorInfo]  # one per distinct parameter, in layout order
+    param_order: list[TensorInfo]  # the same, in the model's parameters() order
     num_micro_steps: int = 0  # backward passes since the last optimizer step
     optimizer_placed: bool = False
     repack_checked: bool = False

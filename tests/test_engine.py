@@ -400,6 +400,19 @@ def test_model_that_cannot_init_on_meta_falls_back_to_a_cpu_build(caplog):
         assert torch.equal(model.state_dict()[key].cpu(), value), key
 
 
+def test_layout_gives_big_tensors_their_own_chunk_and_wastes_only_alignment():
+    from engine.chunk import plan_chunk_layout
+
+    # chunks of at most 256 elements; 64-element alignment
+    layout = plan_chunk_layout([100, 1000, 60, 64, 300, 10], chunk_numel=256)
+    assert layout == [
+        (256, [(0, 0), (2, 128), (3, 192)]),  # the open chunk keeps filling around the big one
+        (1024, [(1, 0)]),  # 1000 > 256: its own chunk, sized to fit
+        (320, [(4, 0)]),
+        (64, [(5, 0)]),  # closed at the size it uses
+    ]
+
+
 def test_chunks_are_repacked_in_first_use_order():
     model, optimizer = initialize_engine(model_func=OddModel, config=engine_config())
     names = lambda: [info.names[0] for info in model._rt.infos]  # noqa: E731
