@@ -104,6 +104,7 @@ class ChunkManager:
     def free_host(self, chunk: Chunk) -> None:
         """Drop a chunk's host buffer (it lives on the device for good, or is no longer used)."""
         self.copier.wait_downloaded(chunk)
+        self.copier.wait_upload_read(chunk)  # an upload may still be reading the host buffer
         self._by_storage.pop(chunk.host_flat.untyped_storage().data_ptr(), None)
         self.host_allocated_bytes -= chunk.nbytes
         chunk.host_flat = None

@@ -1,4 +1,4 @@
-"""Compute dtypes, the fp16 loss scaler, and the global gradient norm.
+"""Compute dtypes, the fp16 loss scaler, and the gradient-clipping coefficient.
 
 The loss scaler keeps PatrickStar's keys and meaning: `loss_scale` 0 means dynamic scaling starting at
 2**initial_scale_power; the scale halves once `hysteresis` consecutive steps overflowed (and on every
