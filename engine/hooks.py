@@ -52,6 +52,7 @@ class EngineHooks:
         self.host_only_modules = host_only_modules
         self.on_backward_end = on_backward_end
         self.first_used = first_used  # filled during the warm-up forward, in order of first use
+        self._first_used_ids: set[int] = set()
         self._direct: dict[nn.Module, list[TensorInfo]] = {}
         self._pinned: list[Chunk] = []
         self._pinned_node = None  # the autograd node the pinned chunks are pinned for
@@ -105,8 +106,8 @@ class EngineHooks:
                         info.start_compute()
 
     def _note_first_use(self, infos: list[TensorInfo]) -> None:
-        if not self.first_used:
-            self._first_used_ids: set[int] = set()
+        if not self.first_used:  # a new warm-up began (the runtime emptied the list)
+            self._first_used_ids.clear()
         for info in infos:
             if id(info) not in self._first_used_ids:
                 self._first_used_ids.add(id(info))
