@@ -40,6 +40,10 @@ class WorkerFailed(PstarError):
         return self.lines
 
 
+class Interrupted(PstarError):
+    exit_code = 130  # the shell's convention for a run ended by a signal
+
+
 def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path) -> None:
     """Train as the config says; returns when training is done, raises PstarError on failure."""
     from pstar_cli.trainer import write_run_config
@@ -63,6 +67,7 @@ def train_in_process(cfg: Config, output_dir: Path) -> None:
 
 def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path) -> None:
     """Start this node's workers through torchrun's elastic agent and wait for the job to end."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args as parse_torchrun_args
@@ -74,6 +79,9 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
         torchrun(parse_torchrun_args(args))
     except ChildFailedError as exc:
         raise worker_failure(exc, output_dir / "logs") from None
+    except SignalException as exc:
+        # the agent has already stopped the workers
+        raise Interrupted(f"stopped by {exc.sigval.name}; the workers were stopped too") from None
     except RendezvousError as exc:
         endpoint = cfg.distributed.rdzv_endpoint or "this machine"
         raise PstarError(

@@ -146,6 +146,10 @@ class Trainer:
         self.hooks = TrainerHooks()
         self._stop_requested = False
 
+        if ranks.is_main:
+            # building a large model takes a while: say what is happening before the view starts
+            print(f"pstar: building {cfg.model.size or cfg.model.family} "
+                  f"({models.num_params(self.model_cfg) / 1e6:,.1f}M parameters) through the engine ...", flush=True)
         self.init_s = self._build_engine()
         self.data = self._build_data()
         self.memory = MemoryProbe(self.device)

@@ -121,7 +121,6 @@ def run_pstar(args: list[str], extra_env: dict | None = None, timeout: int = 600
 
 
 @needs_engine
-@pytest.mark.slow
 def test_two_process_launch_trains_and_logs_every_rank(tmp_path):
     result = run_pstar(["train", str(TINY), "distributed.nproc_per_node=2", "train.steps=6", "train.log_interval=3",
                         "--output-dir", str(tmp_path)])
@@ -135,7 +134,6 @@ def test_two_process_launch_trains_and_logs_every_rank(tmp_path):
 
 
 @needs_engine
-@pytest.mark.slow
 def test_a_failing_worker_stops_the_job_with_its_message(tmp_path):
     started = time.monotonic()
     result = run_pstar(["train", str(TINY), "distributed.nproc_per_node=2", "train.steps=50",
