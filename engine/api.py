@@ -31,6 +31,16 @@ chunk, so each `model.backward()` must be followed by `optimizer.step()` (which 
 gradients) or `optimizer.zero_grad()` (which restores the weights) before the next forward. With
 more steps, gradients accumulate in separate grad chunks until `zero_grad()`.
 
+Several ranks (engine/distributed.py): under a process group of world_size > 1 (created here from
+torchrun's environment when the script has not created one; `local_rank` defaults to LOCAL_RANK)
+every chunk is split into world_size shards and rank r keeps shard r; param chunks are all-gathered
+before use and gradients reduce-scattered after backward, averaged over ranks, so training equals one
+rank with the same global batch. Every rank must call every method below in the same order.
+`device_memory_limit` is per rank; `host_memory_limit` (and the host share of
+`overall_cpu_mem_ratio`) is the machine's, divided among the ranks on it (LOCAL_WORLD_SIZE).
+`state_dict()` gathers the full fp32 weights on *every* rank (as host tensors; a collective), and
+`load_state_dict(sd)` takes the full dict on every rank and keeps each rank's shard.
+
 `release_after_init` is accepted for compatibility with PatrickStar configs: pstar never builds a
 second copy of the parameters to release. Weights are changed through `load_state_dict`, not by
 writing into parameters directly (the engine tracks which chunk copies are current).
@@ -49,6 +59,8 @@ from engine.chunk import ChunkKind, Location, TensorInfo
 from engine.chunk_manager import ChunkManager
 from engine.config import EngineConfig, resolve_engine_config
 from engine.device import Copier, device_total_bytes, host_total_bytes, pick_compute_device
+from engine.distributed import Comm, connect, gather_flat, local_rank_from_env
+from engine.errors import EngineError
 from engine.hooks import EngineHooks
 from engine.init import BuiltModel, build_in_chunks
 from engine.memory_tracer import MemoryTracer
@@ -60,39 +72,51 @@ from engine.schedule import AccessSchedule
 _OPTIMIZER_KINDS = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
 
 
-def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int = 0,
+def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | None = None,
                       config: dict | None = None) -> tuple["EngineModel", HybridAdam]:
     cfg = resolve_engine_config(config or {})
-    device = pick_compute_device(local_rank)
+    device = pick_compute_device(local_rank_from_env(local_rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    comm = connect(device)
+    if comm is not None and cfg.use_cpu_embedding:
+        raise EngineError("use_cpu_embedding is not supported with several ranks: set it to false")
     dtype = compute_dtype(cfg)
-    device_budget, host_budget = _budgets(cfg, device)
+    device_budget, host_budget = _budgets(cfg, device, comm)
     copier = Copier(device)
 
     def new_manager() -> ChunkManager:
         tracer = MemoryTracer(device, device_budget, cfg.mem_tracer.warmup_gpu_chunk_mem_ratio,
                               budget_shared_with_others=cfg.device_memory_limit is None)
-        return ChunkManager(copier, AccessSchedule(), tracer, device_budget, host_budget)
+        return ChunkManager(copier, AccessSchedule(), tracer, device_budget, host_budget, comm)
 
     built = build_in_chunks(model_func, cfg, dtype, device, new_manager)
     built.manager.repoint_all()  # on CUDA: evicted-weight placeholders until the first fetch
     runtime = EngineRuntime(config=cfg, device=device, compute_dtype=dtype, copier=copier,
                             schedule=built.manager.schedule, tracer=built.manager.tracer,
                             manager=built.manager, scaler=LossScaler(cfg.fp16), groups=built.groups,
-                            infos=built.infos, param_order=built.param_order)
+                            infos=built.infos, param_order=built.param_order, comm=comm)
     model = EngineModel(built, runtime)
     trainable = [info.param for info in built.infos if info.requires_grad]
     return model, HybridAdam(trainable, runtime)
 
 
-def _budgets(cfg: EngineConfig, device: torch.device) -> tuple[int, int]:
+def _budgets(cfg: EngineConfig, device: torch.device, comm: Comm | None) -> tuple[int, int]:
+    """(device, host) bytes for this rank. The host is shared by the ranks on this machine (so is
+    the CPU when it is the compute device); with several ranks every rank takes the smallest
+    rank's budgets, so that all of them make the same placement decisions."""
+    local_ranks = comm.local_world_size if comm is not None else 1
     device_budget = cfg.device_memory_limit
     if device_budget is None:
         device_budget = int(device_total_bytes(device) * cfg.mem_tracer.overall_gpu_mem_ratio)
+        if device.type == "cpu":
+            device_budget //= local_ranks
     host_budget = cfg.host_memory_limit
     if host_budget is None:
         host_budget = int(host_total_bytes() * cfg.mem_tracer.overall_cpu_mem_ratio)
+    host_budget //= local_ranks
+    if comm is not None:
+        device_budget, host_budget = comm.agree_min(device_budget), comm.agree_min(host_budget)
     return device_budget, host_budget
 
 
@@ -136,16 +160,26 @@ class EngineModel(nn.Module):
         return self.module.state_dict(keep_vars=True)
 
     def state_dict(self, *args, **kwargs) -> OrderedDict:
-        """The plain model's keys: parameters as their fp32 masters (tied ones under each name)."""
+        """The plain model's keys: parameters as their fp32 masters (tied ones under each name).
+        With several ranks: gathered from every rank's shards, on every rank (host tensors)."""
+        masters = self._whole_masters()
         result = OrderedDict()
         for key, value in self._own_entries().items():
             info = self._infos_by_param.get(id(value))
             if info is None:
                 result[key] = value.detach()
             else:
-                master = self._rt.copier.current_flat(info.group.master)
-                result[key] = info.view_of(master)
+                result[key] = info.view_of(masters[id(info.group)])
         return result
+
+    def _whole_masters(self) -> dict[int, torch.Tensor]:
+        """id(group) -> its whole fp32 master chunk (gathered in group order with several ranks)."""
+        rt = self._rt
+        if rt.comm is None:
+            return {id(group): rt.copier.current_flat(group.master) for group in rt.groups}
+        with rt.manager.lock:
+            return {id(group): gather_flat(rt.comm, group.master, rt.copier.current_flat)
+                    for group in rt.groups}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -155,6 +189,8 @@ class EngineModel(nn.Module):
         if strict and (missing or unexpected):
             raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         with self._rt.manager.lock:
+            if self._rt.comm is not None:
+                self._rt.comm.wait_reductions()  # nothing may still read the shards being replaced
             for key, value in state_dict.items():
                 if key not in own:
                     continue
@@ -163,6 +199,7 @@ class EngineModel(nn.Module):
                     own[key].copy_(value)
                 else:
                     self._load_param(key, info, value)
+            self._rt.manager.drop_all_gathered()  # they hold the old weights
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _load_param(self, key: str, info: TensorInfo, value: torch.Tensor) -> None:
@@ -170,9 +207,10 @@ class EngineModel(nn.Module):
             raise RuntimeError(f"load_state_dict: '{key}' has shape {tuple(value.shape)}, "
                                f"the model expects {tuple(info.shape)}")
         copier = self._rt.copier
-        master = info.region_of(copier.current_flat(info.group.master))
-        master.copy_(value.reshape(-1))
-        info.region_of(copier.current_flat(info.group.param)).copy_(master)
+        begin, tensor_begin, length = info.shard_piece()  # several ranks: this rank's part only
+        master = copier.current_flat(info.group.master).narrow(0, begin, length)
+        master.copy_(value.reshape(-1).narrow(0, tensor_begin, length))
+        copier.current_flat(info.group.param).narrow(0, begin, length).copy_(master)
         info.has_grad = False
         for chunk in (info.group.master, info.group.param):
             if chunk.location is Location.DEVICE and not chunk.pinned_forever:
@@ -183,7 +221,7 @@ class EngineModel(nn.Module):
     def chunk_stats(self) -> dict[str, int]:
         manager = self._rt.manager
         stats: dict[str, int] = {}
-        for prefix, kinds in (("param", (ChunkKind.PARAM,)), ("grad", (ChunkKind.GRAD,)),
+        for prefix, kinds in (("param", (ChunkKind.PARAM, ChunkKind.GATHERED)), ("grad", (ChunkKind.GRAD,)),
                               ("optim", _OPTIMIZER_KINDS)):
             for place, location in (("device", Location.DEVICE), ("host", Location.HOST)):
                 count, nbytes = manager.location_bytes(kinds, location)

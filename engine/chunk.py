@@ -2,8 +2,14 @@
 
 A `ChunkGroup` is one slot of the layout: the param chunk (compute dtype) and its mirrors with the
 identical layout — fp32 master, exp_avg, exp_avg_sq and, with gradient accumulation, a grad chunk.
-Each `Chunk` keeps its own storage per placement (a device buffer and a host buffer), so a chunk can
-later be split into `world_size` equal shards without changing who owns what.
+Each `Chunk` keeps its own storage per placement (a device buffer and a host buffer).
+
+With several ranks (engine/distributed.py) every chunk of the layout is split into `world_size` equal
+shards: the group's param/grad/master/moment chunks then hold only this rank's shard (`group.shard`
+says which elements), and a separate `gathered` chunk holds the whole compute-dtype chunk on the
+device while forward and backward use it. `group.working` is the chunk the model computes with: the
+gathered one when sharded, else the param chunk itself. Offsets of tensors are always offsets in the
+whole (unsharded) chunk; `TensorInfo.shard_piece()` maps a tensor onto this rank's shard.
 
 The tensor state machine (as in PatrickStar): FREE (no storage yet) -> HOLD (materialised) ->
 COMPUTE (a module or an autograd node is using it) -> HOLD_AFTER_FWD / HOLD_AFTER_BWD. A chunk may
@@ -30,6 +36,7 @@ class Location(enum.Enum):
 
 class ChunkKind(enum.Enum):
     PARAM = "param"
+    GATHERED = "gathered"  # sharded only: the whole param chunk, assembled from every rank's shard
     MASTER = "master"
     EXP_AVG = "exp_avg"
     EXP_AVG_SQ = "exp_avg_sq"
@@ -70,16 +77,33 @@ class TensorInfo:
     def region_of(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.narrow(0, self.offset, self.numel)
 
+    def shard_piece(self) -> tuple[int, int, int]:
+        """(start in this rank's storage chunks, start in the flattened tensor, length) of the part
+        of this tensor this rank stores; length 0 when it lies wholly in other ranks' shards."""
+        shard = self.group.shard
+        if shard is None:
+            return self.offset, 0, self.numel
+        begin = max(self.offset, shard.begin)
+        end = min(self.offset + self.numel, shard.end)
+        if end <= begin:
+            return 0, 0, 0
+        return begin - shard.begin, begin - self.offset, end - begin
+
+    def local_range(self) -> tuple[int, int]:
+        """[begin, end) of this rank's part of the tensor in the group's storage chunks."""
+        begin, _, length = self.shard_piece()
+        return begin, begin + length
+
     def start_compute(self) -> None:
         if self.num_users == 0:
-            self.group.param.num_tensors_in_compute += 1
+            self.group.working.num_tensors_in_compute += 1
         self.num_users += 1
         self.state = TensorState.COMPUTE
 
     def end_compute(self, after: TensorState) -> None:
         self.num_users -= 1
         if self.num_users == 0:
-            self.group.param.num_tensors_in_compute -= 1
+            self.group.working.num_tensors_in_compute -= 1
             self.state = after
 
 
@@ -99,7 +123,13 @@ class Chunk:
         # a clean chunk is evicted by dropping its device buffer, with no copy at all.
         self.dirty = False
         self.num_pins = 0  # autograd nodes currently reading it during backward
-        self.num_tensors_in_compute = 0  # its tensors in COMPUTE (param chunks only)
+        self.num_tensors_in_compute = 0  # its tensors in COMPUTE (working chunks only)
+        # Gathered chunks only: tensors whose gradient was written here but not yet reduced over
+        # ranks, gradients written this backward, and how many the last backward wrote (once that
+        # many have arrived, the chunk's backward is over and its gradients are reduced at once).
+        self.unreduced: list[TensorInfo] = []
+        self.num_grads_this_backward = 0
+        self.num_grads_expected: int | None = None
         self.pinned_forever = False  # optimizer state of a device group: never evicted
         self.ready_event = None  # CUDA: upload finished (compute stream waits on it)
         self.host_ready_event = None  # CUDA: download finished (host readers wait on it)
@@ -125,12 +155,29 @@ class Chunk:
         return f"Chunk({self.chunk_id}, {self.kind.value}, {self.numel}, {self.location.value})"
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This rank's shard of a chunk group: elements [begin, end) of each of its chunks."""
+
+    rank: int
+    world_size: int
+    numel: int  # elements per rank; the whole chunk has numel * world_size
+
+    @property
+    def begin(self) -> int:
+        return self.rank * self.numel
+
+    @property
+    def end(self) -> int:
+        return self.begin + self.numel
+
+
 @dataclass(eq=False)
 class ChunkGroup:
     """Param chunk i and its mirrors (identical layout); the unit the optimizer steps."""
 
     index: int
-    numel: int
+    numel: int  # elements of the whole chunk (of every rank's shards together)
     tensors: list[TensorInfo]
     param: Chunk
     master: Chunk
@@ -139,15 +186,22 @@ class ChunkGroup:
     grad: Chunk | None = None  # only with gradient accumulation; else grads go into `param`
     host_only: bool = False  # use_cpu_embedding: lives and computes on the host
     optimizer_on_device: bool = False  # decided after warm-up from the device margin
+    shard: Shard | None = None  # set with several ranks: the chunks above hold only this shard
+    gathered: Chunk | None = None  # with several ranks: the whole param chunk while in use
     chunks: list[Chunk] = field(default_factory=list)
 
     def __post_init__(self):
-        self.chunks = [c for c in (self.param, self.grad, self.master, self.exp_avg, self.exp_avg_sq)
-                       if c is not None]
+        self.chunks = [c for c in (self.gathered, self.param, self.grad, self.master, self.exp_avg,
+                                   self.exp_avg_sq) if c is not None]
         for chunk in self.chunks:
             chunk.group = self
         for info in self.tensors:
             info.group = self
+
+    @property
+    def working(self) -> Chunk:
+        """The chunk forward and backward compute with (and parameters point into)."""
+        return self.gathered if self.gathered is not None else self.param
 
     @property
     def grad_chunk(self) -> Chunk:
@@ -159,7 +213,8 @@ class ChunkGroup:
 
     @property
     def model_data_bytes(self) -> int:
-        return sum(c.nbytes for c in self.chunks)
+        """This rank's model data: its shards (a gathered chunk is a temporary copy, not data)."""
+        return sum(c.nbytes for c in self.chunks if c is not self.gathered)
 
 
 def plan_chunk_layout(numels: list[int], chunk_numel: int) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -185,3 +240,30 @@ def plan_chunk_layout(numels: list[int], chunk_numel: int) -> list[tuple[int, li
         open_chunk[1].append((index, open_chunk[0]))
         open_chunk[0] += padded
     return [(used, members) for used, members in chunks]
+
+
+def new_chunk_group(index: int, capacity: int, tensors: list[TensorInfo], compute_dtype: torch.dtype,
+                    with_grad_chunk: bool, host_only: bool, first_chunk_id: int,
+                    rank_and_world: tuple[int, int] | None = None) -> ChunkGroup:
+    """A chunk group for `tensors` (their offsets already set) in a chunk of `capacity` elements.
+
+    With `rank_and_world` (several ranks) `capacity` must split into equal shards: the group's
+    storage chunks are this rank's shards, and a gathered chunk of the whole capacity comes first.
+    Chunk ids are consecutive from `first_chunk_id` in `ChunkGroup.chunks` order.
+    """
+    shard = None
+    storage_numel = capacity
+    if rank_and_world is not None:
+        rank, world_size = rank_and_world
+        assert capacity % world_size == 0, "a sharded chunk must split into equal shards"
+        shard = Shard(rank=rank, world_size=world_size, numel=capacity // world_size)
+        storage_numel = shard.numel
+    ids = iter(range(first_chunk_id, first_chunk_id + 6))
+    gathered = Chunk(next(ids), ChunkKind.GATHERED, capacity, compute_dtype) if shard else None
+    param = Chunk(next(ids), ChunkKind.PARAM, storage_numel, compute_dtype)
+    grad = Chunk(next(ids), ChunkKind.GRAD, storage_numel, compute_dtype) if with_grad_chunk else None
+    master, exp_avg, exp_avg_sq = (Chunk(next(ids), kind, storage_numel, torch.float32)
+                                   for kind in (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ))
+    return ChunkGroup(index=index, numel=capacity, tensors=tensors, param=param, master=master,
+                      exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, grad=grad, host_only=host_only,
+                      shard=shard, gathered=gathered)

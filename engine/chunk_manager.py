@@ -9,6 +9,12 @@ current buffer, device or host.
 Each chunk keeps a host "home" buffer once it has one (pinned on CUDA for chunks that move). A chunk
 whose device copy was not modified since it was uploaded (`dirty` is False) is evicted by dropping the
 device buffer, without a copy.
+
+With several ranks (engine/distributed.py) the param chunk a module computes with is a *gathered*
+chunk: fetching it is an all-gather of every rank's shard, evicting it drops it (reducing first any
+gradients written into it), and it never has a host copy. The budget counts this rank's shards and
+the gathered chunks on the device. Because fetches and evictions of gathered chunks are collectives,
+every decision here depends only on what is identical on all ranks (schedule, sizes, agreed budgets).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import threading
 
 import torch
 
-from engine.chunk import Chunk, ChunkGroup, ChunkKind, Location
+from engine.chunk import Chunk, ChunkGroup, ChunkKind, Location, TensorInfo
 from engine.device import Copier
+from engine.distributed import Comm, gradient_writes
 from engine.errors import EngineError
 from engine.memory_tracer import MemoryTracer
 from engine.schedule import AccessSchedule
@@ -42,8 +49,9 @@ class MoveCounters:
 
 class ChunkManager:
     def __init__(self, copier: Copier, schedule: AccessSchedule, tracer: MemoryTracer,
-                 device_budget_bytes: int, host_budget_bytes: int):
+                 device_budget_bytes: int, host_budget_bytes: int, comm: Comm | None = None):
         self.copier = copier
+        self.comm = comm  # None on one rank: no shards, no gathered chunks
         self.schedule = schedule
         self.tracer = tracer
         self.device_budget_bytes = device_budget_bytes
@@ -138,7 +146,9 @@ class ChunkManager:
             self._make_room(0, budget, keep=chunk)
             return
         self._make_room(chunk.nbytes, budget, keep=chunk)
-        if chunk.location is Location.NOWHERE:
+        if chunk.kind is ChunkKind.GATHERED:
+            self._gather(chunk)
+        elif chunk.location is Location.NOWHERE:
             self.copier.allocate_zeroed(chunk)
             chunk.dirty = True
         else:
@@ -154,6 +164,11 @@ class ChunkManager:
     def evict(self, chunk: Chunk) -> None:
         """Move a device-resident chunk to the host (a copy only if the device copy changed)."""
         assert chunk.location is Location.DEVICE and chunk.movable, f"cannot evict {chunk}"
+        if chunk.kind is ChunkKind.GATHERED:
+            self._drop_gathered(chunk)
+            return
+        if self.comm is not None:
+            self.comm.fence()  # a reduction may still be writing this shard on the side stream
         if chunk.host_flat is None:
             self.allocate_host(chunk)
             chunk.dirty = True
@@ -197,7 +212,7 @@ class ChunkManager:
 
     def repoint_all(self) -> None:
         for group in self.groups:
-            self._repoint(group.param)
+            self._repoint(group.working)
 
     def _repoint(self, chunk: Chunk) -> None:
         """Point every parameter stored in this param chunk at the chunk's current buffer.
@@ -208,9 +223,10 @@ class ChunkManager:
         would get several partial "final" gradients), and reading an evicted weight outside the
         hooks must fail loudly rather than compute with stale numbers.
         """
-        if chunk.kind is not ChunkKind.PARAM:
+        if chunk is not chunk.group.working:
             return
-        if chunk.location is Location.DEVICE or not self.copier.is_cuda or chunk.group.host_only:
+        on_host = chunk.location is Location.HOST and not self.copier.is_cuda
+        if chunk.location is Location.DEVICE or on_host or chunk.group.host_only:
             flat = chunk.flat
             for info in chunk.group.tensors:
                 info.param.data = info.view_of(flat)
@@ -224,6 +240,79 @@ class ChunkManager:
         self.totals.d2h_bytes += d2h
         self.totals.h2d_moves += h2d > 0
         self.totals.d2h_moves += d2h > 0
+
+    # ---- gathered chunks (several ranks) -----------------------------------------------------
+
+    def _gather(self, chunk: Chunk) -> None:
+        """All-gather the whole param chunk from every rank's shard into a new device buffer."""
+        shard = chunk.group.param
+        source = self.copier.current_flat(shard)
+        if shard.location is not Location.DEVICE:
+            self._count(h2d=shard.nbytes)  # this rank's part goes up; the rest comes over the network
+        chunk.device_flat, chunk.ready_event = self.comm.gather_chunk(source, chunk.numel)
+        chunk.dirty = False
+
+    def _drop_gathered(self, chunk: Chunk) -> None:
+        """Free a gathered chunk: the shards keep the weights; pending gradients are reduced first."""
+        if chunk.unreduced:
+            self.reduce_gradients(chunk)
+        self._by_storage.pop(chunk.device_flat.untyped_storage().data_ptr(), None)
+        chunk.device_flat = None
+        chunk.ready_event = None
+        chunk.location = Location.NOWHERE
+        del self._on_device[chunk.chunk_id]
+        self.device_bytes -= chunk.nbytes
+        self.totals.evictions += 1
+        self._repoint(chunk)
+
+    def note_gradient(self, info: TensorInfo) -> None:
+        """The gradient of `info` was written into its gathered chunk: reduce the chunk's gradients
+        once as many have arrived as in the previous backward (the chunk's backward is over)."""
+        chunk = info.group.gathered
+        chunk.unreduced.append(info)
+        chunk.num_grads_this_backward += 1
+        expected = chunk.num_grads_expected
+        if expected is not None and chunk.num_grads_this_backward >= expected:
+            self.reduce_gradients(chunk)
+
+    def reduce_gradients(self, chunk: Chunk) -> None:
+        """Reduce-scatter the gradients written into a gathered chunk into this rank's grad shard."""
+        infos, chunk.unreduced = chunk.unreduced, []
+        group = chunk.group
+        target = group.grad_chunk
+        if target.location is Location.NOWHERE:
+            self.allocate_host(target)  # a grad shard before its first step: zeros
+        dest = self.copier.current_flat(target)
+        writes = gradient_writes(group, infos, dest)
+        self.comm.reduce_gradients(self.copier.current_flat(chunk), target.numel, writes)
+        if target.location is Location.DEVICE and writes:
+            target.dirty = True
+        for info in infos:
+            info.has_grad = True
+
+    def finish_backward(self) -> None:
+        """End of backward: reduce what is left (in group order, the same on every rank), wait for
+        the reductions, and drop the gathered chunks that held gradients (their weights are gone)."""
+        gathered = [group.gathered for group in self.groups if group.gathered is not None]
+        for chunk in gathered:
+            if chunk.unreduced:
+                self.reduce_gradients(chunk)
+        if self.comm is not None:
+            self.comm.wait_reductions()
+        for chunk in gathered:
+            if chunk.num_grads_this_backward == 0:
+                continue
+            chunk.num_grads_expected = chunk.num_grads_this_backward
+            chunk.num_grads_this_backward = 0
+            if chunk.location is Location.DEVICE:
+                self._drop_gathered(chunk)
+
+    def drop_all_gathered(self) -> None:
+        """Forget every gathered chunk (the shards' weights changed outside a step)."""
+        for group in self.groups:
+            chunk = group.gathered
+            if chunk is not None and chunk.location is Location.DEVICE:
+                self._drop_gathered(chunk)
 
     # ---- accesses ------------------------------------------------------------------------
 

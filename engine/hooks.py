@@ -12,7 +12,9 @@
   while other tensors of it are still saved.)
 - Post-accumulate-grad hooks: once a parameter's gradient is final for this backward (all its uses
   are done; tied parameters accumulate first), it is written into the param chunk in place of the
-  weight (or added to the grad chunk with gradient accumulation) and `param.grad` is dropped.
+  weight (or added to the grad chunk with gradient accumulation) and `param.grad` is dropped. With
+  several ranks it is written over the weight in the gathered chunk, and the chunk manager reduces
+  the chunk's gradients over ranks into this rank's shard once the chunk's backward is over.
 - A callback queued on the autograd engine marks the end of each backward.
 """
 
@@ -102,7 +104,7 @@ class EngineHooks:
                 self.manager.access(chunk)
                 # In COMPUTE right away, so fetching the module's next chunk cannot evict this one.
                 for info in infos:
-                    if info.group.param is chunk:
+                    if info.group.working is chunk:
                         info.start_compute()
 
     def _note_first_use(self, infos: list[TensorInfo]) -> None:
@@ -119,7 +121,7 @@ class EngineHooks:
                 info.end_compute(TensorState.HOLD_AFTER_FWD)
 
     def _refuse_pending_grads(self, chunk: Chunk, infos: list[TensorInfo]) -> None:
-        pending = [info.names[0] for info in infos if info.group.param is chunk and info.has_grad]
+        pending = [info.names[0] for info in infos if info.group.working is chunk and info.has_grad]
         if pending:
             raise EngineError(
                 f"parameter '{pending[0]}' still holds the gradient of the last backward in place of "
@@ -184,6 +186,9 @@ class EngineHooks:
         with self.manager.lock:
             self._queue_backward_end()
             self._switch_node()
+            if info.group.gathered is not None:
+                self._write_grad_for_reduction(info, grad)
+                return
             chunk = info.group.grad_chunk
             region = info.region_of(self.manager.access(chunk))
             if info.has_grad:  # accumulation over several backward passes
@@ -195,6 +200,15 @@ class EngineHooks:
                 chunk.dirty = True
             if info.num_users == 0:
                 info.state = TensorState.HOLD_AFTER_BWD
+
+    def _write_grad_for_reduction(self, info: TensorInfo, grad: torch.Tensor) -> None:
+        """Several ranks: this rank's whole gradient goes over the weight in the gathered chunk
+        (the weight's last use is over); the manager sums it over ranks into the shard."""
+        region = info.region_of(self.manager.access(info.group.gathered))
+        region.copy_(grad.reshape(-1))
+        if info.num_users == 0:
+            info.state = TensorState.HOLD_AFTER_BWD
+        self.manager.note_gradient(info)
 
     def _queue_backward_end(self) -> None:
         if not self._backward_end_queued:
@@ -211,6 +225,6 @@ class EngineHooks:
 def _unique_chunks(infos: list[TensorInfo]) -> list[Chunk]:
     chunks: list[Chunk] = []
     for info in infos:
-        if info.group.param not in chunks:
-            chunks.append(info.group.param)
+        if info.group.working not in chunks:
+            chunks.append(info.group.working)
     return chunks

@@ -8,6 +8,11 @@ chunk (and its buffers as real tensors), and is initialised in place by the mode
 build, hence the same weights for the same seed), else the module's `reset_parameters()`. The
 compute-dtype param chunk is then cast from the masters.
 
+With several ranks every rank runs the same init with the same RNG on a temporary fp32 tensor per
+parameter (one module's parameters at a time; a tied parameter's until its last holder module has
+run) and keeps only the piece of it that falls into its own shards, so the initial weights equal one
+rank's and no rank ever holds more than its shards plus one module.
+
 Before init, new parameters are filled with NaN (buffers with NaN / the integer maximum) so that an
 init which misses something is detected rather than trained on. A model that cannot be built on meta,
 or whose init is incomplete there, is built on the CPU instead (one log line says so) and copied into
@@ -23,9 +28,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.chunk import ChunkGroup, Chunk, ChunkKind, Location, TensorInfo, TensorState, plan_chunk_layout
+from engine.chunk import (ALIGN_ELEMENTS, ChunkGroup, Location, TensorInfo, TensorState, new_chunk_group,
+                          plan_chunk_layout)
 from engine.chunk_manager import ChunkManager
 from engine.config import EngineConfig
+from engine.device import planned_host_bytes
+from engine.distributed import padded_capacity
 from engine.errors import EngineError, ModelTooLargeError
 
 log = logging.getLogger("pstar.engine")
@@ -144,7 +152,8 @@ def _host_only_embeddings(module: nn.Module, use_cpu_embedding: bool) -> tuple[l
 
 
 def _plan_groups(params: list[tuple[nn.Parameter, list[str]]], cfg: EngineConfig, dtype: torch.dtype,
-                 host_only: bool, first_group: int, first_chunk: int) -> list[ChunkGroup]:
+                 host_only: bool, first_group: int, first_chunk: int,
+                 rank_and_world: tuple[int, int] | None) -> list[ChunkGroup]:
     layout = plan_chunk_layout([p.numel() for p, _ in params], cfg.default_chunk_size)
     groups, chunk_id = [], first_chunk
     for index, (capacity, members) in enumerate(layout, start=first_group):
@@ -153,20 +162,18 @@ def _plan_groups(params: list[tuple[nn.Parameter, list[str]]], cfg: EngineConfig
             param, names = params[param_index]
             tensors.append(TensorInfo(param=param, names=names, offset=offset, numel=param.numel(),
                                       shape=param.shape, requires_grad=param.requires_grad))
-        kinds = [(ChunkKind.PARAM, dtype)]
-        if cfg.gradient_accumulation_steps > 1:
-            kinds.append((ChunkKind.GRAD, dtype))
-        kinds += [(k, torch.float32) for k in (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)]
-        chunks = {}
-        for kind, kind_dtype in kinds:
-            chunks[kind] = Chunk(chunk_id, kind, capacity, kind_dtype)
-            chunk_id += 1
-        groups.append(ChunkGroup(index=index, numel=capacity, tensors=tensors,
-                                 param=chunks[ChunkKind.PARAM], master=chunks[ChunkKind.MASTER],
-                                 exp_avg=chunks[ChunkKind.EXP_AVG],
-                                 exp_avg_sq=chunks[ChunkKind.EXP_AVG_SQ],
-                                 grad=chunks.get(ChunkKind.GRAD), host_only=host_only))
+        if rank_and_world is not None:
+            capacity = padded_capacity(capacity, rank_and_world[1], ALIGN_ELEMENTS)
+        group = new_chunk_group(index, capacity, tensors, dtype, cfg.gradient_accumulation_steps > 1,
+                                host_only, chunk_id, rank_and_world)
+        chunk_id += len(group.chunks)
+        groups.append(group)
     return groups
+
+
+def rank_and_world(manager: ChunkManager) -> tuple[int, int] | None:
+    comm = manager.comm
+    return None if comm is None else (comm.rank, comm.world_size)
 
 
 def _refuse_if_too_large(groups: list[ChunkGroup], manager: ChunkManager) -> None:
@@ -189,22 +196,27 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     host_only_modules, host_only_ids = _host_only_embeddings(module, cfg.use_cpu_embedding)
     regular = [p for p in params if id(p[0]) not in host_only_ids]
     host_side = [p for p in params if id(p[0]) in host_only_ids]
-    groups = _plan_groups(regular, cfg, dtype, host_only=False, first_group=0, first_chunk=0)
+    sharding = rank_and_world(manager)
+    groups = _plan_groups(regular, cfg, dtype, host_only=False, first_group=0, first_chunk=0,
+                          rank_and_world=sharding)
     num_chunks = sum(len(g.chunks) for g in groups)
     groups += _plan_groups(host_side, cfg, dtype, host_only=True, first_group=len(groups),
-                           first_chunk=num_chunks)
+                           first_chunk=num_chunks, rank_and_world=sharding)
     _refuse_if_too_large(groups, manager)
+    # Host limits (memory cgroup, ulimit -l) checked before any chunk buffer is allocated.
+    manager.copier.check_host_plan(*planned_host_bytes(groups, pins=manager.copier.is_cuda))
     manager.add_groups(groups)
     infos = [info for g in groups for info in g.tensors]
     by_original_id = {id(info.param): info for info in infos}
     param_order = [by_original_id[id(param)] for param, _ in params]
     init_module = getattr(module, "init_module_", None)
+    staging = _Staging(manager, module, by_original_id)
     with torch.no_grad():
         for sub in module.modules():
             if on_meta:
-                _init_module_on_meta(sub, module, init_module, by_original_id, manager)
+                _init_module_on_meta(sub, init_module, by_original_id, staging)
             else:
-                _copy_module_into_chunks(sub, by_original_id, manager)
+                _copy_module_into_chunks(sub, by_original_id, staging)
             for name, buf in sub._buffers.items():
                 if buf is not None:
                     sub._buffers[name] = buf.to(device)
@@ -214,16 +226,75 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     return BuiltModel(module, manager, groups, infos, param_order, host_only_modules)
 
 
-def _flats(info: TensorInfo, manager: ChunkManager) -> tuple[torch.Tensor, torch.Tensor]:
-    """(master view, param view) of a tensor, allocating its group's host chunks on first use."""
-    group = info.group
-    for chunk in (group.master, group.param):
-        if chunk.location is Location.NOWHERE:
-            manager.allocate_host(chunk)
-    return info.view_of(group.master.host_flat), info.view_of(group.param.host_flat)
+class _Staging:
+    """Where a parameter's whole fp32 value lives while the modules holding it initialise it.
+
+    One rank: a view of the fp32 master chunk, so init writes straight into the chunk. Several
+    ranks: a temporary tensor, kept until the last module holding the (possibly tied) parameter has
+    run its init; each holder's result is written into this rank's master and param shards."""
+
+    def __init__(self, manager: ChunkManager, root: nn.Module, by_original_id: dict[int, TensorInfo]):
+        self.manager = manager
+        self.sharded = manager.comm is not None
+        self._whole: dict[int, torch.Tensor] = {}  # id(info) -> its temporary whole value
+        self._holders_left: dict[int, int] = {}  # id(info) -> registrations not yet initialised
+        for sub in root.modules():
+            for param in sub._parameters.values():
+                if param is not None and id(param) in by_original_id:
+                    key = id(by_original_id[id(param)])
+                    self._holders_left[key] = self._holders_left.get(key, 0) + 1
+
+    def _storage(self, info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """(master, param) host buffers of the tensor's group, allocated on first use."""
+        group = info.group
+        for chunk in (group.master, group.param):
+            if chunk.location is Location.NOWHERE:
+                self.manager.allocate_host(chunk)
+        return group.master.host_flat, group.param.host_flat
+
+    def master(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor's whole fp32 value, shaped like it (NaN until something initialises it)."""
+        master, _ = self._storage(info)
+        if not self.sharded:
+            return info.view_of(master)
+        if id(info) not in self._whole:
+            self._whole[id(info)] = torch.full(info.shape, float("nan"), dtype=torch.float32)
+        return self._whole[id(info)]
+
+    def finish(self, info: TensorInfo) -> None:
+        """One holder module has initialised `info`: keep the result, point the parameter at it."""
+        master, param = self._storage(info)
+        if not self.sharded:
+            compute = info.view_of(param)
+            compute.copy_(info.view_of(master))
+            info.param.data = compute
+            return
+        self._keep_shard_piece(info, self._whole[id(info)])
+        self._holders_left[id(info)] -= 1
+        if self._holders_left[id(info)] == 0:
+            del self._whole[id(info)]
+            info.param.data = torch.empty(0, dtype=param.dtype)  # the chunks hold it from here on
+
+    def store(self, info: TensorInfo, value: torch.Tensor) -> None:
+        """Take an already initialised value (a model built on the CPU) into the chunks."""
+        master, param = self._storage(info)
+        if not self.sharded:
+            info.view_of(master).copy_(value.reshape(info.shape))
+            info.view_of(param).copy_(info.view_of(master))
+            info.param.data = info.view_of(param)  # the original storage is freed
+            return
+        self._keep_shard_piece(info, value)
+        info.param.data = torch.empty(0, dtype=param.dtype)
+
+    def _keep_shard_piece(self, info: TensorInfo, whole: torch.Tensor) -> None:
+        master, param = self._storage(info)
+        begin, tensor_begin, length = info.shard_piece()
+        piece = whole.reshape(-1).narrow(0, tensor_begin, length)
+        master.narrow(0, begin, length).copy_(piece)
+        param.narrow(0, begin, length).copy_(piece)
 
 
-def _init_module_on_meta(sub: nn.Module, root: nn.Module, init_module, by_original_id, manager) -> None:
+def _init_module_on_meta(sub: nn.Module, init_module, by_original_id, staging: _Staging) -> None:
     direct = [(name, p) for name, p in sub._parameters.items() if p is not None]
     buffers = [(name, b) for name, b in sub._buffers.items() if b is not None]
     if not direct and not buffers:
@@ -231,7 +302,7 @@ def _init_module_on_meta(sub: nn.Module, root: nn.Module, init_module, by_origin
     fresh: list[TensorInfo] = []
     for name, param in direct:
         info = by_original_id[id(param)]
-        master, _ = _flats(info, manager)
+        master = staging.master(info)
         if info.state is TensorState.FREE:  # first holder of this (possibly tied) parameter
             master.fill_(float("nan"))
             new = nn.Parameter(master, requires_grad=param.requires_grad)
@@ -251,21 +322,17 @@ def _init_module_on_meta(sub: nn.Module, root: nn.Module, init_module, by_origin
         sub.reset_parameters()
     for name, param in direct:
         info = by_original_id[id(param)]
-        master, _ = _flats(info, manager)
+        master = staging.master(info)
         if info.param.data.data_ptr() != master.data_ptr():  # init replaced .data: take its values
             master.copy_(info.param.data)
-    _check_initialised(sub, fresh, manager)
+    _check_initialised(sub, fresh, staging)
     for name, param in direct:
-        info = by_original_id[id(param)]
-        _, compute = _flats(info, manager)
-        compute.copy_(info.view_of(info.group.master.host_flat))
-        info.param.data = compute
+        staging.finish(by_original_id[id(param)])
 
 
-def _check_initialised(sub: nn.Module, fresh: list[TensorInfo], manager: ChunkManager) -> None:
+def _check_initialised(sub: nn.Module, fresh: list[TensorInfo], staging: _Staging) -> None:
     for info in fresh:
-        master, _ = _flats(info, manager)
-        if torch.isnan(master).any():
+        if torch.isnan(staging.master(info)).any():
             raise _MetaInitIncomplete(f"{type(sub).__name__}'s init left parameter "
                                       f"'{info.names[0]}' unset on meta")
     for name, buf in sub._buffers.items():
@@ -290,15 +357,12 @@ def _still_sentinel(buf: torch.Tensor) -> bool:
     return bool((buf == torch.iinfo(buf.dtype).max).all())
 
 
-def _copy_module_into_chunks(sub: nn.Module, by_original_id, manager) -> None:
+def _copy_module_into_chunks(sub: nn.Module, by_original_id, staging: _Staging) -> None:
     for param in sub._parameters.values():
         if param is None:
             continue
         info = by_original_id[id(param)]
         if info.state is not TensorState.FREE:
             continue
-        master, compute = _flats(info, manager)
-        master.copy_(param.data.reshape(master.shape))
-        compute.copy_(master)
-        param.data = compute  # drops the original storage: host RAM is freed module by module
+        staging.store(info, param.data)  # drops the original storage: host RAM is freed module by module
         info.state = TensorState.HOLD

@@ -27,6 +27,7 @@ import time
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
+from engine.distributed import gather_flat, global_grad_norm
 from engine.packing import repack_in_first_use_order
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
@@ -39,7 +40,8 @@ def plan_num_device_groups(groups: list[ChunkGroup], device_budget_bytes: int,
     if not use_hybrid_adam:
         return 0
     moving = [g for g in groups if not g.host_only]
-    param_bytes = sum(g.param.nbytes + (g.grad.nbytes if g.grad is not None else 0) for g in moving)
+    # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
+    param_bytes = sum(c.nbytes for g in moving for c in (g.gathered, g.param, g.grad) if c is not None)
     margin = device_budget_bytes - peak_non_model_bytes - param_bytes - scratch_bytes
     allowance = margin * margin_use_ratio
     num_groups, used = 0, 0
@@ -53,7 +55,8 @@ def plan_num_device_groups(groups: list[ChunkGroup], device_budget_bytes: int,
 
 
 def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
-    """Runs of neighbouring tensors with a gradient and equal step counts: (start, end, tensors).
+    """Runs of neighbouring tensors with a gradient and equal step counts: (start, end, tensors),
+    in the group's storage chunks (with several ranks: this rank's parts of them).
 
     Alignment gaps between neighbours are zero in every chunk of the group, so covering them keeps
     them zero (Adam of a zero weight with a zero gradient is zero).
@@ -63,11 +66,14 @@ def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
         if not info.has_grad:
             spans.append(None)  # a break
             continue
+        begin, end = info.local_range()
+        if begin == end:
+            continue  # wholly in another rank's shard (so not between two tensors of this one)
         last = spans[-1] if spans else None
         if last is not None and last[2][-1].num_steps == info.num_steps:
-            spans[-1] = (last[0], info.offset + info.numel, last[2] + [info])
+            spans[-1] = (last[0], end, last[2] + [info])
         else:
-            spans.append((info.offset, info.offset + info.numel, [info]))
+            spans.append((begin, end, [info]))
     return [s for s in spans if s is not None]
 
 
@@ -125,18 +131,30 @@ class HybridAdam(torch.optim.Optimizer):
         fp32 `exp_avg` / `exp_avg_sq` shaped like the parameter (views, not copies); the
         hyper-parameters; the loss scaler. Parameters that were never stepped have no entry."""
         state = {}
-        copier = self._rt.copier
+        moments = self._whole_moments()
         for info in self._rt.infos:
             group = info.group
             if not info.requires_grad or group.exp_avg.location is Location.NOWHERE:
                 continue
+            exp_avg, exp_avg_sq = moments[id(group)]
             state[info.names[0]] = {
                 "step": info.num_steps,
-                "exp_avg": info.view_of(copier.current_flat(group.exp_avg)),
-                "exp_avg_sq": info.view_of(copier.current_flat(group.exp_avg_sq)),
+                "exp_avg": info.view_of(exp_avg),
+                "exp_avg_sq": info.view_of(exp_avg_sq),
             }
         hyper = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return {"state": state, "param_groups": [hyper], "loss_scaler": self._rt.scaler.state_dict()}
+
+    def _whole_moments(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """id(group) -> (exp_avg, exp_avg_sq) whole chunks; several ranks: gathered (host copies)."""
+        rt = self._rt
+        if rt.comm is None:
+            return {id(g): (rt.copier.current_flat(g.exp_avg), rt.copier.current_flat(g.exp_avg_sq))
+                    for g in rt.groups if g.exp_avg.location is not Location.NOWHERE}
+        with rt.manager.lock:  # a collective per chunk, in group order on every rank
+            return {id(g): (gather_flat(rt.comm, g.exp_avg, rt.copier.current_flat),
+                            gather_flat(rt.comm, g.exp_avg_sq, rt.copier.current_flat))
+                    for g in rt.groups if g.exp_avg.location is not Location.NOWHERE}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -152,7 +170,9 @@ class HybridAdam(torch.optim.Optimizer):
                     chunk = getattr(info.group, key)
                     if chunk.location is Location.NOWHERE:
                         rt.manager.allocate_host(chunk)  # placement after warm-up may move it
-                    info.view_of(rt.copier.current_flat(chunk)).copy_(entry[key])
+                    begin, tensor_begin, length = info.shard_piece()  # several ranks: this rank's part
+                    rt.copier.current_flat(chunk).narrow(0, begin, length).copy_(
+                        entry[key].reshape(-1).narrow(0, tensor_begin, length))
                 info.num_steps = int(entry["step"])
         self.param_groups[0].update(state_dict["param_groups"][0])
         rt.scaler.load_state_dict(state_dict["loss_scaler"])
@@ -243,6 +263,9 @@ class HybridAdam(torch.optim.Optimizer):
 
     def _global_norm(self) -> torch.Tensor:
         """L2 norm over every gradient, as an fp32 scalar tensor on the compute device."""
+        if self._rt.comm is not None:  # several ranks: one all-reduce of per-tensor partial sums
+            return global_grad_norm(self._rt.param_order, self._rt.copier.current_flat, self._rt.comm,
+                                    self._rt.device)
         per_device: dict[torch.device, list[torch.Tensor]] = {}
         for info in self._rt.param_order:  # torch's order, so the norm rounds the same way
             if info.has_grad:
@@ -276,13 +299,16 @@ class HybridAdam(torch.optim.Optimizer):
                 grads = [g * multipliers[master.device] for g in grads]
             steps = [torch.full((), float(infos[0].num_steps + 1), dtype=torch.float32,
                                 device=master.device) for _, _, infos in spans]
-            kernel([master[b:e] for b, e, _ in spans], grads,
-                   [exp_avg[b:e] for b, e, _ in spans], [exp_avg_sq[b:e] for b, e, _ in spans],
-                   [], steps, lr=hyper["lr"], beta1=beta1, beta2=beta2,
-                   weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=False, maximize=False)
+            if spans:  # with several ranks, this rank's shard may hold none of the gradients
+                kernel([master[b:e] for b, e, _ in spans], grads,
+                       [exp_avg[b:e] for b, e, _ in spans], [exp_avg_sq[b:e] for b, e, _ in spans],
+                       [], steps, lr=hyper["lr"], beta1=beta1, beta2=beta2,
+                       weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=False,
+                       maximize=False)
             for begin, end, infos in spans:
                 param[begin:end].copy_(master[begin:end])  # new compute weights (cast)
-                for info in infos:
+            for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
+                if info.has_grad:
                     info.num_steps += 1
             self._mark_written(group)
             rt.add_time("optimizer_device" if group.optimizer_on_device else "optimizer_host", start)

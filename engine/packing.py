@@ -9,14 +9,23 @@ they run (pstar's GPT and Llama) this is a no-op.
 
 The copy goes new chunk by new chunk and frees each old chunk as soon as all its tensors have moved;
 if the host budget cannot hold both layouts' buffers at once, the layout stays as it is (logged).
+With several ranks a tensor's piece in this rank's new shard may lie in another rank's old shard, so
+the copy goes old chunk by old chunk instead: each is all-gathered (every rank, in the same order),
+this rank takes what its new shards need, and the old shards are freed.
 """
 
 from __future__ import annotations
 
 import logging
 
-from engine.chunk import Chunk, ChunkGroup, Location, TensorInfo, plan_chunk_layout
+import torch
+
+from engine.chunk import (ALIGN_ELEMENTS, Chunk, ChunkGroup, Location, TensorInfo, new_chunk_group,
+                          plan_chunk_layout)
+from engine.distributed import gather_flat, padded_capacity
 from engine.runtime import EngineRuntime
+
+_STORAGE_KINDS = ("param", "grad", "master", "exp_avg", "exp_avg_sq")
 
 log = logging.getLogger("pstar.engine")
 
@@ -34,6 +43,9 @@ def repack_in_first_use_order(rt: EngineRuntime, first_used: list[TensorInfo]) -
     regular = [g for g in rt.groups if not g.host_only]
     order = packing_order(rt.groups, first_used)
     layout = plan_chunk_layout([info.numel for info in order], rt.config.default_chunk_size)
+    if rt.comm is not None:
+        layout = [(padded_capacity(capacity, rt.comm.world_size, ALIGN_ELEMENTS), members)
+                  for capacity, members in layout]
     current = {id(info): (g_index, info.offset) for g_index, g in enumerate(regular) for info in g.tensors}
     proposed = {id(order[t]): (c_index, offset)
                 for c_index, (_, members) in enumerate(layout) for t, offset in members}
@@ -48,7 +60,10 @@ def repack_in_first_use_order(rt: EngineRuntime, first_used: list[TensorInfo]) -
         for chunk in group.chunks:
             if chunk.location is Location.DEVICE:
                 manager.evict(chunk)
-    new_groups = _copy_into_new_groups(rt, regular, order, layout)
+    if rt.comm is None:
+        new_groups = _copy_into_new_groups(rt, regular, order, layout)
+    else:
+        new_groups = _copy_into_new_shards(rt, regular, order, layout)
     manager.replace_groups(new_groups + [g for g in rt.groups if g.host_only])
     manager.repoint_all()
     rt.groups = manager.groups
@@ -59,9 +74,11 @@ def repack_in_first_use_order(rt: EngineRuntime, first_used: list[TensorInfo]) -
 
 
 def _fits_twice(rt: EngineRuntime, regular: list[ChunkGroup], layout) -> bool:
-    allocated_kinds = [c for c in regular[0].chunks if c.location is not Location.NOWHERE] if regular else []
+    allocated_kinds = [c for c in regular[0].chunks if c.location is not Location.NOWHERE
+                       and c is not regular[0].gathered] if regular else []
     bytes_per_element = sum(c.dtype.itemsize for c in allocated_kinds)
-    new_bytes = sum(capacity for capacity, _ in layout) * bytes_per_element
+    num_ranks = rt.comm.world_size if rt.comm is not None else 1
+    new_bytes = sum(capacity // num_ranks for capacity, _ in layout) * bytes_per_element
     return rt.manager.host_allocated_bytes + new_bytes <= rt.manager.host_budget_bytes
 
 
@@ -73,18 +90,10 @@ def _copy_into_new_groups(rt: EngineRuntime, regular: list[ChunkGroup], order: l
     new_groups = []
     for index, (capacity, members) in enumerate(layout):
         tensors = [order[t] for t, _ in members]
-        template = regular[0]
-        chunks = {kind: Chunk(0, c.kind, capacity, c.dtype)
-                  for kind, c in (("param", template.param), ("grad", template.grad),
-                                  ("master", template.master), ("exp_avg", template.exp_avg),
-                                  ("exp_avg_sq", template.exp_avg_sq)) if c is not None}
-        for info, (_, offset) in zip(tensors, members):
-            info.offset = offset
-        group = ChunkGroup(index=index, numel=capacity, tensors=list(tensors), param=chunks["param"],
-                           master=chunks["master"], exp_avg=chunks["exp_avg"],
-                           exp_avg_sq=chunks["exp_avg_sq"], grad=chunks.get("grad"))
-        for kind in chunks:
-            _fill(manager, rt, getattr(group, kind), kind, tensors, old_place)
+        group = _new_group(rt, regular[0], index, capacity, tensors, members)
+        for kind in _STORAGE_KINDS:
+            if getattr(group, kind) is not None:
+                _fill(manager, rt, getattr(group, kind), kind, tensors, old_place)
         new_groups.append(group)
         for info in tensors:  # free each old chunk group as soon as all its tensors have moved
             old_group = old_place[id(info)][0]
@@ -94,6 +103,47 @@ def _copy_into_new_groups(rt: EngineRuntime, regular: list[ChunkGroup], order: l
                     if chunk.host_flat is not None:
                         manager.free_host(chunk)
     return new_groups
+
+
+def _new_group(rt: EngineRuntime, template: ChunkGroup, index: int, capacity: int,
+               tensors: list[TensorInfo], members) -> ChunkGroup:
+    """A group like `template` for `tensors` at the layout's offsets (chunk ids set later)."""
+    for info, (_, offset) in zip(tensors, members):
+        info.offset = offset
+    sharding = (rt.comm.rank, rt.comm.world_size) if rt.comm is not None else None
+    return new_chunk_group(index, capacity, list(tensors), template.param.dtype,
+                           template.grad is not None, host_only=False, first_chunk_id=0,
+                           rank_and_world=sharding)
+
+
+def _copy_into_new_shards(rt: EngineRuntime, regular: list[ChunkGroup], order: list[TensorInfo],
+                          layout) -> list[ChunkGroup]:
+    """Several ranks: every old chunk is gathered whole once; each tensor's piece in this rank's
+    new shards is cut from it; old shards are freed group by group."""
+    manager = rt.manager
+    old_place = {id(info): info.offset for info in order}
+    new_groups = [_new_group(rt, regular[0], index, capacity, [order[t] for t, _ in members], members)
+                  for index, (capacity, members) in enumerate(layout)]
+    for old_group in regular:  # the same order on every rank: each gather is a collective
+        for kind in _STORAGE_KINDS:
+            old = getattr(old_group, kind)
+            if old is None or old.location is Location.NOWHERE:
+                continue  # nothing of this kind exists yet (moments before the first step)
+            whole = gather_flat(rt.comm, old, rt.copier.current_flat)
+            for info in old_group.tensors:
+                _copy_piece(manager, getattr(info.group, kind), info, whole, old_place[id(info)])
+        for chunk in old_group.chunks:
+            if chunk.host_flat is not None:
+                manager.free_host(chunk)
+    return new_groups
+
+
+def _copy_piece(manager, chunk: Chunk, info: TensorInfo, old_whole: torch.Tensor, old_offset: int) -> None:
+    """This rank's piece of `info` in its new group's `chunk`, from the old whole chunk."""
+    if chunk.location is Location.NOWHERE:
+        manager.allocate_host(chunk)
+    begin, tensor_begin, length = info.shard_piece()
+    chunk.host_flat.narrow(0, begin, length).copy_(old_whole.narrow(0, old_offset + tensor_begin, length))
 
 
 def _fill(manager, rt: EngineRuntime, chunk: Chunk, kind: str, tensors: list[TensorInfo], old_place) -> None:

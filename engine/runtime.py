@@ -16,6 +16,8 @@ from engine.chunk import ChunkGroup, TensorInfo
 from engine.chunk_manager import ChunkManager
 from engine.config import EngineConfig
 from engine.device import Copier
+from engine.distributed import Comm
+from engine.errors import EngineError
 from engine.memory_tracer import MemoryTracer
 from engine.precision import LossScaler
 from engine.schedule import AccessSchedule
@@ -36,6 +38,7 @@ class EngineRuntime:
     groups: list[ChunkGroup]
     infos: list[TensorInfo]  # one per distinct parameter, in layout order
     param_order: list[TensorInfo]  # the same, in the model's parameters() order
+    comm: Comm | None = None  # several ranks: the process group; None on one rank
     num_micro_steps: int = 0  # backward passes since the last optimizer step
     optimizer_placed: bool = False
     repack_checked: bool = False
@@ -58,6 +61,7 @@ class EngineRuntime:
                 # The warm-up iteration: the first forward + backward with autograd on.
                 self.schedule.start_recording()
                 self.tracer.start(self.manager.device_bytes)
+                self._agree_on_outside_bytes()
                 self.first_used.clear()
 
     def end_forward_without_grad(self) -> None:
@@ -69,9 +73,32 @@ class EngineRuntime:
             if self.manager.in_fwd_bwd:
                 self.num_micro_steps += 1
             self.manager.in_fwd_bwd = False
+            if self.comm is not None:
+                self.manager.finish_backward()
             if self.schedule.recording:
                 self.schedule.finish_recording()
                 self.tracer.finish()
+                self._agree_on_non_model_bytes()
+
+    # ---- several ranks: identical placement decisions ---------------------------------------
+
+    def _agree_on_outside_bytes(self) -> None:
+        """Every rank plans with the largest foreign allocation seen by any rank."""
+        if self.comm is not None:
+            self.tracer.outside_bytes = self.comm.agree_max([self.tracer.outside_bytes])[0]
+
+    def _agree_on_non_model_bytes(self) -> None:
+        """Budgets per moment from the largest non-model memory any rank measured at that moment,
+        so that every rank evicts, prefetches and gathers the same chunks at the same moments."""
+        if self.comm is None:
+            return
+        measured = self.tracer.non_model_bytes
+        fewest, most = self.comm.agree_min(len(measured)), self.comm.agree_max([len(measured)])[0]
+        if fewest != most:  # every rank sees this, so none is left waiting in a collective
+            raise EngineError(f"the ranks recorded between {fewest} and {most} chunk accesses in the "
+                              "warm-up step: every rank must run the same model on batches of the "
+                              "same shape")
+        measured[:] = self.comm.agree_max(measured)
 
     # ---- timings -------------------------------------------------------------------------
 
