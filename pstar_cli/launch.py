@@ -16,6 +16,7 @@ Its exit code stays meaningful: a failed worker's exit code becomes ours.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
     from torch.distributed.run import parse_args as parse_torchrun_args
     from torch.distributed.run import run as torchrun
 
+    check_gpu_count(cfg.distributed.nproc_per_node)
     set_worker_env(os.environ, cfg.distributed.nproc_per_node)
     args = torchrun_args(cfg, config_path, overrides, output_dir, console_is_tty=sys.stdout.isatty())
     try:
@@ -134,22 +136,63 @@ def set_worker_env(environ: os._Environ | dict, nproc_per_node: int) -> None:
             environ.setdefault(key, value)
 
 
+def check_gpu_count(nproc_per_node: int) -> None:
+    """On a GPU machine each worker takes one GPU of its own; without GPUs, workers share the CPU."""
+    num_gpus = gpu_count()
+    if 0 < num_gpus < nproc_per_node:
+        raise PstarError(
+            f"distributed.nproc_per_node is {nproc_per_node} but this machine has {num_gpus} GPU(s) "
+            f"(one worker per GPU); set distributed.nproc_per_node to at most {num_gpus}"
+        )
+
+
 def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+# What a worker says when another one died first: symptoms, not the cause
+PEER_LOST_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                     "remote worker", "remote process exited", "communicator was aborted")
+
+
+def root_cause(failures: dict) -> tuple[int, object]:
+    """The failure that caused the others: a worker that lost a peer, or that the agent stopped
+    (SIGTERM) before it wrote an error of its own, is a consequence; among the rest the earliest
+    error file wins (its mtime has sub-second precision, torch's timestamps only seconds)."""
+
+    def order(item):
+        _, failure = item
+        stopped = failure.exitcode == -signal.SIGTERM and not os.path.isfile(failure.error_file)
+        consequence = stopped or any(marker in str(failure.message) for marker in PEER_LOST_MARKERS)
+        try:
+            when = os.stat(failure.error_file).st_mtime_ns
+        except OSError:
+            when = failure.timestamp * 10**9
+        return consequence, when
+
+    return min(failures.items(), key=order)
+
+
 def worker_failure(exc, log_dir: Path) -> WorkerFailed:
-    """One clear message for the first worker that failed: its rank, exit code and error."""
-    rank, failure = exc.get_first_failure()
-    lines = [f"worker rank {rank} (local rank {failure.local_rank}) failed with exit code {failure.exitcode}"]
+    """One clear message for the worker whose failure stopped the job: its rank, exit code and error."""
+    rank, failure = root_cause(exc.failures)
+    how = f"with exit code {failure.exitcode}" if failure.exitcode > 0 else f"(ended by {signal_name(failure)})"
+    lines = [f"worker rank {rank} (local rank {failure.local_rank}) failed {how}"]
     lines += failure_details(failure, log_dir)
     num_others = len(exc.failures) - 1
     if num_others > 0:
         lines.append(f"({num_others} other worker(s) also stopped; see their logs)")
     lines.append(f"logs of every rank: {log_dir}")
     return WorkerFailed(lines, failure.exitcode)
+
+
+def signal_name(failure) -> str:
+    try:
+        return signal.Signals(-failure.exitcode).name
+    except ValueError:
+        return f"signal {-failure.exitcode}"
 
 
 def failure_details(failure, log_dir: Path) -> list[str]:

@@ -113,9 +113,13 @@ class MemoryProbe:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    Linux updates the recorded peak lazily (when memory is unmapped), so it can lag behind the
+    current RSS: the larger of the two is the peak."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    return max(peak_bytes, psutil.Process().memory_info().rss)
 
 
 def open_nvml_handle(device: torch.device):

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import os
 import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -43,19 +44,20 @@ def resolve_backend(choice: str, device: torch.device) -> str:
 
 @contextlib.contextmanager
 def process_group(backend: str, device: torch.device) -> Iterator[None]:
-    """Join the job's process group (env:// rendezvous from torchrun's variables) for the block."""
+    """Join the job's process group (env:// rendezvous from torchrun's variables) for the block.
+
+    Only a block that succeeds tears the group down: after an error the worker leaves at once
+    (see `main`), as a teardown could wait for peers that are stuck in a collective."""
     if device.type == "cuda":
         # before any CUDA work, so every allocation and NCCL communicator lands on this rank's GPU
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        # Collect now what still refers to the group's communication objects: left to interpreter
-        # shutdown, their destruction sometimes aborts the process (SIGABRT, "terminate called
-        # without an active exception"), seen with gloo in about 1 run in 6.
-        gc.collect()
+    yield
+    dist.destroy_process_group()
+    # Collect now what still refers to the group's communication objects: left to interpreter
+    # shutdown, their destruction sometimes aborts the process (SIGABRT, "terminate called
+    # without an active exception"), seen with gloo in about 1 run in 6.
+    gc.collect()
 
 
 def run_worker(config_path: Path, overrides: list[str], output_dir: Path) -> None:
@@ -79,22 +81,32 @@ def run_worker(config_path: Path, overrides: list[str], output_dir: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-    from pstar_cli.main import error_lines, user_error_types
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     error_handler = get_error_handler()
     error_handler.initialize()
     try:
         run_worker(args.config, args.overrides, args.output_dir)
     except Exception as exc:
-        # torchrun's error file for this rank: the launcher reads the message from it
+        # torchrun's error file for this rank: the launcher shows the message from it
         error_handler.record_exception(exc)
-        if not isinstance(exc, user_error_types()):
-            raise
-        lines = error_lines(exc)
-        print("error: " + "\n  ".join(lines), file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        exit_code = report_error(exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave without interpreter shutdown: the peers are stuck in a collective with this rank,
+        # and tearing the process group down could wait for them or abort.
+        os._exit(exit_code)
     return 0
+
+
+def report_error(exc: Exception) -> int:
+    """Print a user mistake as one `error:` line, anything else with its traceback; the exit code."""
+    from pstar_cli.main import error_lines, user_error_types
+
+    if isinstance(exc, user_error_types()):
+        print("error: " + "\n  ".join(error_lines(exc)), file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    traceback.print_exc()
+    return 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,15 @@ def test_worker_environment(monkeypatch):
     assert "NCCL_NVLS_ENABLE" not in env
 
 
+def test_more_workers_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(launch, "gpu_count", lambda: 1)
+    with pytest.raises(launch.PstarError, match="nproc_per_node is 2 but this machine has 1 GPU"):
+        launch.check_gpu_count(2)
+    launch.check_gpu_count(1)
+    monkeypatch.setattr(launch, "gpu_count", lambda: 0)
+    launch.check_gpu_count(8)  # CPU workers share the cores
+
+
 def test_backend_choice():
     assert resolve_backend("auto", torch.device("cpu")) == "gloo"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
@@ -99,6 +108,25 @@ def test_failure_report_uses_the_workers_error_file(tmp_path):
     assert any("1 other worker" in line for line in lines)
 
 
+def test_the_root_cause_is_not_the_worker_that_lost_its_peer(tmp_path):
+    cause = failure_with_error_file(tmp_path, 1, "RuntimeError: injected failure on rank 1")
+    time.sleep(0.01)
+    # the peer fails later, in the same second, with a symptom of the first failure
+    peer = failure_with_error_file(tmp_path, 0, "RuntimeError: [pair.cc:537] Read error: Connection reset by peer")
+    peer.timestamp = cause.timestamp
+    assert launch.root_cause({0: peer, 1: cause})[0] == 1
+    stopped = ProcessFailure(local_rank=2, pid=9, exitcode=-15, error_file=str(tmp_path / "none.json"))
+    stopped.timestamp = cause.timestamp - 1
+    assert launch.root_cause({2: stopped, 1: cause})[0] == 1
+    # between two real errors the earlier error file wins, though torch's timestamps tie
+    later = failure_with_error_file(tmp_path, 3, "ValueError: later")
+    later.timestamp = cause.timestamp
+    assert launch.root_cause({3: later, 1: cause})[0] == 1
+    # stopped by the agent while exiting after its own error: still the cause
+    cause.exitcode = -15
+    assert launch.root_cause({0: peer, 1: cause})[0] == 1
+
+
 def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
     log = tmp_path / "logs" / "run_abc" / "attempt_0" / "1" / "stderr.log"
     log.parent.mkdir(parents=True)
@@ -106,7 +134,7 @@ def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
     failure = ProcessFailure(local_rank=1, pid=7, exitcode=-11, error_file=str(log.parent / "error.json"))
     error = launch.worker_failure(ChildFailedError("pstar_cli.worker", {3: failure}), tmp_path / "logs")
     lines = error.message_lines()
-    assert lines[0].startswith("worker rank 3 (local rank 1) failed with exit code -11")
+    assert lines[0] == "worker rank 3 (local rank 1) failed (ended by SIGSEGV)"
     assert error.exit_code == 1  # killed by a signal: still a failure
     assert lines[-2] == "Segmentation fault" and "line 39" in lines and "line 10" not in lines
 
@@ -115,7 +143,8 @@ def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
 
 
 def run_pstar(args: list[str], extra_env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
+    """`python -m pstar_cli ARGS` with the GPUs hidden: these are CPU (gloo) runs on any machine."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "pstar_cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

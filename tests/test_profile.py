@@ -50,6 +50,7 @@ def timed_plain_engine(monkeypatch):
         return TimedPlainEngineModel(module), plain_optimizer(module, config)
 
     monkeypatch.setattr(engine, "initialize_engine", initialize)
+    monkeypatch.setattr("pstar_cli.trainer.compute_device", lambda local_rank: torch.device("cpu"))
 
 
 def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
@@ -119,3 +120,19 @@ def test_pstar_profile_subprocess(tmp_path):
     ET.fromstring((tmp_path / "memory_timeline.svg").read_text())
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert torch.tensor([s["step_s"] for s in report["steps"]]).min() > 0
+
+
+@pytest.mark.gpu
+def test_pstar_profile_on_a_gpu_traces_cuda_kernels(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pstar_cli", "profile", str(TINY), "engine.bf16.enabled=true", "--steps", "2",
+         "--output-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["summary"]["device"].startswith("cuda")
+    rows = {row["what"]: row for row in report["memory_check"]}
+    assert rows["device peak (CUDA max allocated)"]["measured_bytes"] > 0
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert any(event.get("cat") == "kernel" for event in events)  # GPU kernels in the trace
