@@ -55,6 +55,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine import checkpoint
 from engine.chunk import ChunkKind, Location, TensorInfo
 from engine.chunk_manager import ChunkManager
 from engine.config import EngineConfig, resolve_engine_config
@@ -215,6 +216,18 @@ class EngineModel(nn.Module):
         for chunk in (info.group.master, info.group.param):
             if chunk.location is Location.DEVICE and not chunk.pinned_forever:
                 chunk.dirty = True
+
+    def shard_state(self, copy: bool = True) -> dict:
+        """This rank's shards of every chunk group (fp32 masters, moments, step counts), the loss
+        scaler and the buffers, without assembling the model (engine/checkpoint.py). `copy` False
+        gives the live buffers, for an immediate torch.save that streams device chunks."""
+        return checkpoint.shard_state(self._rt, self._own_entries(), set(self._infos_by_param), copy)
+
+    def load_shard_state(self, shards: "dict | list[dict]") -> None:
+        """Load `shard_state()` results: every saved rank's (a list), or the one of a single rank.
+        Any layout, chunk size or number of ranks: each rank takes the pieces its shards hold."""
+        shards = [shards] if isinstance(shards, dict) else list(shards)
+        checkpoint.load_shard_state(self._rt, self._own_entries(), self._infos_by_param, shards)
 
     # ---- observability -----------------------------------------------------------------------
 
