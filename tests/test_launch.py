@@ -173,3 +173,16 @@ def test_a_failing_worker_stops_the_job_with_its_message(tmp_path):
     assert time.monotonic() - started < 300  # rank 0, waiting for rank 1, was stopped, not left hanging
     metrics = tmp_path / "metrics.jsonl"
     assert not metrics.exists() or len(read_metrics(metrics)) < 50
+
+
+@needs_engine
+def test_two_ranks_train_like_one_with_the_same_global_batch(tmp_path):
+    """Each rank takes its contiguous share of the global batch; the logged loss is the mean over ranks."""
+    losses = {}
+    for num_ranks in (1, 2):
+        out = tmp_path / f"ranks{num_ranks}"
+        result = run_pstar(["train", str(TINY), f"distributed.nproc_per_node={num_ranks}", "train.steps=4",
+                            "train.log_interval=1", "--output-dir", str(out)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[num_ranks] = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    torch.testing.assert_close(losses[2], losses[1], rtol=1e-5, atol=0)
