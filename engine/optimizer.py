@@ -9,8 +9,28 @@ weight decay either), as in torch.
 
 Placement, decided once after the warm-up iteration: with `use_hybrid_adam`, the first chunk groups
 (in packing order, i.e. the ones whose backward finishes last) keep their optimizer state on the
-device while it fits in `margin_use_ratio` of the device margin left when all param chunks and the
-peak non-model memory are resident; the rest step on the host with the fused CPU kernel.
+device as far as it fits next to every param chunk and the warm-up's peak non-model memory, with
+a safety margin measured from that peak: the activations are assumed to reach up to
+peak / `margin_use_ratio` (0.8: 25% more than measured). On CUDA the device's real free memory
+bounds it too. The rest step on the host (engine/host_adam.py), last layers first, which are the
+groups whose gradients are final earliest in backward.
+
+Host groups and backward: when every param chunk stays on the device (they fit beside the
+activations and the device's optimizer groups), a host group's update starts during backward, as
+soon as its last gradient is written: its gradients go down to the pinned host copy on the download
+stream, a worker thread steps it with the fused CPU kernel and copies the new weights back up, while
+backward goes on. `step()` then only steps the device groups (fused CUDA kernel) and waits for the
+worker. With fp16 or clipping the update needs the global norm first, so only the downloads start
+during backward and the host steps begin in `step()` (still pipelined chunk by chunk); with
+gradient accumulation or several ranks every host group starts in `step()`. Consequences of starting
+during backward, for users of the overlapped path:
+- The hyper-parameters (lr, betas, eps, weight_decay) are read from `param_groups[0]` when backward
+  reaches the first host group, so a schedule sets the lr before `model.backward()` (before the
+  forward, as the loop in engine/api.py does). If they change between backward and `step()`, that
+  is logged, and host updates wait for `step()` from then on.
+- A backward is committed to its step: `zero_grad()` after such a backward, instead of `step()`,
+  completes the step (logged) rather than discarding gradients that already updated host groups.
+`overlap_backward = False` on the optimizer turns the overlap off (same numbers, bitwise).
 
 Precision: with clipping or fp16 the global gradient norm is computed on the devices holding the
 gradients (fp16 reads it once on the host: the step's one synchronisation, to decide on a skip);
@@ -21,29 +41,44 @@ touched and the compute weights are restored bitwise from the masters.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
+from engine.device import device_capacity_bytes, host_adam_threads
+from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, adam_on_spans
 from engine.distributed import gather_flat, global_grad_norm
 from engine.packing import repack_in_first_use_order
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
+log = logging.getLogger("pstar.engine")
 
-def plan_num_device_groups(groups: list[ChunkGroup], device_budget_bytes: int,
-                           peak_non_model_bytes: int, margin_use_ratio: float,
-                           use_hybrid_adam: bool, scratch_bytes: int) -> int:
-    """How many leading chunk groups keep their optimizer state (12 B/param) on the device."""
-    if not use_hybrid_adam:
-        return 0
+
+@dataclass(frozen=True)
+class Placement:
+    num_device_groups: int  # leading movable groups whose optimizer state lives on the device
+    params_fit: bool  # every param chunk fits the device beside the activations (with the margin)
+    allowance_bytes: int  # device bytes the optimizer groups could take
+
+
+def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_model_bytes: int,
+                   margin_use_ratio: float, use_hybrid_adam: bool, scratch_bytes: int,
+                   device_capacity: int | None = None) -> Placement:
+    """Where the optimizer state (12 B/param) goes: the device holds every param chunk, the
+    activations' peak / margin_use_ratio and a step's scratch first; optimizer groups take the
+    rest, leading groups first. `device_capacity` (CUDA: what is really free) bounds the budget."""
     moving = [g for g in groups if not g.host_only]
     # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
     param_bytes = sum(c.nbytes for g in moving for c in (g.gathered, g.param, g.grad) if c is not None)
-    margin = device_budget_bytes - peak_non_model_bytes - param_bytes - scratch_bytes
-    allowance = margin * margin_use_ratio
+    budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
+    activations = math.ceil(peak_non_model_bytes / margin_use_ratio)
+    spare = budget - param_bytes - activations
+    allowance = spare - scratch_bytes if use_hybrid_adam else 0
     num_groups, used = 0, 0
     for group in moving:
         need = sum(c.nbytes for c in group.optimizer_chunks)
@@ -51,7 +86,7 @@ def plan_num_device_groups(groups: list[ChunkGroup], device_budget_bytes: int,
             break
         used += need
         num_groups += 1
-    return num_groups
+    return Placement(num_groups, params_fit=spare >= 0, allowance_bytes=max(0, allowance))
 
 
 def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
@@ -79,7 +114,8 @@ def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
 
 class HybridAdam(torch.optim.Optimizer):
     """The engine's optimizer. `param_groups[0]` holds lr, betas, eps, weight_decay; set
-    `param_groups[0]["lr"]` before `step()` to follow a schedule (torch lr schedulers work too)."""
+    `param_groups[0]["lr"]` before the step's `model.backward()` to follow a schedule (host groups
+    may start stepping during backward; torch lr schedulers, stepped after `step()`, work too)."""
 
     def __init__(self, params: list[torch.nn.Parameter], runtime: EngineRuntime):
         opt = runtime.config.optimizer
@@ -88,6 +124,19 @@ class HybridAdam(torch.optim.Optimizer):
         super().__init__(params or [torch.nn.Parameter(torch.zeros(1))], defaults)
         self._rt = runtime
         self.last_step_skipped = False
+        self.overlap_backward = True  # host groups may start during backward (see the module doc)
+        self.last_step_overlapped_groups = 0  # host groups whose update began during backward
+        self._host = HostUpdates(runtime.copier, runtime.manager, _spans,
+                                 HostAdamWorker(runtime.copier, host_adam_threads()))
+        self._hyper_in_backward: AdamHyper | None = None
+        self._hyper_stable = True  # False once the hyper-parameters changed between backward and step
+        self._warned_zero_grad = False
+        self._info_of = {id(info.param): info for info in runtime.infos}
+        # Registered after the model wrapper's own hooks (it is built first), so each of these runs
+        # once the gradient is in its chunk.
+        for info in runtime.infos:
+            if info.requires_grad:
+                info.param.register_post_accumulate_grad_hook(self._on_gradient)
 
     @property
     def loss_scale(self) -> float:
@@ -95,12 +144,19 @@ class HybridAdam(torch.optim.Optimizer):
 
     # ---- public API ----------------------------------------------------------------------
 
+    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        groups = self._groups_with_grads()
-        if not self._rt.grad_accumulation:
-            self._restore_weights(groups)  # the grads sit where the weights belong
-        self._clear_grads(groups)
-        self._rt.num_micro_steps = 0
+        with self._rt.manager.lock:
+            if self._host.committed:
+                self._complete_committed_step()
+                return
+            self._host.cancel()
+            groups = self._groups_with_grads()
+            if not self._rt.grad_accumulation:
+                self._restore_weights(groups)  # the grads sit where the weights belong
+            self._clear_grads(groups)
+            self._rt.num_micro_steps = 0
+            self._hyper_in_backward = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -110,21 +166,103 @@ class HybridAdam(torch.optim.Optimizer):
         with rt.manager.lock:
             if not rt.optimizer_placed:
                 self._settle_layout_and_placement()
+            self._check_hyper_unchanged()
             groups = self._groups_with_grads()
-            self._bring_to_optimizer(groups)
+            host_groups = [g for g in groups if not g.optimizer_on_device]
+            device_groups = [g for g in groups if g.optimizer_on_device]
+            # The norm first, where the gradients are now (mostly the device); then host groups'
+            # gradients start down, which also frees device room for the device groups.
             multiplier, overflow = self._gradient_multiplier(groups)
             if overflow:
+                self._host.cancel()
                 self._restore_weights(groups)
             else:
-                self._adam(groups, multiplier)
+                for group in host_groups:
+                    self._host.send_to_host(group)
+                self._bring_to_device(device_groups)
+                self._update(host_groups, device_groups, multiplier)
             rt.scaler.update(overflow)
             self.last_step_skipped = overflow
             if not rt.grad_accumulation:
                 self._clear_grads(groups)  # consumed: the param chunks hold weights again
             rt.num_micro_steps = 0
+            self._hyper_in_backward = None
             rt.manager.end_step()
             rt.end_step_timings()
         return None
+
+    def _update(self, host_groups: list[ChunkGroup], device_groups: list[ChunkGroup],
+                multiplier: torch.Tensor | None) -> None:
+        """Host groups to the worker (behind those started in backward), device groups on the
+        device meanwhile, then wait for the worker."""
+        rt = self._rt
+        hyper = self._hyper()
+        if host_groups:
+            on_host = None if multiplier is None else multiplier.to("cpu")  # the step's one sync
+            for group in host_groups:
+                self._host.submit(group, hyper, on_host)
+        self._adam(device_groups, multiplier, hyper)
+        report = self._host.finish()
+        self.last_step_overlapped_groups = report.num_started_in_backward
+        _add_seconds(rt, "optimizer_host", report.busy_s)
+        _add_seconds(rt, "wait", report.wait_s)
+
+    def _complete_committed_step(self) -> None:
+        if not self._warned_zero_grad:
+            self._warned_zero_grad = True
+            log.warning("pstar: optimizer.zero_grad() after model.backward(): the host optimizer "
+                        "groups were already being updated during backward, so the step was "
+                        "completed instead of discarded (call optimizer.step() after backward; "
+                        "set optimizer.overlap_backward = False to discard backward passes)")
+        self.step()
+
+    # ---- host groups during backward -----------------------------------------------------
+
+    def _on_gradient(self, param: torch.nn.Parameter) -> None:
+        """A parameter's gradient is in its chunk: start its group's host update if it is complete."""
+        info = self._info_of.get(id(param))
+        if info is None or not info.has_grad:
+            return  # several ranks: gradients count once reduced, in step()
+        with self._rt.manager.lock:
+            if self._hyper_in_backward is None:
+                self._hyper_in_backward = self._hyper()
+            if not self._may_start_in_backward():
+                return
+            group = self._host.on_gradient(info)
+            if group is None or not self._host.start_in_backward(group):
+                return
+            if self._adam_in_backward():
+                self._host.submit(group, self._hyper_in_backward, None, in_backward=True)
+
+    def _may_start_in_backward(self) -> bool:
+        rt = self._rt
+        return (self.overlap_backward and self._hyper_stable and rt.optimizer_placed
+                and rt.manager.in_fwd_bwd)
+
+    def _adam_in_backward(self) -> bool:
+        """Adam may run before step() only when it needs no global decision (fp16 skip, clipping)."""
+        rt = self._rt
+        return not rt.scaler.enabled and rt.config.gradient_clipping <= 0
+
+    def _hyper(self) -> AdamHyper:
+        return AdamHyper.read(self._rt.config.optimizer.type, self.param_groups[0])
+
+    def _check_hyper_unchanged(self) -> None:
+        """Hyper-parameters changed between backward and step(): host updates that began during
+        backward used the old ones; from now on, host updates wait for step()."""
+        seen = self._hyper_in_backward
+        if seen is None or seen == self._hyper() or not self._hyper_stable:
+            return
+        self._hyper_stable = False
+        if self._host.committed:
+            log.warning("pstar: the optimizer's hyper-parameters (lr, ...) changed between "
+                        "model.backward() and optimizer.step(); host groups already updated during "
+                        "backward used the earlier values. Set them before backward: host updates "
+                        "now wait for step(), which is slower")
+        elif self.overlap_backward:
+            log.info("pstar: the optimizer's hyper-parameters are set between model.backward() and "
+                     "optimizer.step(), so host optimizer groups are stepped in step() rather than "
+                     "during backward (set them before backward to overlap host Adam with it)")
 
     def state_dict(self) -> dict:
         """Adam state by parameter name (a tied parameter under its first name): `step` and the
@@ -196,13 +334,17 @@ class HybridAdam(torch.optim.Optimizer):
 
     def _place_optimizer_state(self) -> None:
         rt = self._rt
-        scratch = max((g.numel for g in rt.groups), default=0) * 4
-        num_device = plan_num_device_groups(
+        scratch = max((g.numel for g in rt.groups), default=0) * 4  # a device group's fp32 gradients
+        placement = plan_placement(
             rt.groups, rt.tracer.chunk_budget_bytes(None), rt.tracer.peak_non_model_bytes,
-            rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch)
+            rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch,
+            device_capacity_bytes(rt.device, rt.manager.device_bytes))
         moving = [g for g in rt.groups if not g.host_only]
         for index, group in enumerate(moving):
-            group.optimizer_on_device = index < num_device
+            group.optimizer_on_device = index < placement.num_device_groups
+        keep_resident = placement.params_fit and not rt.grad_accumulation and rt.comm is None
+        self._host.plan(rt.groups, keep_resident, start_in_backward=keep_resident)
+        self._check_host_memory()
         for group in rt.groups:
             if group.optimizer_on_device:
                 self._put_optimizer_state_on_device(group)
@@ -221,17 +363,23 @@ class HybridAdam(torch.optim.Optimizer):
             if chunk.host_flat is not None:
                 manager.free_host(chunk)  # the device copy is the only one from now on
 
-    def _bring_to_optimizer(self, groups: list[ChunkGroup]) -> None:
-        """Gradients (and the param chunk the new weights go to) where the group's optimizer is."""
+    def _check_host_memory(self) -> None:
+        """The host now also holds the host groups' optimizer state: check the cgroup has room."""
+        rt = self._rt
+        host_bytes = pinned = 0
+        for group in rt.groups:
+            kept = [group.param, group.grad] + ([] if group.optimizer_on_device else group.optimizer_chunks)
+            host_bytes += sum(c.nbytes for c in kept if c is not None)
+            if rt.copier.is_cuda and not group.host_only:
+                pinned += sum(c.nbytes for c in (group.param, group.grad) if c is not None)
+        rt.copier.check_host_plan(host_bytes, pinned)
+
+    def _bring_to_device(self, groups: list[ChunkGroup]) -> None:
+        """Device groups: gradients (and the param chunk the new weights go to) onto the device."""
         manager = self._rt.manager
-        host_side = [g for g in groups if not g.optimizer_on_device]
-        for group in host_side:  # first, as it frees device room for the device groups
-            for chunk in {id(c): c for c in (group.grad_chunk, group.param)}.values():
-                manager.move_to_host(chunk)
         for group in groups:
-            if group.optimizer_on_device:
-                for chunk in {id(c): c for c in (group.grad_chunk, group.param)}.values():
-                    manager.ensure_on_device(chunk, budget_bytes=manager.current_budget_bytes())
+            for chunk in {id(c): c for c in (group.grad_chunk, group.param)}.values():
+                manager.ensure_on_device(chunk, budget_bytes=manager.current_budget_bytes())
 
     # ---- numerics ------------------------------------------------------------------------
 
@@ -271,47 +419,27 @@ class HybridAdam(torch.optim.Optimizer):
             if info.has_grad:
                 flat = self._rt.copier.current_flat(info.group.grad_chunk)
                 per_device.setdefault(flat.device, []).append(info.region_of(flat))
-        norms = []
-        for grads in per_device.values():
-            norms += torch._foreach_norm(grads, 2, dtype=torch.float32)
-        if not norms:
+        if not per_device:
             return torch.zeros((), device=self._rt.device)
-        return torch.linalg.vector_norm(torch.stack([n.to(self._rt.device) for n in norms]), 2)
+        # One copy of each device's norms to the compute device, not one per tensor.
+        norms = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(self._rt.device)
+                 for grads in per_device.values()]
+        return torch.linalg.vector_norm(torch.cat(norms), 2)
 
-    def _adam(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
+    def _adam(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None, hyper: AdamHyper) -> None:
+        """Device groups: the fused kernel on the compute stream, each group's spans in place."""
         rt = self._rt
-        hyper = self.param_groups[0]
-        beta1, beta2 = hyper["betas"]
-        kernel = torch._fused_adamw_ if rt.config.optimizer.type == "AdamW" else torch._fused_adam_
-        multipliers = {}  # one copy per device the groups step on
+        start = time.perf_counter()
         for group in groups:
-            start = time.perf_counter()
-            flats = [rt.copier.current_flat(c) for c in (group.grad_chunk, group.param, group.master,
-                                                        group.exp_avg, group.exp_avg_sq)]
-            grad, param, master, exp_avg, exp_avg_sq = flats
-            spans = _spans(group)
-            # The kernel wants fp32 gradients like the masters; this copy is also where the
-            # unscale/clip multiplier is applied, so the chunk's own gradient stays as it was.
-            grads = [grad[b:e].float() for b, e, _ in spans]
-            if multiplier is not None:
-                if master.device not in multipliers:
-                    multipliers[master.device] = multiplier.to(master.device)
-                grads = [g * multipliers[master.device] for g in grads]
-            steps = [torch.full((), float(infos[0].num_steps + 1), dtype=torch.float32,
-                                device=master.device) for _, _, infos in spans]
-            if spans:  # with several ranks, this rank's shard may hold none of the gradients
-                kernel([master[b:e] for b, e, _ in spans], grads,
-                       [exp_avg[b:e] for b, e, _ in spans], [exp_avg_sq[b:e] for b, e, _ in spans],
-                       [], steps, lr=hyper["lr"], beta1=beta1, beta2=beta2,
-                       weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=False,
-                       maximize=False)
-            for begin, end, infos in spans:
-                param[begin:end].copy_(master[begin:end])  # new compute weights (cast)
+            flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
+                group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
+            spans = [(begin, end, infos[0].num_steps + 1) for begin, end, infos in _spans(group)]
+            adam_on_spans(flats, spans, hyper, multiplier)
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
                 if info.has_grad:
                     info.num_steps += 1
             self._mark_written(group)
-            rt.add_time("optimizer_device" if group.optimizer_on_device else "optimizer_host", start)
+        rt.add_time("optimizer_device", start)
 
     def _restore_weights(self, groups: list[ChunkGroup]) -> None:
         """Put the compute weights back (cast from the untouched masters) where grads overwrote them."""
@@ -340,3 +468,8 @@ class HybridAdam(torch.optim.Optimizer):
                 info.has_grad = False
                 if info.num_users == 0:
                     info.state = TensorState.HOLD
+
+
+def _add_seconds(rt: EngineRuntime, key: str, seconds: float) -> None:
+    """Add time measured elsewhere (the host Adam worker) to a step timing."""
+    rt.add_time(key, time.perf_counter() - seconds)

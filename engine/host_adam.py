@@ -1,0 +1,344 @@
+"""Host Adam: the optimizer groups kept on the host, stepped by torch's fused CPU Adam/AdamW in a
+worker thread, pipelined with the copies that feed it.
+
+One job per host group: wait until the group's gradients are on the host (the D2H copy the caller
+started on the download stream), step its spans with the fused CPU kernel in pieces of a few million
+elements — the compute-dtype gradients cast into one reused fp32 scratch buffer (times the
+unscale/clip multiplier, if any), so nothing is allocated or page-faulted per chunk — cast the new
+masters into the param chunk's host buffer and, when the param chunk stays on the device, copy it
+back (H2D on the copy stream). One worker runs the jobs in order while the caller keeps starting
+the next groups' downloads and the GPU keeps computing, so D2H, CPU Adam and H2D of different chunks
+overlap each other and the rest of backward. torch ops release the GIL, so the worker runs beside
+autograd's threads.
+
+`HostUpdates` decides when a group's job starts. During backward (see engine/optimizer.py for when
+that is allowed), a group starts as soon as its last gradient is written: the post-accumulate-grad
+hooks count the gradients of each group that every tensor of it received in the traced backward.
+Every other host group starts in `step()`. The worker never touches the engine's books (tensor
+states, step counts, placement): a job's spans and step numbers are fixed when it is submitted, and
+the books are updated in `finish()`, on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+import torch
+
+from engine.chunk import Chunk, ChunkGroup, Location, TensorInfo
+from engine.device import Copier
+
+if TYPE_CHECKING:
+    from engine.chunk_manager import ChunkManager
+
+# Host steps go in pieces of this many elements: the fp32 scratch they are cast into stays small
+# (16 MiB) and is reused while still in the caches, and each piece's new masters are cast into the
+# param chunk right after the kernel wrote them. Results do not depend on it (Adam is elementwise).
+HOST_PIECE_ELEMENTS = 1 << 22
+
+Span = tuple[int, int, int]  # (begin, end, Adam step number) within a group's chunks
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """The hyper-parameters of one Adam step, as read from `param_groups[0]`."""
+
+    decoupled: bool  # AdamW: the decay shrinks the weight instead of joining the gradient
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def read(cls, optimizer_type: str, param_group: dict) -> "AdamHyper":
+        beta1, beta2 = param_group["betas"]
+        return cls(decoupled=optimizer_type == "AdamW", lr=float(param_group["lr"]),
+                   beta1=float(beta1), beta2=float(beta2), eps=float(param_group["eps"]),
+                   weight_decay=float(param_group["weight_decay"]))
+
+
+class GroupFlats(NamedTuple):
+    """A chunk group's flat buffers at the place it steps (all on the device, or all on the host)."""
+
+    grad: torch.Tensor
+    param: torch.Tensor
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+
+class HostScratch:
+    """One fp32 buffer the host gradients are cast into, allocated on first use and kept."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self._buf: torch.Tensor | None = None
+
+    def take(self, numel: int) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = torch.empty(self.numel, dtype=torch.float32)
+        return self._buf[:numel]
+
+
+def adam_on_spans(flats: GroupFlats, spans: list[Span], hyper: AdamHyper,
+                  multiplier: torch.Tensor | None, scratch: HostScratch | None = None) -> None:
+    """One Adam step of the span elements of a chunk group, then the new masters cast into the
+    param chunk. `multiplier` (unscale/clip) lives where the flats do. With `scratch` (host) the
+    spans go in pieces of its size; without (device) each span is one kernel call."""
+    kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
+    for begin, end, step_number in spans:
+        step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
+        piece = end - begin if scratch is None else scratch.numel
+        for lo in range(begin, end, piece):
+            hi = min(lo + piece, end)
+            grad = _fp32_gradient(flats.grad[lo:hi], multiplier, scratch)
+            kernel([flats.master[lo:hi]], [grad], [flats.exp_avg[lo:hi]], [flats.exp_avg_sq[lo:hi]],
+                   [], [step], lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
+                   weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=False)
+            flats.param[lo:hi].copy_(flats.master[lo:hi])  # the new compute weights (a cast)
+
+
+def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,
+                   scratch: HostScratch | None) -> torch.Tensor:
+    """The kernel wants fp32 gradients like the masters; the copy is also where the multiplier is
+    applied, so an fp32 gradient without one is used as it is."""
+    if grad.dtype == torch.float32 and multiplier is None:
+        return grad
+    if scratch is None:
+        out = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
+    else:
+        out = scratch.take(grad.numel())
+    out.copy_(grad)
+    if multiplier is not None:
+        out.mul_(multiplier)
+    return out
+
+
+# ---- the worker ------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class HostJob:
+    group: ChunkGroup
+    flats: GroupFlats  # host buffers
+    spans: list[Span]
+    hyper: AdamHyper
+    multiplier: torch.Tensor | None  # on the host
+    grads_ready: list  # CUDA events of the downloads bringing the gradients (empty on the CPU)
+    upload: Chunk | None  # copy this chunk's host buffer into its device buffer afterwards
+    upload_after: object = None  # CUDA event: the compute stream's last use of that buffer
+    seconds: float = 0.0  # the worker's time on this job
+
+
+class HostAdamWorker:
+    """One thread that runs host jobs in submission order, with `num_threads` intra-op threads."""
+
+    def __init__(self, copier: Copier, num_threads: int, piece_elements: int = HOST_PIECE_ELEMENTS):
+        self._copier = copier
+        self._num_threads = num_threads
+        self._scratch = HostScratch(piece_elements)
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[HostJob, Future]] = []
+
+    def submit(self, job: HostJob) -> None:
+        if self._executor is None:  # a thread only for engines that have host groups
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pstar-host-adam",
+                                                initializer=self._start_thread)
+        self._pending.append((job, self._executor.submit(self._run, job)))
+
+    def drain(self) -> list[HostJob]:
+        """Wait for every submitted job; re-raises the first failure once all have ended."""
+        pending, self._pending = self._pending, []
+        errors = [future.exception() for _, future in pending]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [job for job, _ in pending]
+
+    def _start_thread(self) -> None:
+        if self._copier.is_cuda:
+            torch.cuda.set_device(self._copier.device)  # the current device is per thread
+        # Per thread with OpenMP: the caller's own intra-op threads are left as they are.
+        torch.set_num_threads(self._num_threads)
+
+    @torch.no_grad()
+    def _run(self, job: HostJob) -> None:
+        start = time.perf_counter()
+        for event in job.grads_ready:
+            event.synchronize()  # releases the GIL while the download finishes
+        adam_on_spans(job.flats, job.spans, job.hyper, job.multiplier, self._scratch)
+        if job.upload is not None:
+            self._copier.upload_into_place(job.upload, job.upload_after)
+        job.seconds = time.perf_counter() - start
+
+
+# ---- when host groups start, and their books ---------------------------------------------------
+
+@dataclass
+class HostStepReport:
+    busy_s: float = 0.0  # the worker's seconds on this step's jobs (much of it during backward)
+    wait_s: float = 0.0  # seconds step() waited for the worker
+    num_started_in_backward: int = 0  # host groups whose update began during backward
+
+
+@dataclass
+class HostUpdates:
+    """The host groups of one optimizer step: their transfers, their jobs and their books.
+
+    In place (`keep_resident`, chosen at placement when every param chunk fits the device next to
+    the activations and the device's optimizer groups): a host group's param chunk stays on the
+    device; its gradients are copied down into its pinned host buffer and the new weights copied
+    back up into the same device buffer, so the next forward finds it in place. The chunk is pinned
+    meanwhile (never evicted, never handed to another use). Otherwise the param chunk is evicted
+    (its gradients go down with it) and the next forward fetches it as usual.
+    """
+
+    copier: Copier
+    manager: "ChunkManager"
+    spans_of: Callable[[ChunkGroup], list[tuple[int, int, list[TensorInfo]]]]
+    worker: HostAdamWorker
+    keep_resident: bool = False
+    _expected: dict[int, int] = field(default_factory=dict)  # id(group) -> gradients completing it
+    _arrived: dict[int, int] = field(default_factory=dict)
+    _in_place: dict[int, ChunkGroup] = field(default_factory=dict)  # pinned, gradients going down
+    _submitted: dict[int, ChunkGroup] = field(default_factory=dict)
+    num_started_in_backward: int = 0
+    committed: bool = False  # a job began during backward: this step's masters are changing
+
+    def plan(self, groups: list[ChunkGroup], keep_resident: bool, start_in_backward: bool) -> None:
+        """After placement: which host groups may start during backward, and after how many
+        gradients (every tensor of the group got one in the traced backward, so none of its weights
+        is read after its last gradient; a frozen or unused tensor would still be read, or never
+        complete the group)."""
+        self.keep_resident = keep_resident
+        self._expected = {}
+        if not start_in_backward:
+            return
+        for group in groups:
+            if group.optimizer_on_device or group.host_only or group.grad is not None:
+                continue
+            if all(info.has_grad for info in group.tensors):
+                self._expected[id(group)] = len(group.tensors)
+
+    @property
+    def num_eligible(self) -> int:
+        return len(self._expected)
+
+    # ---- during backward ---------------------------------------------------------------------
+
+    def on_gradient(self, info: TensorInfo) -> ChunkGroup | None:
+        """Count a gradient written into its chunk; returns the group when it is complete."""
+        group = info.group
+        expected = self._expected.get(id(group))
+        if expected is None:
+            return None
+        arrived = self._arrived.get(id(group), 0) + 1
+        self._arrived[id(group)] = arrived
+        return group if arrived == expected else None
+
+    def start_in_backward(self, group: ChunkGroup) -> bool:
+        """Start the download of a complete group's gradients; False if its chunk was evicted
+        meanwhile (it is stepped in step(): nothing may upload it while the worker writes it)."""
+        if group.param.location is not Location.DEVICE:
+            return False
+        self._download_in_place(group)
+        self.num_started_in_backward += 1
+        return True
+
+    # ---- in step() -----------------------------------------------------------------------------
+
+    def send_to_host(self, group: ChunkGroup) -> None:
+        """Start moving a group's gradients to the host (if backward has not already)."""
+        if id(group) in self._in_place:
+            return
+        chunk = group.grad_chunk
+        if self.keep_resident and chunk is group.param and chunk.location is Location.DEVICE:
+            self._download_in_place(group)
+            return
+        for chunk in _unique((group.grad_chunk, group.param)):
+            self.manager.move_to_host(chunk)  # evicted: an async download if it changed
+
+    def submit(self, group: ChunkGroup, hyper: AdamHyper, multiplier: torch.Tensor | None,
+               in_backward: bool = False) -> None:
+        if id(group) in self._submitted:
+            return
+        in_place = id(group) in self._in_place
+        chunks = _unique((group.grad_chunk, group.param))
+        job = HostJob(
+            group=group,
+            flats=GroupFlats(group.grad_chunk.host_flat, group.param.host_flat, group.master.host_flat,
+                             group.exp_avg.host_flat, group.exp_avg_sq.host_flat),
+            spans=[(begin, end, infos[0].num_steps + 1) for begin, end, infos in self.spans_of(group)],
+            hyper=hyper, multiplier=multiplier,
+            grads_ready=[c.host_ready_event for c in chunks if c.host_ready_event is not None],
+            upload=group.param if in_place else None,
+            upload_after=self.copier.compute_point() if in_place else None)
+        self._submitted[id(group)] = group
+        self.committed |= in_backward
+        self.worker.submit(job)
+
+    def finish(self) -> HostStepReport:
+        """Wait for the worker, then update the books of every group it stepped."""
+        start = time.perf_counter()
+        jobs = self.worker.drain()
+        report = HostStepReport(wait_s=time.perf_counter() - start,
+                                num_started_in_backward=self.num_started_in_backward)
+        for job in jobs:
+            report.busy_s += job.seconds
+            group = job.group
+            for info in group.tensors:  # as the device path counts (several ranks: every tensor)
+                if info.has_grad:
+                    info.num_steps += 1
+            for chunk in _unique((group.grad_chunk, group.param)):
+                self.copier.wait_downloaded(chunk)  # long done: clears the event
+            if job.upload is not None:
+                self._release(job.upload)
+                job.upload.dirty = False  # device and host copies hold the same new weights
+                _count(self.manager, h2d=job.upload.nbytes)
+        self._in_place.clear()
+        self._reset()
+        return report
+
+    def cancel(self) -> None:
+        """No update this step (fp16 overflow, zero_grad): gradients that went down in place are
+        waited for and their chunks released; the caller restores the weights."""
+        assert not self._submitted, "host jobs were submitted; finish() them"
+        for group in self._in_place.values():
+            self.copier.wait_downloaded(group.param)
+            self._release(group.param)
+        self._in_place.clear()
+        self._reset()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _download_in_place(self, group: ChunkGroup) -> None:
+        chunk = group.param
+        self.copier.download(chunk)
+        chunk.num_pins += 1  # owned by this update until finish()/cancel()
+        self._in_place[id(group)] = group
+        _count(self.manager, d2h=chunk.nbytes)
+
+    def _release(self, chunk: Chunk) -> None:
+        chunk.num_pins -= 1
+
+    def _reset(self) -> None:
+        self._arrived.clear()
+        self._submitted.clear()
+        self.num_started_in_backward = 0
+        self.committed = False
+
+
+def _unique(chunks) -> list[Chunk]:
+    return list({id(c): c for c in chunks}.values())
+
+
+def _count(manager, h2d: int = 0, d2h: int = 0) -> None:
+    """Count a transfer in the chunk manager's totals (chunk_stats' step_* and total_* figures)."""
+    totals = manager.totals
+    totals.h2d_bytes += h2d
+    totals.d2h_bytes += d2h
+    totals.h2d_moves += h2d > 0
+    totals.d2h_moves += d2h > 0

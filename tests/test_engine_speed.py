@@ -1,0 +1,300 @@
+"""The engine's speed features, checked for what a CPU can check: they must not change a number.
+
+- Host Adam overlapped with backward (a host group starts stepping as soon as its gradients are
+  final) gives bitwise the same training as stepping every host group in `step()`; the fp16 skip
+  and gradient clipping stay exact with it.
+- Host Adam runs torch's fused kernel over whole chunk spans in pieces, never per parameter.
+- Placement gives the optimizer what the device really has left beside the param chunks and the
+  measured activation peak (plus its margin).
+- Host memory limits (memory cgroup, ulimit -l) produce a clear message when too low.
+
+On a CPU-only machine the "device" buffers are separate allocations, so every transfer of the
+overlapped path (download in place, re-upload, pins) runs here as it does on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import engine.device as device_module
+from engine import initialize_engine
+from engine.device import Copier, HostMemoryLimits, cgroup_problem, host_adam_threads, memlock_problem
+from engine.errors import EngineError
+from engine.host_adam import AdamHyper, GroupFlats, HostScratch, adam_on_spans
+from engine.optimizer import plan_placement
+from tests.engine_models import TinyGPT
+from tests.test_engine import DEVICE, batches, engine_config, engine_step, plain_optimizer, snapshot
+
+FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 3,
+        "hysteresis": 1, "min_loss_scale": 1}
+
+
+def _split_limit(**overrides) -> int:
+    """A device limit that holds every param chunk and the activations (with the placement margin)
+    but only about half of the optimizer state: host and device groups both, nothing evicted."""
+    torch.manual_seed(0)
+    probe, probe_opt = initialize_engine(
+        model_func=TinyGPT, config=engine_config(**{**overrides, "device_memory_limit": 64 << 20}))
+    engine_step(probe, probe_opt, *next(batches("gpt", 1)))
+    stats = probe.chunk_stats()
+    peak = max(moment["non_model_bytes"] for moment in probe.memory_timeline())
+    scratch = max(group.numel for group in probe._rt.groups) * 4
+    params = stats["param_bytes_device"] + stats["param_bytes_host"]
+    optim = stats["optim_bytes_device"] + stats["optim_bytes_host"]
+    return params + int(peak / 0.8) + 1 + scratch + optim // 2
+
+
+@pytest.fixture(scope="module")
+def split_limit() -> int:
+    return _split_limit()
+
+
+def _train(cfg: dict, num_steps: int, overlap: bool, poison_steps=(), lr_after_backward=None):
+    """Train TinyGPT from seed 0; returns (losses, the final snapshot, the model, the optimizer,
+    host groups started during backward per step)."""
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    optimizer.overlap_backward = overlap
+    inject = _install_poison(model)
+    losses, started = [], []
+    for step, (x, y) in enumerate(batches("gpt", num_steps)):
+        inject["on"] = step in poison_steps
+        optimizer.zero_grad()
+        loss = model(x, y)
+        model.backward(loss)
+        if lr_after_backward is not None:
+            optimizer.param_groups[0]["lr"] = lr_after_backward(step)
+        optimizer.step()
+        losses.append(loss.item())
+        started.append(optimizer.last_step_overlapped_groups)
+    return losses, snapshot(model, optimizer), model, optimizer, started
+
+
+def _install_poison(model) -> dict:
+    """A switch that makes the next backward's gradients infinite (an fp16 overflow)."""
+    inject = {"on": False}
+
+    def poison(module, args, output):
+        if inject["on"]:
+            output.register_hook(lambda g: g * float("inf"))
+
+    model.module.blocks[0].register_forward_hook(poison)
+    return inject
+
+
+def _assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for index, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"tensor {index} differs"
+
+
+# ---- overlap with backward -------------------------------------------------------------------
+
+def test_host_adam_overlapped_with_backward_equals_stepping_in_step(split_limit):
+    cfg = engine_config(device_memory_limit=split_limit)
+    losses, state, model, optimizer, started = _train(cfg, 8, overlap=True)
+    ref_losses, ref_state, _, _, ref_started = _train(cfg, 8, overlap=False)
+    assert losses == ref_losses
+    _assert_bitwise(state, ref_state)
+    stats = model.chunk_stats()
+    assert stats["optim_chunks_device"] > 0 and stats["optim_chunks_host"] > 0, stats
+    assert stats["param_chunks_host"] == 0 and stats["step_evictions"] == 0, stats
+    # After the warm-up step placed the optimizer, host groups start during every backward; their
+    # gradients go down and their new weights come back up in place of the param chunks.
+    assert all(n > 0 for n in started[2:]), started
+    assert not any(ref_started)
+    assert stats["step_d2h_bytes"] > 0 and stats["step_h2d_bytes"] == stats["step_d2h_bytes"]
+    timings = model.step_timings()
+    assert timings["optimizer_host"] > 0 and timings["optimizer_device"] > 0
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CUDA and CPU Adam kernels round differently; "
+                    "the overlap is compared bitwise with the non-overlapped path there")
+def test_overlapped_training_matches_plain_pytorch(split_limit):
+    cfg = engine_config(device_memory_limit=split_limit)
+    losses, _, model, _, _ = _train(cfg, 10, overlap=True)
+    torch.manual_seed(0)
+    reference = TinyGPT().to(DEVICE)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    for (x, y), loss in zip(batches("gpt", 10), losses):
+        ref_opt.zero_grad()
+        ref_loss = reference(x, y)
+        ref_loss.backward()
+        ref_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    ours = model.state_dict()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours[key].float().cpu(), value.float().cpu(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("evict_every_step", [False, True])
+def test_fp16_overflow_still_skips_bitwise(split_limit, evict_every_step):
+    """Downloads start during backward (resident case) or chunks are evicted (tight budget); an
+    overflowing step leaves weights, masters and moments bitwise unchanged either way, and the
+    run equals the one without overlap."""
+    limit = 64 * 1024 if evict_every_step else _split_limit(fp16=FP16)
+    cfg = engine_config(fp16=FP16, device_memory_limit=limit)
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    inject = _install_poison(model)
+    for step, (x, y) in enumerate(batches("gpt", 6)):
+        poisoned = inject["on"] = step in (3, 4)
+        before = snapshot(model, optimizer)
+        engine_step(model, optimizer, x, y)
+        assert optimizer.last_step_skipped is poisoned
+        if poisoned:
+            _assert_bitwise(snapshot(model, optimizer), before)
+        if not evict_every_step and step >= 2:  # gradients started down during backward
+            assert optimizer.last_step_overlapped_groups > 0 or poisoned
+    losses, state, *_ = _train(cfg, 7, overlap=True, poison_steps=(3, 4))
+    ref_losses, ref_state, *_ = _train(cfg, 7, overlap=False, poison_steps=(3, 4))
+    assert losses == ref_losses
+    _assert_bitwise(state, ref_state)
+
+
+def test_gradient_clipping_with_overlap_equals_clip_grad_norm(split_limit):
+    cfg = engine_config(device_memory_limit=split_limit, gradient_clipping=0.05)
+    losses, state, model, _, started = _train(cfg, 8, overlap=True)
+    ref_losses, ref_state, *_ = _train(cfg, 8, overlap=False)
+    assert losses == ref_losses
+    _assert_bitwise(state, ref_state)
+    assert all(n > 0 for n in started[2:])  # downloads began in backward; Adam waited for the norm
+    torch.manual_seed(0)
+    reference = TinyGPT().to(DEVICE)
+    ref_opt = plain_optimizer(reference.parameters(), cfg)
+    for (x, y), loss in zip(batches("gpt", 8), losses):
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        ref_opt.step()
+    ours = model.state_dict()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours[key].float().cpu(), value.float().cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_lr_set_between_backward_and_step_turns_the_overlap_off(split_limit, caplog):
+    cfg = engine_config(device_memory_limit=split_limit)
+    schedule = lambda step: 1e-3 * (step + 1)  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="pstar.engine"):
+        losses, state, _, _, started = _train(cfg, 6, overlap=True, lr_after_backward=schedule)
+    assert any("between model.backward() and optimizer.step()" in r.message for r in caplog.records)
+    assert not any(started)  # noticed in the warm-up step, before any host group started early
+    ref_losses, ref_state, *_ = _train(cfg, 6, overlap=False, lr_after_backward=schedule)
+    assert losses == ref_losses
+    _assert_bitwise(state, ref_state)
+
+
+def test_zero_grad_after_an_overlapped_backward_completes_the_step(split_limit, caplog):
+    cfg = engine_config(device_memory_limit=split_limit)
+    data = list(batches("gpt", 4))
+    runs = []
+    for discard_with_zero_grad in (True, False):
+        torch.manual_seed(0)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+        for x, y in data[:3]:
+            engine_step(model, optimizer, x, y)
+        x, y = data[3]
+        model.backward(model(x, y))
+        with caplog.at_level(logging.WARNING, logger="pstar.engine"):
+            optimizer.zero_grad() if discard_with_zero_grad else optimizer.step()
+        model(x, y)  # the weights are usable again either way
+        runs.append(snapshot(model, optimizer))
+    assert any("completed instead of discarded" in r.message for r in caplog.records)
+    _assert_bitwise(runs[0], runs[1])
+
+
+# ---- host Adam kernel use --------------------------------------------------------------------
+
+def test_host_adam_in_pieces_equals_torch_fused_adamw():
+    gen = torch.Generator().manual_seed(0)
+    numel = 10_000
+    master = torch.randn(numel, generator=gen)
+    grad = torch.randn(numel, generator=gen).to(torch.bfloat16)
+    exp_avg, exp_avg_sq = torch.zeros(numel), torch.zeros(numel)
+    param = torch.empty(numel, dtype=torch.bfloat16)
+    multiplier = torch.tensor(0.37)
+    reference = master.clone().requires_grad_()
+    opt = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=True)
+    hyper = AdamHyper(decoupled=True, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    scratch = HostScratch(1536)  # not a divisor of the span: the last piece is short
+    for step in (1, 2, 3):
+        adam_on_spans(GroupFlats(grad, param, master, exp_avg, exp_avg_sq), [(0, numel, step)], hyper,
+                      multiplier, scratch)
+        reference.grad = grad.float() * multiplier
+        opt.step()
+    assert torch.equal(master, reference.detach())
+    assert torch.equal(param, reference.detach().to(torch.bfloat16))
+
+
+def test_host_adam_calls_the_kernel_per_chunk_span_not_per_parameter(monkeypatch):
+    calls = []
+    real = torch._fused_adamw_
+
+    def counting(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counting)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())
+    for x, y in batches("gpt", 2):
+        calls.clear()
+        engine_step(model, optimizer, x, y)
+    num_params = sum(1 for info in model._rt.infos if info.requires_grad)
+    assert 0 < len(calls) <= len(model._rt.groups) < num_params
+
+
+def test_host_adam_threads_are_the_cores_shared_by_local_ranks(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = host_adam_threads()
+    assert alone >= 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert host_adam_threads() == max(1, alone // 64)
+
+
+# ---- placement ---------------------------------------------------------------------------------
+
+def test_placement_uses_what_remains_beside_params_and_activations():
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=64 << 20))
+    groups = model._rt.groups
+    params = sum(g.param.nbytes for g in groups)
+    per_group = [sum(c.nbytes for c in g.optimizer_chunks) for g in groups]
+    peak, scratch = 100_000, 16_384
+    needed = params + int(peak / 0.8) + scratch
+    exact = plan_placement(groups, needed + sum(per_group[:3]), peak, 0.8, True, scratch)
+    assert exact.num_device_groups == 3 and exact.params_fit
+    assert plan_placement(groups, needed + sum(per_group[:3]) - 1, peak, 0.8, True, scratch
+                          ).num_device_groups == 2
+    # The device's real free memory bounds a budget set too high.
+    capped = plan_placement(groups, 1 << 40, peak, 0.8, True, scratch,
+                            device_capacity=needed + sum(per_group[:2]))
+    assert capped.num_device_groups == 2
+    # Activations (with the margin) and params not fitting: nothing stays, nothing placed.
+    tight = plan_placement(groups, params + peak, peak, 0.8, True, scratch)
+    assert tight.num_device_groups == 0 and not tight.params_fit
+    assert plan_placement(groups, 1 << 40, peak, 0.8, False, scratch).num_device_groups == 0
+
+
+# ---- host memory limits --------------------------------------------------------------------------
+
+def test_a_tiny_locked_memory_limit_gets_a_clear_message():
+    limits = HostMemoryLimits(memlock_bytes=64 * 1024, cgroup_bytes=None)
+    message = memlock_problem(3 * 2**30, limits)
+    assert "ulimit -l" in message and "65,536 bytes" in message and "3,221,225,472" in message
+    assert memlock_problem(32 * 1024, limits) is None
+    assert memlock_problem(3 * 2**30, HostMemoryLimits(memlock_bytes=None, cgroup_bytes=None)) is None
+
+
+def test_a_tiny_memory_cgroup_is_refused_before_anything_is_allocated(monkeypatch):
+    limits = HostMemoryLimits(memlock_bytes=None, cgroup_bytes=200_000, cgroup_used_bytes=50_000)
+    message = cgroup_problem(300_000, 100_000, limits)
+    assert "memory cgroup allows 200,000 bytes" in message and "50,000 are in use" in message
+    with pytest.raises(EngineError, match="memory cgroup"):
+        Copier(torch.device("cpu")).check_host_plan(300_000, 0, limits)
+    monkeypatch.setattr(device_module, "read_host_memory_limits", lambda: limits)
+    assert device_module.host_total_bytes() == 200_000
+    with pytest.raises(EngineError, match="memory cgroup"):
+        initialize_engine(model_func=TinyGPT, config=engine_config(host_memory_limit=1 << 30))
