@@ -18,8 +18,9 @@ reads only the pages a rank needs.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,7 +55,7 @@ def shard_state(rt: EngineRuntime, own_entries: OrderedDict, param_ids: set[int]
 
 def _group_state(rt: EngineRuntime, group: ChunkGroup, copy: bool) -> dict:
     shard = group.shard
-    tensors = [{"name": info.names[0], "offset": info.offset, "numel": info.numel,
+    tensors = [{"name": info.names[0], "names": list(info.names), "offset": info.offset, "numel": info.numel,
                 "shape": list(info.shape), "steps": info.num_steps} for info in group.tensors]
     state = {"numel": group.numel, "shard_begin": shard.begin if shard else 0,
              "shard_numel": shard.numel if shard else group.numel, "tensors": tensors}
@@ -86,23 +87,62 @@ class _Piece:
     group: dict
 
 
+@dataclass
+class _SavedTensor:
+    names: list[str]
+    shape: tuple[int, ...]
+    steps: int
+    pieces: list[_Piece] = field(default_factory=list)
+
+
 def load_shard_state(rt: EngineRuntime, own_entries: OrderedDict, infos_by_param: dict,
                      shards: list[dict]) -> None:
     """Write the saved shard states of every saved rank into this rank's chunks (any layout)."""
-    _check_format(shards)
-    pieces, steps, shapes = _index_pieces(shards)
+    saved = _index_tensors(shards)
     infos = [info for group in rt.groups for info in group.tensors]
-    _check_same_tensors(infos, shapes)
+    _check_same_tensors(infos, saved)
     with rt.manager.lock:
         if rt.comm is not None:
             rt.comm.wait_reductions()  # nothing may still read the shards being replaced
         for info in infos:
-            _load_tensor(rt, info, pieces[info.names[0]])
-            info.num_steps = steps[info.names[0]]
+            _load_tensor(rt, info, saved[info.names[0]].pieces)
+            info.num_steps = saved[info.names[0]].steps
             info.has_grad = False
         rt.manager.drop_all_gathered()  # they hold the old weights
     _load_buffers(own_entries, infos_by_param, shards[0]["buffers"])
     rt.scaler.load_state_dict(shards[0]["loss_scaler"])
+
+
+def full_state_dict(shards: list[dict], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from every saved rank's shard state: each parameter assembled
+    from its pieces (under each of its names, one shared tensor for tied ones), plus the buffers."""
+    result: dict[str, torch.Tensor] = {}
+    for name, tensor in _index_tensors(shards).items():
+        whole = torch.empty(math.prod(tensor.shape), dtype=torch.float32)
+        if _copy_overlaps(whole, 0, tensor.pieces, "master") != whole.numel():
+            raise EngineError(f"the checkpoint lacks part of '{name}': some ranks' files are missing")
+        weight = whole.view(tensor.shape).to(dtype)
+        for alias in tensor.names:
+            result[alias] = weight
+    result.update(shards[0]["buffers"])
+    return result
+
+
+def _index_tensors(shards: list[dict]) -> dict[str, _SavedTensor]:
+    """First name -> what the shard states hold of that tensor, every saved piece of it included."""
+    _check_format(shards)
+    saved: dict[str, _SavedTensor] = {}
+    for shard in shards:
+        for group in shard["groups"]:
+            begin, end = group["shard_begin"], group["shard_begin"] + group["shard_numel"]
+            for entry in group["tensors"]:
+                name, offset = entry["name"], entry["offset"]
+                tensor = saved.setdefault(name, _SavedTensor(list(entry.get("names", [name])),
+                                                             tuple(entry["shape"]), int(entry["steps"])))
+                lo, hi = max(offset, begin), min(offset + entry["numel"], end)
+                if hi > lo:
+                    tensor.pieces.append(_Piece(lo - offset, hi - lo, lo - begin, group))
+    return saved
 
 
 def _check_format(shards: list[dict]) -> None:
@@ -118,35 +158,18 @@ def _check_format(shards: list[dict]) -> None:
         raise EngineError(f"load_shard_state: need the shard state of every saved rank, got ranks {ranks}")
 
 
-def _index_pieces(shards: list[dict]) -> tuple[dict, dict, dict]:
-    """name -> the saved pieces of that tensor; name -> Adam steps; name -> shape."""
-    pieces: dict[str, list[_Piece]] = {}
-    steps: dict[str, int] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in shards:
-        for group in shard["groups"]:
-            begin, end = group["shard_begin"], group["shard_begin"] + group["shard_numel"]
-            for tensor in group["tensors"]:
-                name, offset = tensor["name"], tensor["offset"]
-                steps[name], shapes[name] = int(tensor["steps"]), tuple(tensor["shape"])
-                lo, hi = max(offset, begin), min(offset + tensor["numel"], end)
-                if hi > lo:
-                    pieces.setdefault(name, []).append(_Piece(lo - offset, hi - lo, lo - begin, group))
-    return pieces, steps, shapes
-
-
-def _check_same_tensors(infos: list[TensorInfo], shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_same_tensors(infos: list[TensorInfo], saved: dict[str, _SavedTensor]) -> None:
     mine = {info.names[0]: tuple(info.shape) for info in infos}
-    missing = sorted(set(mine) - set(shapes))
-    unexpected = sorted(set(shapes) - set(mine))
-    wrong = sorted(name for name in set(mine) & set(shapes) if mine[name] != shapes[name])
+    missing = sorted(set(mine) - set(saved))
+    unexpected = sorted(set(saved) - set(mine))
+    wrong = sorted(name for name in set(mine) & set(saved) if mine[name] != saved[name].shape)
     problems = []
     if missing:
         problems.append(f"parameters missing from the checkpoint: {', '.join(missing[:5])}")
     if unexpected:
         problems.append(f"parameters the model does not have: {', '.join(unexpected[:5])}")
     for name in wrong[:5]:
-        problems.append(f"'{name}' is {list(shapes[name])} in the checkpoint, {list(mine[name])} in the model")
+        problems.append(f"'{name}' is {list(saved[name].shape)} in the checkpoint, {list(mine[name])} in the model")
     if problems:
         raise EngineError("the checkpoint is of a different model: " + "; ".join(problems))
 
