@@ -235,8 +235,11 @@ class Copier:
         problem = cgroup_problem(host_bytes, pinned_bytes, limits)
         if problem is not None:
             raise EngineError(problem)
-        self._memlock_hint = memlock_problem(pinned_bytes, limits) if self.is_cuda else None
-        if self._memlock_hint is not None:
+        hint = None
+        if self.is_cuda and pinned_bytes > 0:
+            hint = memlock_problem(self.pinned_bytes + pinned_bytes, limits)
+        if hint is not None:
+            self._memlock_hint = hint
             log.info("pstar: %s. CUDA's page-locked memory is not charged to it on Linux, so "
                      "training goes on unless page-locking fails.", self._memlock_hint)
 

@@ -364,15 +364,18 @@ class HybridAdam(torch.optim.Optimizer):
                 manager.free_host(chunk)  # the device copy is the only one from now on
 
     def _check_host_memory(self) -> None:
-        """The host now also holds the host groups' optimizer state: check the cgroup has room."""
+        """The host groups' moments are about to be allocated (and the device groups' host masters
+        freed): check the memory cgroup has room for the difference. What is allocated already is
+        in the cgroup's usage."""
         rt = self._rt
-        host_bytes = pinned = 0
+        new_bytes = freed_bytes = 0
         for group in rt.groups:
-            kept = [group.param, group.grad] + ([] if group.optimizer_on_device else group.optimizer_chunks)
-            host_bytes += sum(c.nbytes for c in kept if c is not None)
-            if rt.copier.is_cuda and not group.host_only:
-                pinned += sum(c.nbytes for c in (group.param, group.grad) if c is not None)
-        rt.copier.check_host_plan(host_bytes, pinned)
+            for chunk in group.optimizer_chunks:
+                if group.optimizer_on_device and chunk.host_flat is not None:
+                    freed_bytes += chunk.nbytes
+                elif not group.optimizer_on_device and chunk.host_flat is None:
+                    new_bytes += chunk.nbytes
+        rt.copier.check_host_plan(max(0, new_bytes - freed_bytes), 0)
 
     def _bring_to_device(self, groups: list[ChunkGroup]) -> None:
         """Device groups: gradients (and the param chunk the new weights go to) onto the device."""

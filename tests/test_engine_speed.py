@@ -298,3 +298,25 @@ def test_a_tiny_memory_cgroup_is_refused_before_anything_is_allocated(monkeypatc
     assert device_module.host_total_bytes() == 200_000
     with pytest.raises(EngineError, match="memory cgroup"):
         initialize_engine(model_func=TinyGPT, config=engine_config(host_memory_limit=1 << 30))
+
+
+def test_placement_checks_only_the_host_memory_it_adds(monkeypatch):
+    """At the first step the host groups' moments are allocated: the cgroup must have room for
+    them, not for everything the host holds already (that is in the cgroup's usage)."""
+    cfg = engine_config()  # a tiny device: every optimizer group stays on the host
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)  # the real limits
+    moments = sum(g.exp_avg.nbytes + g.exp_avg_sq.nbytes for g in model._rt.groups)
+    room = {"bytes": moments + 1}
+    monkeypatch.setattr(device_module, "read_host_memory_limits", lambda: HostMemoryLimits(
+        memlock_bytes=None, cgroup_bytes=10**9, cgroup_used_bytes=10**9 - room["bytes"]))
+    x, y = next(batches("gpt", 1))
+    engine_step(model, optimizer, x, y)  # placement: the moments fit exactly
+    assert model.chunk_stats()["optim_chunks_host"] > 0
+
+    room["bytes"] = 10**8  # init itself is not what this test is about
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    room["bytes"] = moments - 1
+    with pytest.raises(EngineError, match="memory cgroup"):
+        engine_step(model, optimizer, x, y)
