@@ -22,9 +22,13 @@ Lifecycle:
    budget minus the moment's non-model peak, evictions are Belady's (farthest next use first) and the
    next chunk is prefetched (on CUDA on a side stream from pinned host memory).
 
-Learning rate: `optimizer.param_groups[0]["lr"]` is read at every `step()`, so a schedule just sets
-it before stepping (torch's lr_scheduler classes work on the optimizer as well). `betas`, `eps` and
-`weight_decay` live in the same dict.
+Learning rate: `optimizer.param_groups[0]["lr"]` is read for every step, so a schedule just sets it
+before the step's forward, as above (torch's lr_scheduler classes, stepped after `optimizer.step()`,
+work on the optimizer as well). `betas`, `eps` and `weight_decay` live in the same dict. When host
+optimizer groups are stepped during backward (engine/optimizer.py), they read these values when
+backward reaches them: values set between `model.backward()` and `optimizer.step()` are noticed
+(logged) and host steps then wait for `step()`; and a backward is then committed to its step
+(`zero_grad()` in place of `step()` completes it).
 
 Gradients: with `gradient_accumulation_steps` 1, a gradient is written over its weight in the param
 chunk, so each `model.backward()` must be followed by `optimizer.step()` (which consumes the
