@@ -53,7 +53,7 @@ class MemTracerConfig:
     warmup_gpu_chunk_mem_ratio: float = 0.1  # device share chunks may use during the warm-up step
     overall_gpu_mem_ratio: float = 0.8  # device share pstar may use at all (without device_memory_limit)
     overall_cpu_mem_ratio: float = 0.8  # host share pstar may use (without host_memory_limit)
-    margin_use_ratio: float = 0.8  # share of the post-warm-up device margin given to optimizer groups
+    margin_use_ratio: float = 0.8  # optimizer groups leave (1 - this) x the activation peak free on the device
 
 
 @dataclass(frozen=True)

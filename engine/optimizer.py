@@ -10,9 +10,10 @@ weight decay either), as in torch.
 Placement, decided once after the warm-up iteration: with `use_hybrid_adam`, the first chunk groups
 (in packing order, i.e. the ones whose backward finishes last) keep their optimizer state on the
 device as far as it fits next to every param chunk and the warm-up's peak non-model memory, with
-a safety margin measured from that peak: the activations are assumed to reach up to
-peak / `margin_use_ratio` (0.8: 25% more than measured). On CUDA the device's real free memory
-bounds it too. The rest step on the host (engine/host_adam.py), last layers first, which are the
+a safety margin measured from that peak: (1 - `margin_use_ratio`) of it (0.8: 20% more than
+measured) for the caching allocator's fragmentation and run-to-run variation. (PatrickStar gave
+the optimizer that share of the whole margin instead, which on a large GPU leaves tens of GB
+unused.) On CUDA the device's real free memory bounds it too. The rest step on the host (engine/host_adam.py), last layers first, which are the
 groups whose gradients are final earliest in backward.
 
 Host groups and backward: when every param chunk stays on the device (they fit beside the
@@ -70,13 +71,14 @@ def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_
                    margin_use_ratio: float, use_hybrid_adam: bool, scratch_bytes: int,
                    device_capacity: int | None = None) -> Placement:
     """Where the optimizer state (12 B/param) goes: the device holds every param chunk, the
-    activations' peak / margin_use_ratio and a step's scratch first; optimizer groups take the
-    rest, leading groups first. `device_capacity` (CUDA: what is really free) bounds the budget."""
+    activations' peak plus (1 - margin_use_ratio) of it, and a step's scratch first; optimizer
+    groups take the rest, leading groups first. `device_capacity` (CUDA: what is really free)
+    bounds the budget."""
     moving = [g for g in groups if not g.host_only]
     # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
     param_bytes = sum(c.nbytes for g in moving for c in (g.gathered, g.param, g.grad) if c is not None)
     budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
-    activations = math.ceil(peak_non_model_bytes / margin_use_ratio)
+    activations = peak_non_model_bytes + math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
     spare = budget - param_bytes - activations
     allowance = spare - scratch_bytes if use_hybrid_adam else 0
     num_groups, used = 0, 0

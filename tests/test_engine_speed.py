@@ -15,6 +15,7 @@ overlapped path (download in place, re-upload, pins) runs here as it does on CUD
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -44,7 +45,11 @@ def _split_limit(**overrides) -> int:
     scratch = max(group.numel for group in probe._rt.groups) * 4
     params = stats["param_bytes_device"] + stats["param_bytes_host"]
     optim = stats["optim_bytes_device"] + stats["optim_bytes_host"]
-    return params + int(peak / 0.8) + 1 + scratch + optim // 2
+    return params + _with_margin(peak) + scratch + optim // 2
+
+
+def _with_margin(peak: int, margin_use_ratio: float = 0.8) -> int:
+    return peak + math.ceil((1 - margin_use_ratio) * peak)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +268,7 @@ def test_placement_uses_what_remains_beside_params_and_activations():
     params = sum(g.param.nbytes for g in groups)
     per_group = [sum(c.nbytes for c in g.optimizer_chunks) for g in groups]
     peak, scratch = 100_000, 16_384
-    needed = params + int(peak / 0.8) + scratch
+    needed = params + _with_margin(peak) + scratch
     exact = plan_placement(groups, needed + sum(per_group[:3]), peak, 0.8, True, scratch)
     assert exact.num_device_groups == 3 and exact.params_fit
     assert plan_placement(groups, needed + sum(per_group[:3]) - 1, peak, 0.8, True, scratch
@@ -320,3 +325,14 @@ def test_placement_checks_only_the_host_memory_it_adds(monkeypatch):
     room["bytes"] = moments - 1
     with pytest.raises(EngineError, match="memory cgroup"):
         engine_step(model, optimizer, x, y)
+
+
+@pytest.mark.gpu
+def test_pinned_host_memory_is_exactly_the_planned_param_chunks():
+    """Every moving param chunk's host copy is page-locked at its exact size, nothing else."""
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config())
+    groups = model._rt.groups
+    planned = sum(g.param.nbytes for g in groups if not g.host_only)
+    assert model._rt.copier.pinned_bytes == planned
+    assert all(g.param.host_flat.is_pinned() for g in groups if not g.host_only)
+    assert not any(g.master.host_flat.is_pinned() for g in groups)
