@@ -3,7 +3,6 @@ hooks/stop/resume extension points, and `pstar train` as a real subprocess."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
