@@ -74,7 +74,9 @@ def host_adam_threads() -> int:
     ranks of the machine. Adam is memory-bound, so hyper-threads add nothing but contention; and
     launchers such as torchrun set OMP_NUM_THREADS=1, which would leave host Adam on one core."""
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    usable = min(physical, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else physical)
+    usable = physical
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may run on (containers, taskset)
+        usable = min(usable, len(os.sched_getaffinity(0)))
     quota = _cgroup_cpu_quota()
     if quota is not None:
         usable = min(usable, quota)
@@ -199,7 +201,8 @@ def _cgroup_cpu_quota() -> int | None:
                 return max(1, math.ceil(int(quota) / int(period)))
         except (OSError, ValueError):
             pass
-        quota_us, period_us = _read_int(directory / "cpu.cfs_quota_us"), _read_int(directory / "cpu.cfs_period_us")
+        quota_us = _read_int(directory / "cpu.cfs_quota_us")
+        period_us = _read_int(directory / "cpu.cfs_period_us")
         if quota_us and period_us:
             return max(1, math.ceil(quota_us / period_us))
     return None
@@ -268,8 +271,8 @@ class Copier:
         why = self._memlock_hint or memlock_problem(self.pinned_bytes + nbytes, limits)
         if why is None:
             cgroup = "none" if limits.cgroup_bytes is None else f"{limits.cgroup_bytes:,} bytes"
-            why = (f"the memory cgroup limit is {cgroup} and the locked-memory limit (ulimit -l) "
-                   f"is {'unlimited' if limits.memlock_bytes is None else f'{limits.memlock_bytes:,} bytes'}")
+            memlock = "unlimited" if limits.memlock_bytes is None else f"{limits.memlock_bytes:,} bytes"
+            why = f"the memory cgroup limit is {cgroup} and the locked-memory limit (ulimit -l) is {memlock}"
         return (f"could not page-lock {nbytes:,} more bytes of host memory for chunk buffers "
                 f"({self.pinned_bytes:,} bytes so far): {error}. {why[0].upper()}{why[1:]}; "
                 "or give the host less to hold (host_memory_limit, a larger device_memory_limit)")

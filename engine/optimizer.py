@@ -13,8 +13,8 @@ device as far as it fits next to every param chunk and the warm-up's peak non-mo
 a safety margin measured from that peak: (1 - `margin_use_ratio`) of it (0.8: 20% more than
 measured) for the caching allocator's fragmentation and run-to-run variation. (PatrickStar gave
 the optimizer that share of the whole margin instead, which on a large GPU leaves tens of GB
-unused.) On CUDA the device's real free memory bounds it too. The rest step on the host (engine/host_adam.py), last layers first, which are the
-groups whose gradients are final earliest in backward.
+unused.) On CUDA the device's real free memory bounds it too. The rest step on the host
+(engine/host_adam.py): the last layers, whose gradients are final earliest in backward.
 
 Host groups and backward: when every param chunk stays on the device (they fit beside the
 activations and the device's optimizer groups), a host group's update starts during backward, as
@@ -175,6 +175,7 @@ class HybridAdam(torch.optim.Optimizer):
             # The norm first, where the gradients are now (mostly the device); then host groups'
             # gradients start down, which also frees device room for the device groups.
             multiplier, overflow = self._gradient_multiplier(groups)
+            self.last_step_overlapped_groups = 0
             if overflow:
                 self._host.cancel()
                 self._restore_weights(groups)

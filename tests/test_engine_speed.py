@@ -293,6 +293,19 @@ def test_a_tiny_locked_memory_limit_gets_a_clear_message():
     assert memlock_problem(3 * 2**30, HostMemoryLimits(memlock_bytes=None, cgroup_bytes=None)) is None
 
 
+def test_a_page_locking_failure_names_the_limits(monkeypatch):
+    """What the user reads if the driver refuses to page-lock a chunk buffer."""
+    monkeypatch.setattr(device_module, "read_host_memory_limits",
+                        lambda: HostMemoryLimits(memlock_bytes=64 * 1024, cgroup_bytes=None))
+    message = Copier(torch.device("cpu"))._pinning_failure(2**20, RuntimeError("out of memory"))
+    assert "could not page-lock 1,048,576 more bytes" in message and "out of memory" in message
+    assert "ulimit -l" in message and "65,536 bytes" in message
+    monkeypatch.setattr(device_module, "read_host_memory_limits",
+                        lambda: HostMemoryLimits(memlock_bytes=None, cgroup_bytes=8 * 2**30))
+    message = Copier(torch.device("cpu"))._pinning_failure(2**20, RuntimeError("out of memory"))
+    assert "memory cgroup limit is 8,589,934,592 bytes" in message and "unlimited" in message
+
+
 def test_a_tiny_memory_cgroup_is_refused_before_anything_is_allocated(monkeypatch):
     limits = HostMemoryLimits(memlock_bytes=None, cgroup_bytes=200_000, cgroup_used_bytes=50_000)
     message = cgroup_problem(300_000, 100_000, limits)
