@@ -45,28 +45,31 @@ class Interrupted(PstarError):
     exit_code = 130  # the shell's convention for a run ended by a signal
 
 
-def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path) -> None:
-    """Train as the config says; returns when training is done, raises PstarError on failure."""
+def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path, resume=None) -> None:
+    """Train as the config says, from `resume` (a verified checkpoint.ResumePoint) if given;
+    returns when training is done, raises PstarError on failure."""
     from pstar_cli.trainer import write_run_config
 
     write_run_config(cfg, output_dir)
     if cfg.distributed.nproc_per_node == 1 and cfg.distributed.nnodes == 1:
-        train_in_process(cfg, output_dir)
+        train_in_process(cfg, output_dir, resume)
     else:
-        run_workers(cfg, config_path, overrides, output_dir)
+        run_workers(cfg, config_path, overrides, output_dir, resume)
 
 
-def train_in_process(cfg: Config, output_dir: Path) -> None:
+def train_in_process(cfg: Config, output_dir: Path, resume=None) -> None:
     from pstar_cli.live import choose_view
-    from pstar_cli.trainer import Ranks, Trainer, build_run_info, compute_device
+    from pstar_cli.resilience import run_training
+    from pstar_cli.trainer import Ranks, build_run_info, compute_device
 
     ranks = Ranks()
-    info = build_run_info(cfg, ranks.world_size, compute_device(ranks.local_rank))
+    start_step = resume.step if resume is not None else 0
+    info = build_run_info(cfg, ranks.world_size, compute_device(ranks.local_rank), start_step)
     view = choose_view(info, is_main=True, is_tty=sys.stdout.isatty())
-    Trainer(cfg, output_dir, ranks, view).train()
+    run_training(cfg, output_dir, ranks, view, resume)
 
 
-def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path) -> None:
+def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path, resume=None) -> None:
     """Start this node's workers through torchrun's elastic agent and wait for the job to end."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -77,6 +80,8 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
     check_gpu_count(cfg.distributed.nproc_per_node)
     set_worker_env(os.environ, cfg.distributed.nproc_per_node)
     args = torchrun_args(cfg, config_path, overrides, output_dir, console_is_tty=sys.stdout.isatty())
+    if resume is not None:
+        args.append(f"--resume={resume.path}")  # the worker's own option: its arguments come last
     try:
         torchrun(parse_torchrun_args(args))
     except ChildFailedError as exc:

@@ -202,6 +202,7 @@ class Trainer:
         lr = self.schedule(self.state.step)
         self.optimizer.zero_grad()
         loss = self.forward_backward_step()
+        self.last_loss = loss  # the guards check it lazily (no device sync per step)
         # the schedule sets every group's lr just before the step that uses it
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -33,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--resume", type=Path, default=None, help="a checkpoint the launcher verified")
     return parser.parse_args(argv)
 
 
@@ -60,10 +61,12 @@ def process_group(backend: str, device: torch.device) -> Iterator[None]:
     gc.collect()
 
 
-def run_worker(config_path: Path, overrides: list[str], output_dir: Path) -> None:
+def run_worker(config_path: Path, overrides: list[str], output_dir: Path, resume_path: Path | None = None) -> None:
+    from pstar_cli.checkpoint import ResumePoint, read_metadata
     from pstar_cli.config import load_config
     from pstar_cli.live import choose_view
-    from pstar_cli.trainer import Ranks, Trainer, build_run_info, compute_device
+    from pstar_cli.resilience import run_training
+    from pstar_cli.trainer import Ranks, build_run_info, compute_device
 
     cfg = load_config(config_path, overrides)
     ranks = Ranks.from_env()
@@ -71,11 +74,12 @@ def run_worker(config_path: Path, overrides: list[str], output_dir: Path) -> Non
     with process_group(resolve_backend(cfg.distributed.backend, device), device):
         if os.environ.get(FAIL_RANK_ENV) == str(ranks.rank):
             raise RuntimeError(f"injected failure on rank {ranks.rank} ({FAIL_RANK_ENV} is set)")
-        info = build_run_info(cfg, ranks.world_size, device)
+        resume = ResumePoint(resume_path, read_metadata(resume_path)) if resume_path is not None else None
+        info = build_run_info(cfg, ranks.world_size, device, resume.step if resume is not None else 0)
         # rank 0 on a terminal is not redirected by the launcher: keep its log lines in a file too
         log_path = output_dir / "logs" / f"rank{ranks.rank}.log" if sys.stdout.isatty() else None
         view = choose_view(info, ranks.is_main, sys.stdout.isatty(), log_path)
-        Trainer(cfg, output_dir, ranks, view).train()
+        run_training(cfg, output_dir, ranks, view, resume)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     error_handler = get_error_handler()
     error_handler.initialize()
     try:
-        run_worker(args.config, args.overrides, args.output_dir)
+        run_worker(args.config, args.overrides, args.output_dir, args.resume)
     except Exception as exc:
         # torchrun's error file for this rank: the launcher shows the message from it
         error_handler.record_exception(exc)

@@ -1,4 +1,4 @@
-"""`pstar train CONFIG [KEY=VALUE ...] [--output-dir DIR]`: train a model through the engine."""
+"""`pstar train CONFIG [KEY=VALUE ...] [--output-dir DIR] [--resume [CHECKPOINT]]`: train a model through the engine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from pstar_cli.config import load_config
+from pstar_cli.errors import PstarError
 
 
 def default_output_dir(config_path: str) -> Path:
@@ -26,10 +27,41 @@ def command(
         typer.Option("--output-dir", "-o", help="Where config.yaml, metrics.jsonl and logs/ go "
                      "(default: outputs/<config name>).", show_default=False),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the latest checkpoint in checkpoint.dir, or from the "
+                     "checkpoint directory given after --resume; metrics.jsonl is appended to.",
+                     show_default=False),
+    ] = False,
 ) -> None:
-    """Train with warm-up + cosine lr; a live view on a terminal, log lines otherwise; metrics.jsonl always."""
-    from pstar_cli.launch import launch
+    """Train with warm-up + cosine lr; a live view on a terminal, log lines otherwise; metrics.jsonl always.
 
-    overrides = overrides or []
+    SIGTERM or Ctrl-C finish the current step, write a checkpoint and exit with code 128 + the
+    signal's number (143 for SIGTERM, 130 for Ctrl-C); a second Ctrl-C stops at once."""
+    from pstar_cli.checkpoint import checkpoint_root, find_resume_point
+    from pstar_cli.launch import launch
+    from pstar_cli.resilience import StoppedBySignal
+
+    overrides, resume_path = split_resume_path(overrides or [], resume)
     cfg = load_config(config, overrides)
-    launch(cfg, Path(config), overrides, output_dir or default_output_dir(config))
+    output_dir = output_dir or default_output_dir(config)
+    point = None
+    if resume:
+        point = find_resume_point(resume_path or "latest", checkpoint_root(cfg, output_dir), cfg.to_dict())
+    try:
+        launch(cfg, Path(config), overrides, output_dir, point)
+    except StoppedBySignal as stopped:
+        for line in stopped.message_lines():
+            typer.echo(f"pstar: {line}")
+        raise typer.Exit(code=stopped.exit_code) from None
+
+
+def split_resume_path(arguments: list[str], resume: bool) -> tuple[list[str], str | None]:
+    """(overrides, the checkpoint path given after --resume). An override always has `=`; with
+    --resume, one argument without it is the checkpoint to resume from."""
+    paths = [a for a in arguments if "=" not in a]
+    if not resume or not paths:
+        return arguments, None
+    if len(paths) > 1:
+        raise PstarError(f"--resume takes one checkpoint path, got {', '.join(paths)}")
+    return [a for a in arguments if "=" in a], paths[0]
