@@ -287,6 +287,8 @@ class ChunkManager:
         self.comm.reduce_gradients(self.copier.current_flat(chunk), target.numel, writes)
         if target.location is Location.DEVICE and writes:
             target.dirty = True
+        elif writes:  # the reduced gradients came down from the device
+            self._count(d2h=sum(end - begin for _, begin, end, _ in writes) * target.dtype.itemsize)
         for info in infos:
             info.has_grad = True
 

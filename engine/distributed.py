@@ -28,6 +28,8 @@ reduce_scatter, an all-reduce of a copy followed by taking this rank's slice giv
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 from datetime import timedelta
@@ -69,9 +71,18 @@ def connect(device: torch.device) -> "Comm | None":
                               "torch.distributed.init_process_group before initialize_engine")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        # Ours to close: left to interpreter shutdown, the group's objects are sometimes destroyed
+        # in an order that aborts the process (seen with gloo).
+        atexit.register(_leave_process_group)
     if dist.get_world_size() <= 1:
         return None
     return Comm(device)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 class Comm:

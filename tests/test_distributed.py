@@ -1,23 +1,28 @@
 """Sharded training over torch.distributed (issue 5) against one rank, on the CPU with gloo.
 
 Every comparison trains the same model from the same seed on the same global batches: once in this
-process on one rank, once on several ranks spawned with torch.multiprocessing (each rank taking its
-contiguous share of every batch). Chunks are small and the device budget tight, so every step
-gathers, evicts and fetches chunks again, and gradients are reduced from partly evicted chunks.
+process on one rank, once on several ranks (spawned with torch.multiprocessing, started by plain
+torchrun, or by `pstar train`), each rank taking its contiguous share of every batch. Chunks are
+small and the device budget tight, so every step gathers, evicts and fetches chunks again, and
+gradients are reduced from partly evicted chunks.
 
 With several ranks a gradient is the average of per-rank means instead of one mean over the batch,
 which rounds differently in the last bits, so nothing is bitwise: losses and gradient norms agree to
 1e-5 relative. Weights get atol 2e-6 on top of rtol 1e-5: Adam divides each step by the root of the
 second moment, so the last-bit difference of a gradient whose terms nearly cancel becomes a visible
-difference in that element's step, up to ~1.5e-6 after these few steps at lr 3e-3. A sharding mistake (a wrong slice,
-a missing average) moves weights by ~lr or more, and the second moments (~gradient squared) would
-be off by a factor, which their 1e-3 comparison catches.
+difference in that element's step, up to ~1.5e-6 after these few steps at lr 3e-3. A sharding mistake
+(a wrong slice, a missing average) moves weights by ~lr or more, and the second moments (~gradient
+squared) would be off by a factor, which their 1e-3 comparison catches.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,8 +31,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine import initialize_engine
+from engine.chunk import TensorInfo, new_chunk_group
+from engine.distributed import gradient_writes, padded_capacity
+from engine.errors import EngineError
 from tests.engine_models import OddModel, TinyGPT
 
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
 MAKERS = {"gpt": TinyGPT, "odd": OddModel}
 VOCAB = {"gpt": 96, "odd": 64}
 CHUNK = 2048  # elements: each model spans several chunks, OddModel.big gets its own
@@ -37,8 +47,8 @@ def engine_config(**overrides) -> dict:
     cfg = {
         "default_chunk_size": CHUNK,
         # eps 1e-6 rather than 1e-8: the attention key bias's gradient is pure rounding noise
-        # (~1e-9), which eps 1e-8 would turn into steps of ~lr/10 that differ between any two
-        # summation orders
+        # (~1e-9; softmax ignores the bias), which eps 1e-8 would turn into steps of ~lr/10 that
+        # differ between any two summation orders
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-6,
                                                   "weight_decay": 0.1}},
         # Room for a few chunks next to the activations: evictions in every step.
@@ -63,13 +73,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(kind: str, cfg: dict, num_steps: int, rank: int = 0, world_size: int = 1,
-          grad_accum: int = 1) -> dict:
-    """Train on this rank's share of each global batch; the mean loss over ranks per step."""
-    torch.manual_seed(0)
-    model, optimizer = initialize_engine(model_func=MAKERS[kind], config=cfg)
-    losses, norms, skipped = [], [], []
-    for x, y in global_batches(kind, num_steps, batch=4 * grad_accum):
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def host_copy(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def train_steps(model, optimizer, batches, grad_accum: int = 1) -> tuple[list[float], list[float]]:
+    """Steps on this rank's share of each global batch: (mean loss over ranks, global grad norm)."""
+    rank, world_size = world()
+    losses, norms = [], []
+    for x, y in batches:
         x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
         optimizer.zero_grad()
         loss_sum = torch.zeros(())
@@ -85,40 +101,101 @@ def train(kind: str, cfg: dict, num_steps: int, rank: int = 0, world_size: int =
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
         losses.append(loss_sum.item())
+    return losses, norms
+
+
+# ---- scenarios: each runs in every rank (or in this process for one rank) ---------------------
+
+def train(kind: str, cfg: dict, num_steps: int, grad_accum: int = 1, batch: int = 4) -> dict:
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=MAKERS[kind], config=cfg)
+    initial = host_copy(model.state_dict())  # with several ranks: gathered from the shards
+    losses, norms = train_steps(model, optimizer, global_batches(kind, num_steps, batch * grad_accum),
+                                grad_accum)
+    moments = {k: v["exp_avg_sq"].cpu().clone() for k, v in optimizer.state_dict()["state"].items()}
+    return {"losses": losses, "norms": norms, "initial": initial, "state": host_copy(model.state_dict()),
+            "moments": moments, "stats": model.chunk_stats()}
+
+
+def resume(kind: str, cfg: dict) -> dict:
+    """Train 3 steps, save both state dicts, train 3 more; then a fresh engine from another seed
+    loads the saved state and trains the same 3 steps."""
+    batches = list(global_batches(kind, 6))
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=MAKERS[kind], config=cfg)
+    train_steps(model, optimizer, batches[:3])
+    saved_model = host_copy(model.state_dict())
+    saved_optim = optimizer.state_dict()
+    straight, _ = train_steps(model, optimizer, batches[3:])
+    torch.manual_seed(99)
+    again_model, again_optim = initialize_engine(model_func=MAKERS[kind], config=cfg)
+    again_model.load_state_dict(saved_model)
+    again_optim.load_state_dict(saved_optim)
+    again, _ = train_steps(again_model, again_optim, batches[3:])
+    return {"straight": straight, "again": again, "state": host_copy(model.state_dict()),
+            "again_state": host_copy(again_model.state_dict())}
+
+
+def fp16_overflow(inject_steps: list[int]) -> dict:
+    """fp16 with an infinite gradient injected on rank 0 alone into ln_f.bias, which lies in one
+    rank's shard only: every rank must skip those steps, and leave its weights untouched."""
+    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 2,
+            "hysteresis": 1, "min_loss_scale": 1}
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(fp16=fp16))
+    rank, _ = world()
+    poison = {"on": False}
+    if rank == 0:
+        model.module.ln_f.bias.register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    info = model._infos_by_param[id(model.module.ln_f.bias)]
+    skipped, scales, unchanged = [], [], []
+    for step, batch in enumerate(global_batches("gpt", 6)):
+        before = host_copy(model.state_dict())
+        poison["on"] = step in inject_steps
+        train_steps(model, optimizer, [batch])
+        after = host_copy(model.state_dict())
         skipped.append(optimizer.last_step_skipped)
-    optim_state = optimizer.state_dict()["state"]
-    return {"losses": losses, "norms": norms, "skipped": skipped,
-            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "moments": {k: v["exp_avg_sq"].cpu().clone() for k, v in optim_state.items()},
-            "stats": model.chunk_stats()}
+        scales.append(optimizer.loss_scale)
+        unchanged.append(all(torch.equal(before[k], after[k]) for k in before))
+    return {"skipped": skipped, "scales": scales, "unchanged": unchanged,
+            "owns_ln_f_bias": info.shard_piece()[2] > 0}
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str, kind: str, cfg: dict,
-               num_steps: int, grad_accum: int) -> None:
+def cpu_embedding_refused() -> dict:
+    try:
+        initialize_engine(model_func=TinyGPT, config=engine_config(use_cpu_embedding=True))
+    except EngineError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+SCENARIOS = {"train": train, "resume": resume, "fp16_overflow": fp16_overflow,
+             "cpu_embedding_refused": cpu_embedding_refused}
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str, scenario: str, kwargs: dict) -> None:
     # What torchrun would set: the engine creates the process group itself from these.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        result = train(kind, cfg, num_steps, rank, world_size, grad_accum)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(SCENARIOS[scenario](**kwargs), Path(out_dir) / f"rank{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train_on_ranks(tmp_path: Path, world_size: int, kind: str, cfg: dict, num_steps: int,
-                   grad_accum: int = 1) -> list[dict]:
-    mp.spawn(_rank_main, args=(world_size, free_port(), str(tmp_path), kind, cfg, num_steps, grad_accum),
-             nprocs=world_size)
+def on_ranks(tmp_path: Path, world_size: int, scenario: str, **kwargs) -> list[dict]:
+    """Run a scenario on `world_size` spawned ranks; each rank's result."""
+    mp.spawn(_rank_main, args=(world_size, free_port(), str(tmp_path), scenario, kwargs), nprocs=world_size)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
 def assert_same_training(ours: dict, reference: dict) -> None:
     for key in ("losses", "norms"):
         torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(reference[key]), rtol=1e-5, atol=0)
-    assert ours["skipped"] == reference["skipped"]
+    for key, value in reference["initial"].items():
+        assert torch.equal(ours["initial"][key], value), f"initial {key}"
     assert list(ours["state"]) == list(reference["state"])
     for key, value in reference["state"].items():
         torch.testing.assert_close(ours["state"][key], value, rtol=1e-5, atol=2e-6,
@@ -129,14 +206,215 @@ def assert_same_training(ours: dict, reference: dict) -> None:
                                    msg=lambda m: f"exp_avg_sq of {key}: {m}")
 
 
+# ---- spawned ranks --------------------------------------------------------------------------
+
 @pytest.mark.parametrize("kind", ["gpt", "odd"])
 def test_two_ranks_train_like_one_rank_with_evictions(tmp_path, kind):
+    """TinyGPT is built on meta (each rank keeps its slice of every init); OddModel (tied, frozen,
+    unused parameters, one tensor larger than a chunk) on the CPU, and is re-packed after warm-up."""
     cfg = engine_config()
     reference = train(kind, cfg, num_steps=6)
-    ranks = train_on_ranks(tmp_path, 2, kind, cfg, num_steps=6)
+    ranks = on_ranks(tmp_path, 2, "train", kind=kind, cfg=cfg, num_steps=6)
     for result in ranks:  # state_dict gathers the whole model on every rank
         assert_same_training(result, reference)
     stats = ranks[0]["stats"]
     assert stats["step_evictions"] > 0 and stats["step_h2d_moves"] > 0, stats
+    assert stats["step_d2h_bytes"] > 0, stats  # reduced gradients went to host shards
     # each rank holds half the model data (plus alignment padding)
     assert stats["model_data_bytes"] < 0.55 * reference["stats"]["model_data_bytes"]
+
+
+def test_gradient_accumulation_and_clipping_on_two_ranks(tmp_path):
+    cfg = engine_config(gradient_accumulation_steps=2, gradient_clipping=0.05)
+    reference = train("odd", cfg, num_steps=5, grad_accum=2)
+    assert all(norm > 0.05 for norm in reference["norms"])  # clipping is active in every step
+    [ours, _] = on_ranks(tmp_path, 2, "train", kind="odd", cfg=cfg, num_steps=5, grad_accum=2)
+    assert_same_training(ours, reference)
+    assert ours["stats"]["grad_chunks_device"] + ours["stats"]["grad_chunks_host"] > 0
+
+
+def test_optimizer_state_on_the_device_with_two_ranks(tmp_path):
+    cfg = engine_config(device_memory_limit=64 * 1024 * 1024)
+    reference = train("gpt", cfg, num_steps=4)
+    [ours, _] = on_ranks(tmp_path, 2, "train", kind="gpt", cfg=cfg, num_steps=4)
+    assert_same_training(ours, reference)
+    assert ours["stats"]["optim_chunks_device"] > 0 and ours["stats"]["optim_chunks_host"] == 0
+
+
+def test_three_ranks_split_chunks_into_padded_shards(tmp_path):
+    """An odd world size: shard boundaries cut through tensors anywhere, averaging divides by 3."""
+    cfg = engine_config()
+    reference = train("gpt", cfg, num_steps=3, batch=6)
+    ranks = on_ranks(tmp_path, 3, "train", kind="gpt", cfg=cfg, num_steps=3, batch=6)
+    assert_same_training(ranks[2], reference)
+
+
+def test_state_dicts_resume_a_sharded_run_exactly(tmp_path):
+    for result in on_ranks(tmp_path, 2, "resume", kind="gpt", cfg=engine_config(gradient_clipping=1.0)):
+        assert result["again"] == result["straight"]  # same ranks, same shards: bitwise
+        for key, value in result["state"].items():
+            assert torch.equal(result["again_state"][key], value), key
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    ranks = on_ranks(tmp_path, 2, "fp16_overflow", inject_steps=[2, 3])
+    assert sum(r["owns_ln_f_bias"] for r in ranks) == 1  # the inf lands in one rank's shard
+    for result in ranks:
+        assert result["skipped"] == [False, False, True, True, False, False]
+        assert result["unchanged"] == result["skipped"]  # skipped: bitwise unchanged; else updated
+        # window 2, hysteresis 1: doubles after 2 clean steps, halves at each overflow
+        assert result["scales"] == [256, 512, 256, 128, 128, 256]
+
+
+def test_cpu_embedding_with_several_ranks_is_refused_clearly(tmp_path):
+    for result in on_ranks(tmp_path, 2, "cpu_embedding_refused"):
+        assert result["error"] == "use_cpu_embedding is not supported with several ranks: set it to false"
+
+
+# ---- plain torchrun and the pstar launcher --------------------------------------------------
+
+def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A CPU (gloo) run in a subprocess, GPUs hidden."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_seed_api_in_a_script_started_by_plain_torchrun(tmp_path):
+    """No process group and no local_rank in the script: the engine takes both from torchrun."""
+    script = tmp_path / "train_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        import torch.distributed as dist
+        from tests.test_distributed import engine_config, train
+        result = train("gpt", engine_config(), num_steps=3)
+        if dist.get_rank() == 0:
+            json.dump(result["losses"], open(sys.argv[1], "w"))
+    """))
+    out = tmp_path / "losses.json"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(script), str(out)], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = train("gpt", engine_config(), num_steps=3)
+    torch.testing.assert_close(torch.tensor(json.loads(out.read_text())), torch.tensor(reference["losses"]),
+                               rtol=1e-5, atol=0)
+
+
+# 16 MiB per rank: the CLI demo's chunks move between "device" and host in every step on 2 ranks too
+CLI_OVERRIDES = ["train.steps=4", "train.log_interval=1", "engine.device_memory_limit=16777216"]
+
+
+def pstar_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "pstar_cli", "train", str(TINY), *CLI_OVERRIDES, *overrides,
+                "--output-dir", str(output_dir)], cwd=REPO)
+
+
+def logged(output_dir: Path, key: str) -> list:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)[key] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("one_process")
+    result = pstar_train(output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_pstar_train_on_two_processes_matches_one(one_process_run, tmp_path):
+    result = pstar_train(tmp_path, "distributed.nproc_per_node=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(logged(tmp_path, "loss")),
+                               torch.tensor(logged(one_process_run, "loss")), rtol=1e-5, atol=0)
+    assert all(moves > 0 for moves in logged(tmp_path, "step_h2d_moves")[1:])
+
+
+def test_two_nodes_on_one_machine_match_one_process(one_process_run, tmp_path):
+    """Two `pstar train` processes, one worker each, meeting at a c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "pstar_cli", "train", str(TINY), *CLI_OVERRIDES,
+                               "distributed.nnodes=2", f"distributed.node_rank={node}",
+                               f"distributed.rdzv_endpoint={endpoint}", "--output-dir", str(tmp_path)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(logged(tmp_path, "loss")),
+                               torch.tensor(logged(one_process_run, "loss")), rtol=1e-5, atol=0)
+
+
+def test_a_worker_failing_mid_training_stops_the_job(tmp_path):
+    """Rank 1 raises in its third optimizer step while rank 0 waits for it in a collective: the job
+    ends with a non-zero exit and rank 1's message instead of hanging (a sitecustomize module
+    injects the failure into the workers)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(textwrap.dedent("""
+        import os
+        if os.environ.get("RANK") == "1":
+            import engine.optimizer
+            original = engine.optimizer.HybridAdam.step
+            calls = {"n": 0}
+            def step(self, *args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise RuntimeError("injected failure in step 3 on rank 1")
+                return original(self, *args, **kwargs)
+            engine.optimizer.HybridAdam.step = step
+    """))
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "pstar_cli", "train", str(TINY), *CLI_OVERRIDES,
+                             "train.steps=20", "distributed.nproc_per_node=2", "--output-dir", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "worker rank 1" in result.stderr and "injected failure in step 3 on rank 1" in result.stderr
+    assert len(logged(tmp_path / "out", "step")) < 20
+
+
+# ---- GPUs -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_train_like_one_gpu(tmp_path):
+    """NCCL on 2 GPUs against 1 GPU: gathers and reductions on the side stream, with evictions."""
+    for kind in ("gpt", "odd"):
+        cfg = engine_config()
+        reference = train(kind, cfg, num_steps=6)
+        ranks = on_ranks(tmp_path, 2, "train", kind=kind, cfg=cfg, num_steps=6)
+        for result in ranks:
+            assert_same_training(result, reference)
+        assert ranks[0]["stats"]["step_evictions"] > 0
+
+
+# ---- the pieces -----------------------------------------------------------------------------
+
+def infos_at(offsets_and_sizes: list[tuple[int, int]]) -> list[TensorInfo]:
+    return [TensorInfo(param=torch.nn.Parameter(torch.zeros(n)), names=[f"t{i}"], offset=offset, numel=n,
+                       shape=torch.Size([n]), requires_grad=True)
+            for i, (offset, n) in enumerate(offsets_and_sizes)]
+
+
+def test_shards_split_padded_chunks_and_tensors_across_ranks():
+    assert padded_capacity(320, 2, 64) == 384  # 2 shards of 192 elements
+    assert padded_capacity(384, 2, 64) == 384
+    assert padded_capacity(100, 3, 64) == 192
+    layout = [(0, 100), (128, 150), (320, 10)]  # a 384-element chunk on 2 ranks: shards of 192
+    pieces = {}
+    for rank in (0, 1):
+        infos = infos_at(layout)
+        new_chunk_group(0, 384, infos, torch.float32, False, False, 0, (rank, 2))
+        pieces[rank] = [info.shard_piece() for info in infos]
+    # (start in the shard, start in the tensor, length)
+    assert pieces[0] == [(0, 0, 100), (128, 0, 64), (0, 0, 0)]
+    assert pieces[1] == [(0, 0, 0), (0, 64, 86), (128, 0, 10)]
+
+
+def test_reduced_gradients_go_to_runs_of_neighbouring_tensors():
+    infos = infos_at([(0, 64), (64, 64), (128, 64), (192, 64)])
+    group = new_chunk_group(0, 512, infos, torch.float32, False, False, 0, (0, 2))  # shard: 0..256
+    dest = torch.zeros(256)
+    infos[3].has_grad = True  # accumulation: this one adds to an earlier micro-batch's gradient
+    writes = gradient_writes(group, [infos[0], infos[1], infos[3]], dest)
+    assert [(begin, end, add) for _, begin, end, add in writes] == [(0, 128, False), (192, 256, True)]
