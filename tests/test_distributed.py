@@ -34,6 +34,7 @@ from engine import initialize_engine
 from engine.chunk import TensorInfo, new_chunk_group
 from engine.distributed import gradient_writes, padded_capacity
 from engine.errors import EngineError
+from pstar_cli.launch import MULTI_GPU_ENV
 from tests.engine_models import OddModel, TinyGPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,14 +82,19 @@ def host_copy(state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
+def compute_device() -> torch.device:
+    """Where the engine computes (initialize_engine made this rank's GPU the current one)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def train_steps(model, optimizer, batches, grad_accum: int = 1) -> tuple[list[float], list[float]]:
     """Steps on this rank's share of each global batch: (mean loss over ranks, global grad norm)."""
     rank, world_size = world()
     losses, norms = [], []
     for x, y in batches:
-        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        x, y = (t.chunk(world_size)[rank].to(compute_device()) for t in (x, y))
         optimizer.zero_grad()
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=compute_device())
         for mx, my in zip(x.chunk(grad_accum), y.chunk(grad_accum)):
             loss = model(mx, my)
             model.backward(loss / grad_accum)
@@ -114,7 +120,8 @@ def train(kind: str, cfg: dict, num_steps: int, grad_accum: int = 1, batch: int 
                                 grad_accum)
     moments = {k: v["exp_avg_sq"].cpu().clone() for k, v in optimizer.state_dict()["state"].items()}
     return {"losses": losses, "norms": norms, "initial": initial, "state": host_copy(model.state_dict()),
-            "moments": moments, "stats": model.chunk_stats()}
+            "moments": moments, "stats": model.chunk_stats(),
+            "layout": [info.names[0] for info in model._rt.infos]}  # after re-packing
 
 
 def resume(kind: str, cfg: dict) -> dict:
@@ -174,6 +181,8 @@ SCENARIOS = {"train": train, "resume": resume, "fp16_overflow": fp16_overflow,
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, scenario: str, kwargs: dict) -> None:
+    for key, value in MULTI_GPU_ENV.items():  # NVLink SHARP / multicast off, as the launcher does
+        os.environ.setdefault(key, value)
     # What torchrun would set: the engine creates the process group itself from these.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -192,6 +201,7 @@ def on_ranks(tmp_path: Path, world_size: int, scenario: str, **kwargs) -> list[d
 
 
 def assert_same_training(ours: dict, reference: dict) -> None:
+    assert ours["layout"] == reference["layout"]
     for key in ("losses", "norms"):
         torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(reference[key]), rtol=1e-5, atol=0)
     for key, value in reference["initial"].items():
@@ -211,12 +221,15 @@ def assert_same_training(ours: dict, reference: dict) -> None:
 @pytest.mark.parametrize("kind", ["gpt", "odd"])
 def test_two_ranks_train_like_one_rank_with_evictions(tmp_path, kind):
     """TinyGPT is built on meta (each rank keeps its slice of every init); OddModel (tied, frozen,
-    unused parameters, one tensor larger than a chunk) on the CPU, and is re-packed after warm-up."""
+    unused parameters, one tensor larger than a chunk) on the CPU, and is re-packed after warm-up
+    (its unused layer goes last), moving tensor pieces between the ranks' shards."""
     cfg = engine_config()
     reference = train(kind, cfg, num_steps=6)
     ranks = on_ranks(tmp_path, 2, "train", kind=kind, cfg=cfg, num_steps=6)
     for result in ranks:  # state_dict gathers the whole model on every rank
         assert_same_training(result, reference)
+    if kind == "odd":
+        assert ranks[0]["layout"][-2:] == ["unused.weight", "unused.bias"]  # re-packed
     stats = ranks[0]["stats"]
     assert stats["step_evictions"] > 0 and stats["step_h2d_moves"] > 0, stats
     assert stats["step_d2h_bytes"] > 0, stats  # reduced gradients went to host shards
