@@ -87,8 +87,17 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
     except ChildFailedError as exc:
         raise worker_failure(exc, output_dir / "logs") from None
     except SignalException as exc:
-        # the agent has already stopped the workers
-        raise Interrupted(f"stopped by {exc.sigval.name}; the workers were stopped too") from None
+        # the agent passed the signal on to the workers: they finished their step and wrote a
+        # checkpoint (pstar_cli/resilience.py), unless it took longer than the agent waits (30 s)
+        from pstar_cli.checkpoint import checkpoint_root, complete_checkpoints
+        from pstar_cli.resilience import StoppedBySignal
+
+        found = complete_checkpoints(checkpoint_root(cfg, output_dir))
+        raise StoppedBySignal(exc.sigval, [
+            f"stopped by {exc.sigval.name}; the workers were stopped too; latest checkpoint: "
+            f"{found[-1] if found else 'none'}",
+            "continue with the same `pstar train` command and --resume",
+        ]) from None
     except RendezvousError as exc:
         endpoint = cfg.distributed.rdzv_endpoint or "this machine"
         raise PstarError(

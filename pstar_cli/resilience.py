@@ -53,6 +53,12 @@ class TrainingFailed(PstarError):
         return self.lines
 
 
+class StoppedAtOnce(TrainingFailed):
+    """A second Ctrl-C: stopped where it was, nothing written."""
+
+    exit_code = 130
+
+
 class StoppedBySignal(TrainingFailed):
     """The run stopped on SIGTERM/SIGINT after writing a checkpoint; exit code 128 + signal."""
 
@@ -82,7 +88,7 @@ def run_training(cfg, output_dir: Path, ranks, view, resume: ResumePoint | None 
                                     last_saved_step=resume.step if resume is not None else -1).attach(trainer)
         stop.attach(trainer)
         state = trainer.train()
-    if stop.signum is not None:
+    if stop.signum is not None and state.step < cfg.train.steps:
         raise StoppedBySignal(stop.signum, [
             f"stopped by {signal.Signals(stop.signum).name} after step {state.step} of {cfg.train.steps}; "
             f"checkpoint: {checkpointer.latest or 'none (nothing was trained)'}",
@@ -95,14 +101,19 @@ def run_training(cfg, output_dir: Path, ranks, view, resume: ResumePoint | None 
 
 
 class SignalStop:
-    """While active (main thread only), SIGTERM/SIGINT ask the trainer to stop after its step."""
+    """While active (main thread only), SIGTERM/SIGINT ask the run to stop after its current step.
+
+    The handler only notes the signal; the decision is taken at the end of each step, agreed by
+    all ranks (one all-reduce of a flag on a CPU group), so that every rank stops after the same
+    step even when the signal reaches them during different steps."""
 
     def __init__(self, is_main: bool) -> None:
         self.is_main = is_main
         self.signum: int | None = None
         self._first_at = 0.0
-        self._trainer = None
         self._previous: dict[int, object] = {}
+        self._agree = False
+        self._group = None
 
     def __enter__(self) -> "SignalStop":
         if threading.current_thread() is threading.main_thread():
@@ -114,23 +125,34 @@ class SignalStop:
             signal.signal(signum, handler)
 
     def attach(self, trainer) -> None:
-        self._trainer = trainer
-        if self.signum is not None:  # it came while the engine was being built
+        """Check for a stop after every step (every rank calls this at the same point)."""
+        if trainer.ranks.world_size > 1 and dist.is_initialized():
+            self._agree = True
+            # a host-side flag: with NCCL, a CPU group avoids a device sync per step
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        trainer.hooks.step_end.append(self.on_step_end)
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        signum = self.signum or 0
+        if self._agree:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            signum = int(flag.item())
+        if signum:
+            self.signum = self.signum or signum  # a peer's signal stops this rank too
             trainer.request_stop()
 
     def _handle(self, signum: int, frame) -> None:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
-            if self._trainer is not None:
-                self._trainer.request_stop()
             if self.is_main:
                 print(f"pstar: {signal.Signals(signum).name} received: finishing this step, then writing a "
                       "checkpoint (Ctrl-C again to stop at once)", flush=True)
             return
         if signum == signal.SIGINT and now - self._first_at > SAME_SIGNAL_S:
-            raise TrainingFailed(["stopped at once by a second Ctrl-C, without writing a checkpoint; "
-                                  "the previous checkpoint is intact"])
+            raise StoppedAtOnce(["stopped at once by a second Ctrl-C, without writing a checkpoint; "
+                                 "the previous checkpoint is intact"])
 
 
 # ---- non-finite loss, stuck loss scale -----------------------------------------------------------
