@@ -112,6 +112,10 @@ def test_host_adam_overlapped_with_backward_equals_stepping_in_step(split_limit)
     assert all(n > 0 for n in started[2:]), started
     assert not any(ref_started)
     assert stats["step_d2h_bytes"] > 0 and stats["step_h2d_bytes"] == stats["step_d2h_bytes"]
+    # Param chunks of device groups never move again: their host copies are gone.
+    groups = model._rt.groups
+    assert all(g.param.host_flat is None for g in groups if g.optimizer_on_device)
+    assert all(g.param.host_flat is not None for g in groups if not g.optimizer_on_device)
     timings = model.step_timings()
     assert timings["optimizer_host"] > 0 and timings["optimizer_device"] > 0
 
