@@ -379,6 +379,15 @@ class HybridAdam(torch.optim.Optimizer):
                 elif not group.optimizer_on_device and chunk.host_flat is None:
                     new_bytes += chunk.nbytes
         rt.copier.check_host_plan(max(0, new_bytes - freed_bytes), 0)
+        if self._host.keep_resident:  # device groups' param chunks drop their host copies too
+            freed_bytes += sum(g.param.nbytes for g in rt.groups
+                               if g.optimizer_on_device and g.param.host_flat is not None)
+        host_bytes = rt.manager.host_allocated_bytes + new_bytes - freed_bytes
+        if host_bytes > rt.manager.host_budget_bytes:
+            log.warning("pstar: the optimizer groups the device cannot hold need %s bytes of host "
+                        "memory with the param chunks' host copies, over the host budget of %s: "
+                        "give the device more (device_memory_limit) if the host runs short",
+                        f"{host_bytes:,}", f"{rt.manager.host_budget_bytes:,}")
 
     def _bring_to_device(self, groups: list[ChunkGroup]) -> None:
         """Device groups: gradients (and the param chunk the new weights go to) onto the device.
