@@ -165,8 +165,10 @@ class Comm:
             return self.all_gather(full, shard), None
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
-            # The shard may have been written on the compute stream (new weights, a fetch).
-            self.stream.wait_stream(compute)
+            if shard.device.type == "cuda":
+                # A device shard may have been written on the compute stream (new weights). A host
+                # shard was written by host code, or by downloads the caller has waited for.
+                self.stream.wait_stream(compute)
             # Allocated on this stream, so the allocator orders its reuse after this stream's work;
             # recorded on the compute stream, which reads it until it is dropped.
             full = torch.empty(numel, dtype=shard.dtype, device=self.device)
@@ -278,18 +280,20 @@ def global_grad_norm(infos_in_order: list[TensorInfo], current_flat, comm: Comm,
     with_grad = [info for info in infos_in_order if info.has_grad]
     if not with_grad:
         return torch.zeros((), device=device)
-    partial = torch.zeros(len(with_grad), dtype=torch.float32, device=device)
-    pieces, slots = [], []
+    # Grouped by the device each piece lives on (device and host shards): one kernel and one copy
+    # to the compute device per group, not per tensor.
+    per_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
     for slot, info in enumerate(with_grad):
         begin, end = info.local_range()
         if begin < end:
             flat = current_flat(info.group.grad_chunk)
+            pieces, slots = per_device.setdefault(flat.device, ([], []))
             pieces.append(flat.narrow(0, begin, end - begin))
             slots.append(slot)
-    if pieces:
-        norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
-        squares = torch.stack([n.to(device) for n in norms]).square()
-        partial.index_copy_(0, torch.tensor(slots, device=device), squares)
+    partial = torch.zeros(len(with_grad), dtype=torch.float32, device=device)  # (num tensors,)
+    for pieces, slots in per_device.values():
+        squares = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)).square()
+        partial.index_copy_(0, torch.tensor(slots, device=device), squares.to(device))
     comm.all_reduce_(partial)
     return torch.linalg.vector_norm(partial.sqrt(), 2)
 
