@@ -23,10 +23,12 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +45,10 @@ METADATA = "metadata.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _HASH_BLOCK_BYTES = 8 << 20
-# Test hook: seconds to sleep after the rank files are written and before the checkpoint is
-# complete, so tests can kill the process in the middle of a write.
-PAUSE_ENV = "PSTAR_TEST_CHECKPOINT_PAUSE_S"
+# Test hook: a step number (0: every step); the checkpoint write of that step stops after the rank
+# files are written, before the checkpoint is complete, and waits to be killed or interrupted.
+PAUSE_ENV = "PSTAR_TEST_CHECKPOINT_PAUSE"
+_PAUSE_S = 600
 
 # Settings that may differ between a checkpoint and the run resuming it: the run's length and
 # logging, checkpointing itself, the number of processes (the shards are re-split), and how memory
@@ -360,7 +363,7 @@ def save_checkpoint(trainer, root: Path, keep: int) -> Path:
     del shard
     reports = group.all_gather(report)
     if ranks.is_main:
-        _pause_for_tests()
+        _pause_for_tests(step)
         _complete(tmp, final, _metadata(trainer, reports), [r["entry"] for r in reports])
         prune_checkpoints(root, keep)
     group.barrier()  # no rank goes on (or exits) before the checkpoint is complete
@@ -402,10 +405,11 @@ def _complete(tmp: Path, final: Path, metadata: dict, entries: list[dict]) -> No
     fsync_dir(final.parent)
 
 
-def _pause_for_tests() -> None:
-    pause_s = float(os.environ.get(PAUSE_ENV, 0) or 0)
-    if pause_s > 0:
-        time.sleep(pause_s)
+def _pause_for_tests(step: int) -> None:
+    wanted = os.environ.get(PAUSE_ENV)
+    if wanted is not None and int(wanted) in (0, step):
+        print(f"pstar: test pause inside the checkpoint write of step {step}", file=sys.stderr, flush=True)
+        time.sleep(_PAUSE_S)
 
 
 def remove_unfinished(root: Path) -> None:
@@ -450,22 +454,23 @@ def load_checkpoint(trainer, point: ResumePoint) -> None:
 
 def trim_metrics(path: Path, step: int) -> None:
     """Drop records past `step` from metrics.jsonl (a killed run logged steps that the resumed run
-    will redo), so the file keeps one record per step; written atomically."""
+    will redo) and a last line cut short by the kill, so that appending gives one record per
+    step; written atomically."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if not line.strip() or _record_step(line) <= step]
+    kept = [line for line in lines if line.endswith("\n") and _record_step(line) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(f".{path.name}.trim")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
 
 
-def _record_step(line: str) -> int:
+def _record_step(line: str) -> float:
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError, TypeError):
-        return 0  # a line cut short by a kill: keep it out of the way of the step check
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a record: drop it
 
 
 @dataclasses.dataclass
