@@ -36,6 +36,8 @@ FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_
 def _split_limit(**overrides) -> int:
     """A device limit that holds every param chunk and the activations (with the placement margin)
     but only about half of the optimizer state: host and device groups both, nothing evicted."""
+    if DEVICE.type == "cuda":  # cuBLAS takes its workspace at the first matmul: not in the probe
+        TinyGPT().to(DEVICE)(*next(batches("gpt", 1))).backward()
     torch.manual_seed(0)
     probe, probe_opt = initialize_engine(
         model_func=TinyGPT, config=engine_config(**{**overrides, "device_memory_limit": 64 << 20}))
