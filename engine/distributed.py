@@ -99,7 +99,7 @@ class Comm:
         self.tensor_device = device if backend == "nccl" else torch.device("cpu")
         # CUDA + NCCL: gathers and reductions run on this stream, ordered by events.
         self.stream = torch.cuda.Stream(device) if self.tensor_device.type == "cuda" else None
-        self._native_reduce_scatter = True
+        self._native_all_gather = self._native_reduce_scatter = True
         self._pending_host_adds: list = []  # CUDA: (event, host destination, pinned staging)
 
     # ---- plain collectives (synchronous) -----------------------------------------------------
@@ -125,7 +125,15 @@ class Comm:
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """full (world_size * n elements) <- every rank's shard (n), in rank order."""
         out = full if full.device == self.tensor_device else torch.empty_like(full, device=self.tensor_device)
-        _ALL_GATHER(out, shard.to(self.tensor_device), group=self.group)
+        source = shard.to(self.tensor_device)
+        if self._native_all_gather:
+            try:
+                _ALL_GATHER(out, source, group=self.group)
+            except (RuntimeError, NotImplementedError) as error:
+                self._note_missing("all_gather_into_tensor", error)
+                self._native_all_gather = False
+        if not self._native_all_gather:  # into views of the output, one per rank
+            dist.all_gather(list(out.chunk(self.world_size)), source, group=self.group)
         if out is not full:
             full.copy_(out)
         return full
@@ -138,10 +146,8 @@ class Comm:
             try:
                 _REDUCE_SCATTER(staged_out, staged_in, group=self.group)
             except (RuntimeError, NotImplementedError) as error:
-                if "support" not in str(error).lower():
-                    raise
+                self._note_missing("reduce_scatter_tensor", error)
                 self._native_reduce_scatter = False
-                log.info("pstar: this backend has no reduce_scatter; using all_reduce + slice")
         if not self._native_reduce_scatter:
             total = staged_in.clone()  # the caller's buffer may still hold weights in use
             dist.all_reduce(total, group=self.group)
@@ -149,6 +155,12 @@ class Comm:
         if staged_out is not out:
             out.copy_(staged_out)
         return out
+
+    def _note_missing(self, name: str, error: Exception) -> None:
+        """A collective this backend lacks is replaced by an equivalent; any other error is raised."""
+        if "support" not in str(error).lower():
+            raise error
+        log.info("pstar: the %s backend has no %s; using an equivalent", dist.get_backend(self.group), name)
 
     def gather_to_host(self, shard: torch.Tensor) -> torch.Tensor:
         """The whole chunk assembled from every rank's shard, as a new host tensor."""

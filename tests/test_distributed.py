@@ -176,8 +176,28 @@ def cpu_embedding_refused() -> dict:
     return {"error": None}
 
 
+def collectives() -> dict:
+    """The engine's all-gather and reduce-scatter, natively and through the equivalents used where
+    a backend lacks them (made to report "not supported" here)."""
+    import engine.distributed as engine_dist
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support this collective")
+
+    dist.init_process_group("gloo")
+    results = {}
+    for name in ("native", "equivalent"):
+        if name == "equivalent":
+            engine_dist._ALL_GATHER = engine_dist._REDUCE_SCATTER = missing
+        comm = engine_dist.Comm(torch.device("cpu"))
+        gathered = comm.all_gather(torch.empty(6), torch.arange(3.0) + 10 * comm.rank)
+        reduced = comm.reduce_scatter_sum(torch.empty(3), torch.arange(6.0) * (comm.rank + 1))
+        results[name] = (gathered.tolist(), reduced.tolist())
+    return results
+
+
 SCENARIOS = {"train": train, "resume": resume, "fp16_overflow": fp16_overflow,
-             "cpu_embedding_refused": cpu_embedding_refused}
+             "cpu_embedding_refused": cpu_embedding_refused, "collectives": collectives}
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, scenario: str, kwargs: dict) -> None:
@@ -287,6 +307,12 @@ def test_cpu_embedding_with_several_ranks_is_refused_clearly(tmp_path):
         assert result["error"] == "use_cpu_embedding is not supported with several ranks: set it to false"
 
 
+def test_collectives_and_their_equivalents_give_the_same_numbers(tmp_path):
+    for rank, result in enumerate(on_ranks(tmp_path, 2, "collectives")):
+        expected = ([0, 1, 2, 10, 11, 12], [3 * v for v in range(3 * rank, 3 * rank + 3)])
+        assert result == {"native": expected, "equivalent": expected}
+
+
 # ---- plain torchrun and the pstar launcher --------------------------------------------------
 
 def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -391,17 +417,32 @@ def test_a_worker_failing_mid_training_stops_the_job(tmp_path):
 
 # ---- GPUs -----------------------------------------------------------------------------------
 
+GPU_CASES = {
+    # gathers and evictions every step; reduced gradients go down to host shards
+    "evictions": (engine_config(), 1),
+    # everything fits: optimizer state and shards on the GPU, reductions write device shards
+    "resident": (engine_config(device_memory_limit=256 << 20), 1),
+    # accumulation into host grad shards: reductions staged through pinned memory, added on the host
+    "accumulation": (engine_config(gradient_accumulation_steps=2, gradient_clipping=0.05), 2),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-def test_two_gpus_train_like_one_gpu(tmp_path):
-    """NCCL on 2 GPUs against 1 GPU: gathers and reductions on the side stream, with evictions."""
-    for kind in ("gpt", "odd"):
-        cfg = engine_config()
-        reference = train(kind, cfg, num_steps=6)
-        ranks = on_ranks(tmp_path, 2, "train", kind=kind, cfg=cfg, num_steps=6)
-        for result in ranks:
-            assert_same_training(result, reference)
-        assert ranks[0]["stats"]["step_evictions"] > 0
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+@pytest.mark.parametrize("kind", ["gpt", "odd"])
+def test_two_gpus_train_like_one_gpu(tmp_path, kind, case):
+    """NCCL on 2 GPUs against 1 GPU: gathers and reductions on the side stream."""
+    cfg, grad_accum = GPU_CASES[case]
+    reference = train(kind, cfg, num_steps=6, grad_accum=grad_accum)
+    ranks = on_ranks(tmp_path, 2, "train", kind=kind, cfg=cfg, num_steps=6, grad_accum=grad_accum)
+    for result in ranks:
+        assert_same_training(result, reference)
+    stats = ranks[0]["stats"]
+    if case == "resident":
+        assert stats["optim_chunks_device"] > 0 and stats["optim_chunks_host"] == 0, stats
+    else:
+        assert stats["step_evictions"] > 0, stats
 
 
 # ---- the pieces -----------------------------------------------------------------------------
