@@ -343,8 +343,11 @@ class HybridAdam(torch.optim.Optimizer):
             rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch,
             device_capacity_bytes(rt.device, rt.manager.device_bytes))
         moving = [g for g in rt.groups if not g.host_only]
+        num_device_groups = placement.num_device_groups
+        if rt.comm is not None:  # the ranks' free memory differs, but their placements must not:
+            num_device_groups = rt.comm.agree_min(num_device_groups)  # gathers depend on them
         for index, group in enumerate(moving):
-            group.optimizer_on_device = index < placement.num_device_groups
+            group.optimizer_on_device = index < num_device_groups
         keep_resident = placement.params_fit and not rt.grad_accumulation and rt.comm is None
         self._host.plan(rt.groups, keep_resident, start_in_backward=keep_resident)
         self._check_host_memory()
