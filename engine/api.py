@@ -40,8 +40,8 @@ torchrun's environment when the script has not created one; `local_rank` default
 every chunk is split into world_size shards and rank r keeps shard r; param chunks are all-gathered
 before use and gradients reduce-scattered after backward, averaged over ranks, so training equals one
 rank with the same global batch. Every rank must call every method below in the same order.
-`device_memory_limit` is per rank; `host_memory_limit` (and the host share of
-`overall_cpu_mem_ratio`) is the machine's, divided among the ranks on it (LOCAL_WORLD_SIZE).
+`device_memory_limit` and `host_memory_limit` are per rank; without `host_memory_limit`, the
+machine's `overall_cpu_mem_ratio` share of host memory is divided among its ranks (LOCAL_WORLD_SIZE).
 `state_dict()` gathers the full fp32 weights on *every* rank (as host tensors; a collective), and
 `load_state_dict(sd)` takes the full dict on every rank and keeps each rank's shard.
 
@@ -107,9 +107,10 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | Non
 
 
 def _budgets(cfg: EngineConfig, device: torch.device, comm: Comm | None) -> tuple[int, int]:
-    """(device, host) bytes for this rank. The host is shared by the ranks on this machine (so is
-    the CPU when it is the compute device); with several ranks every rank takes the smallest
-    rank's budgets, so that all of them make the same placement decisions."""
+    """(device, host) bytes for this rank. Explicit limits are per rank; a share of the machine's
+    memory is divided among the ranks on it (the host's, and the CPU's when it is the compute
+    device). With several ranks every rank takes the smallest rank's budgets, so that all of them
+    make the same placement decisions."""
     local_ranks = comm.local_world_size if comm is not None else 1
     device_budget = cfg.device_memory_limit
     if device_budget is None:
@@ -118,8 +119,7 @@ def _budgets(cfg: EngineConfig, device: torch.device, comm: Comm | None) -> tupl
             device_budget //= local_ranks
     host_budget = cfg.host_memory_limit
     if host_budget is None:
-        host_budget = int(host_total_bytes() * cfg.mem_tracer.overall_cpu_mem_ratio)
-    host_budget //= local_ranks
+        host_budget = int(host_total_bytes() * cfg.mem_tracer.overall_cpu_mem_ratio) // local_ranks
     if comm is not None:
         device_budget, host_budget = comm.agree_min(device_budget), comm.agree_min(host_budget)
     return device_budget, host_budget
