@@ -200,12 +200,13 @@ class Trainer:
         """One optimizer step over the next global batch; returns the step's record."""
         step_start = time.perf_counter()
         lr = self.schedule(self.state.step)
+        # the step's lr is set before backward: the engine may start host optimizer groups'
+        # updates during backward, with the hyper-parameters it finds then
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad()
         loss = self.forward_backward_step()
         self.last_loss = loss  # the guards check it lazily (no device sync per step)
-        # the schedule sets every group's lr just before the step that uses it
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.step()
         self.state.step += 1
         self.state.sequences_seen += self.split.global_batch
