@@ -51,14 +51,18 @@ PAUSE_ENV = "PSTAR_TEST_CHECKPOINT_PAUSE"
 _PAUSE_S = 600
 
 # Settings that may differ between a checkpoint and the run resuming it: the run's length and
-# logging, checkpointing itself, the number of processes (the shards are re-split), and how memory
-# is used; none of them changes what a step computes. Entries ending in "." cover a section.
+# logging, checkpointing itself, the number of processes (the shards are re-split), how memory is
+# used (none of these changes what a step computes), and the knobs one turns to get a diverging
+# run going again (these are reported when they changed). Entries ending in "." cover a section.
 MAY_CHANGE = (
     "train.steps", "train.log_interval", "train.grad_accum", "model.activation_checkpointing",
     "checkpoint.", "distributed.", "engine.device_memory_limit", "engine.host_memory_limit",
     "engine.default_chunk_size", "engine.release_after_init", "engine.use_cpu_embedding",
     "engine.client.", "engine.optimizer.params.use_hybrid_adam",
+    "train.lr", "train.min_lr", "train.warmup_steps", "engine.gradient_clipping",
 )  # fmt: skip
+# Of those, the ones that change the numbers from the resumed step on.
+REPORTED_CHANGES = ("train.lr", "train.min_lr", "train.warmup_steps", "train.steps", "engine.gradient_clipping")
 
 
 class CheckpointError(PstarError):
@@ -141,6 +145,7 @@ class ResumePoint:
 
     path: Path
     metadata: dict
+    changes: tuple[str, ...] = ()  # settings changed since the checkpoint that alter the numbers
 
     @property
     def step(self) -> int:
@@ -163,7 +168,7 @@ def find_resume_point(requested: str, root: Path, config: dict) -> ResumePoint:
             f"(may change on resume: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in MAY_CHANGE)});"
             " to start afresh, train without --resume or with another output directory",
         ])
-    return ResumePoint(path, metadata)
+    return ResumePoint(path, metadata, tuple(config_changes(metadata["config"], config)))
 
 
 def _requested_path(requested: str, root: Path) -> Path:
@@ -201,15 +206,26 @@ def damaged_checkpoint_error(path: Path, problems: list[str]) -> CheckpointError
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """`key: value in the checkpoint, value now` for every setting that differs and matters."""
+    return [line for key, line in _differing(saved, current) if not _may_change(key)]
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The settings that may change on resume but alter the numbers (lr schedule, clipping)."""
+    return [line for key, line in _differing(saved, current) if key in REPORTED_CHANGES]
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
+
+
+def _differing(saved: dict, current: dict) -> list[tuple[str, str]]:
     old, new = _comparable(saved), _comparable(current)
-    lines = []
+    found = []
     for key in sorted(set(old) | set(new)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE):
-            continue
         before, after = old.get(key, _engine_default(key)), new.get(key, _engine_default(key))
         if before != after:
-            lines.append(f"{key}: {_show(before)} in the checkpoint, {_show(after)} now")
-    return lines
+            found.append((key, f"{key}: {_show(before)} in the checkpoint, {_show(after)} now"))
+    return found
 
 
 def _comparable(config: dict) -> dict[str, Any]:

@@ -221,15 +221,22 @@ def test_config_differences_list_what_matters_only():
                           "engine.device_memory_limit=9000000", "distributed.nproc_per_node=2",
                           "train.grad_accum=2", "model.activation_checkpointing=true").to_dict()
     assert ckpt.config_differences(saved, allowed) == []
+    assert ckpt.config_changes(saved, allowed) == ["train.steps: 6 in the checkpoint, 50 now"]
     # writing out a default, or the size's own numbers, changes nothing
     same = tiny_config("engine.fp16.min_loss_scale=1.0", "model.hidden=64").to_dict()
     assert ckpt.config_differences(saved, same) == []
-    changed = tiny_config("train.lr=0.001", "engine.optimizer.params.weight_decay=0.0", "model.layers=3",
-                          "train.seed=5").to_dict()
+    # getting a diverging run going again: allowed, and reported
+    tuned = tiny_config("train.lr=0.001", "engine.gradient_clipping=0.5").to_dict()
+    assert ckpt.config_differences(saved, tuned) == []
+    assert ckpt.config_changes(saved, tuned) == ["engine.gradient_clipping: 1.0 in the checkpoint, 0.5 now",
+                                                 "train.lr: 0.003 in the checkpoint, 0.001 now"]
+    changed = tiny_config("train.batch_size=8", "engine.optimizer.params.weight_decay=0.0", "model.layers=3",
+                          "train.seed=5", "engine.bf16.enabled=true").to_dict()
     assert ckpt.config_differences(saved, changed) == [
+        "engine.bf16.enabled: false in the checkpoint, true now",
         "engine.optimizer.params.weight_decay: 0.1 in the checkpoint, 0.0 now",
         "model.layers: 2 in the checkpoint, 3 now",
-        "train.lr: 0.003 in the checkpoint, 0.001 now",
+        "train.batch_size: 4 in the checkpoint, 8 now",
         "train.seed: 0 in the checkpoint, 5 now",
     ]
 

@@ -182,15 +182,17 @@ def test_resume_refuses_a_config_that_differs_and_lists_the_differences(config_p
     out = tmp_path / "run"
     process = start(config_path, out, "train.steps=6")  # stops after step 6 with checkpoints 3, 6
     assert process.wait(TIMEOUT_S) == 0
-    result = CliRunner().invoke(app, ["train", str(config_path), "train.lr=0.01", "train.seed=3",
+    result = CliRunner().invoke(app, ["train", str(config_path), "train.batch_size=8", "train.seed=3",
                                       "--output-dir", str(out), "--resume"])
     assert result.exit_code == 2
     assert "was written with a different config" in result.output
-    assert "train.lr: 0.003 in the checkpoint, 0.01 now" in result.output
+    assert "train.batch_size: 4 in the checkpoint, 8 now" in result.output
     assert "train.seed: 0 in the checkpoint, 3 now" in result.output
-    # train.steps may change: the run goes on from step 6 (on another lr curve) to the new end
-    result = run(config_path, out, "train.steps=8", "--resume", str(out / "checkpoints" / "step-00000003"))
+    # train.steps and the lr may change (reported): the run goes on from step 3 to the new end
+    result = run(config_path, out, "train.steps=8", "train.lr=0.002", "--resume",
+                 str(out / "checkpoints" / "step-00000003"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "changed since the checkpoint: train.lr: 0.003 in the checkpoint, 0.002 now" in result.stdout
     assert [step for step, _ in losses(out)] == list(range(1, 9))
     assert losses(out)[:3] == reference[:3]
 

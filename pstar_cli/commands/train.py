@@ -48,6 +48,8 @@ def command(
     point = None
     if resume:
         point = find_resume_point(resume_path or "latest", checkpoint_root(cfg, output_dir), cfg.to_dict())
+        for change in point.changes:
+            typer.echo(f"pstar: changed since the checkpoint: {change}")
     try:
         launch(cfg, Path(config), overrides, output_dir, point)
     except StoppedBySignal as stopped:
