@@ -171,7 +171,7 @@ def _plan_groups(params: list[tuple[nn.Parameter, list[str]]], cfg: EngineConfig
     return groups
 
 
-def rank_and_world(manager: ChunkManager) -> tuple[int, int] | None:
+def _rank_and_world(manager: ChunkManager) -> tuple[int, int] | None:
     comm = manager.comm
     return None if comm is None else (comm.rank, comm.world_size)
 
@@ -196,7 +196,7 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     host_only_modules, host_only_ids = _host_only_embeddings(module, cfg.use_cpu_embedding)
     regular = [p for p in params if id(p[0]) not in host_only_ids]
     host_side = [p for p in params if id(p[0]) in host_only_ids]
-    sharding = rank_and_world(manager)
+    sharding = _rank_and_world(manager)
     groups = _plan_groups(regular, cfg, dtype, host_only=False, first_group=0, first_chunk=0,
                           rank_and_world=sharding)
     num_chunks = sum(len(g.chunks) for g in groups)
