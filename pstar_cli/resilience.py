@@ -121,6 +121,9 @@ class SignalStop:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        if self._previous and self.signum is not None:
+            # a fast stop: let the first signal's echoes arrive while they are still ignored
+            time.sleep(max(0.0, self._first_at + SAME_SIGNAL_S - time.monotonic()))
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
