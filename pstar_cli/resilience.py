@@ -81,6 +81,8 @@ def run_training(cfg, output_dir: Path, ranks, view, resume: ResumePoint | None 
         if resume is not None:
             load_checkpoint(trainer, resume)
             trainer.view.note(f"resumed from {resume.path} at step {resume.step}")
+            if resume.step >= cfg.train.steps:
+                trainer.view.note(f"nothing left to train: train.steps is {cfg.train.steps}; raise it to go on")
         inject_test_fault(trainer, os.environ.get(FAULT_ENV))
         guard = LossGuard(trainer)
         trainer.hooks.step_end.append(guard.on_step_end)
