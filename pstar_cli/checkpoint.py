@@ -19,7 +19,6 @@ checkpoint.dir must be a directory that all of them share.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -165,8 +164,8 @@ def find_resume_point(requested: str, root: Path, config: dict) -> ResumePoint:
         raise CheckpointError([
             f"the checkpoint {path} was written with a different config; these settings differ:",
             *differences,
-            f"(may change on resume: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in MAY_CHANGE)});"
-            " to start afresh, train without --resume or with another output directory",
+            "(train.steps, the lr schedule, clipping, memory limits, checkpoint.* and distributed.* may "
+            "change); to start afresh, train without --resume or with another output directory",
         ])
     return ResumePoint(path, metadata, tuple(config_changes(metadata["config"], config)))
 
@@ -345,7 +344,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _Group:
+class _Collectives:
     """The collectives a checkpoint needs; plain calls on one process."""
 
     def __init__(self, world_size: int) -> None:
@@ -366,7 +365,7 @@ class _Group:
 def save_checkpoint(trainer, root: Path, keep: int) -> Path:
     """Write the trainer's state as checkpoint `step-N` in `root` (every rank calls this)."""
     ranks, step = trainer.ranks, trainer.state.step
-    group = _Group(ranks.world_size)
+    group = _Collectives(ranks.world_size)
     final = root / step_dir_name(step)
     tmp = root / f"{_TMP_PREFIX}{final.name}"
     if ranks.is_main:
@@ -489,7 +488,7 @@ def _record_step(line: str) -> float:
         return math.inf  # not a record: drop it
 
 
-@dataclasses.dataclass
+@dataclass
 class Checkpointer:
     """The run's checkpoint schedule: every `interval` steps (0: none), at the last step when
     `interval` is set, and whenever the run is stopped early (a signal). `health_check` runs just

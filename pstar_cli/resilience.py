@@ -80,7 +80,9 @@ def run_training(cfg, output_dir: Path, ranks, view, resume: ResumePoint | None 
         report.trainer = trainer
         if resume is not None:
             load_checkpoint(trainer, resume)
-            trainer.view.note(f"resumed from {resume.path} at step {resume.step}")
+            saved_ranks = resume.metadata["world_size"]
+            resharded = f" (re-split from {saved_ranks} rank(s))" if saved_ranks != ranks.world_size else ""
+            trainer.view.note(f"resumed from {resume.path} at step {resume.step}{resharded}")
             if resume.step >= cfg.train.steps:
                 trainer.view.note(f"nothing left to train: train.steps is {cfg.train.steps}; raise it to go on")
         inject_test_fault(trainer, os.environ.get(FAULT_ENV))
