@@ -177,15 +177,20 @@ def _requested_path(requested: str, root: Path) -> Path:
             raise CheckpointError([f"--resume: no checkpoint in {root} (checkpoint.dir); train without "
                                    "--resume to start, or give the path of a checkpoint"])
         return found[-1]
+    return checkpoint_at(requested)
+
+
+def checkpoint_at(requested: str) -> Path:
+    """A checkpoint directory given by the user, or the newest one in a checkpoint.dir given."""
     path = Path(requested)
     if not path.is_dir():
-        raise CheckpointError([f"--resume {requested}: no such checkpoint directory"])
-    if not (path / MANIFEST).exists() and complete_checkpoints(path):
-        return complete_checkpoints(path)[-1]  # a checkpoint.dir: its newest checkpoint
-    if not (path / MANIFEST).exists():
-        raise CheckpointError([f"--resume {requested}: not a complete checkpoint (it has no {MANIFEST}); "
-                               f"complete ones are the step-* directories that hold one"])
-    return path
+        raise CheckpointError([f"{requested}: no such checkpoint directory"])
+    if (path / MANIFEST).exists():
+        return path
+    if complete_checkpoints(path):
+        return complete_checkpoints(path)[-1]
+    raise CheckpointError([f"{requested}: not a complete checkpoint (no {MANIFEST}, written last), nor a "
+                           "checkpoint.dir holding one"])
 
 
 def damaged_checkpoint_error(path: Path, problems: list[str]) -> CheckpointError:
@@ -549,12 +554,7 @@ def export_checkpoint(requested: str, out: Path, dtype: str = "float32") -> Expo
     memory for the whole model in `dtype`: the one place pstar assembles it."""
     from engine.checkpoint import full_state_dict
 
-    source = Path(requested)
-    if not (source / MANIFEST).exists() and complete_checkpoints(source):
-        source = complete_checkpoints(source)[-1]  # a checkpoint.dir: its newest checkpoint
-    elif not source.is_dir() or not (source / MANIFEST).exists():
-        raise CheckpointError([f"{requested}: not a checkpoint (a step-* directory holding {MANIFEST}) "
-                               "nor a checkpoint.dir holding one"])
+    source = checkpoint_at(requested)
     problems = verify_checkpoint(source)
     if problems:
         raise damaged_checkpoint_error(source, problems)

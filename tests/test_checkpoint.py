@@ -294,7 +294,7 @@ def test_export_round_trip_loads_strictly_and_gives_the_engines_loss(tmp_path):
 def test_export_of_something_else_is_one_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path), str(tmp_path / "m.pt")])
     assert result.exit_code == 2
-    assert "not a checkpoint" in result.output and "Traceback" not in result.output
+    assert "not a complete checkpoint" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.gpu
