@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -201,8 +202,14 @@ def read_yaml_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(["is not a file; give the path of a YAML config"], str(path))
     try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"is not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"], str(path))
+    except OSError as exc:
+        raise ConfigError([f"cannot be read: {exc.strerror}"], str(path))
+    try:
+        raw = parse_yaml(text)
+    except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError([f"is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}"], str(path))
@@ -288,6 +295,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
 def _range_problem(value: Any, rules: dict) -> str | None:
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"  # NaN would pass every range check below
     if "choices" in rules and value not in rules["choices"]:
         return "must be one of " + ", ".join(rules["choices"])
     if "min" in rules and value < rules["min"]:

@@ -132,6 +132,19 @@ def test_invalid_yaml_names_the_line(tmp_path):
     assert problem.startswith("is not valid YAML at line")
 
 
+def test_a_file_that_is_not_utf8_says_so(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: {size: gpt-tiny}\n# caf\xe9\n".encode("latin-1"))
+    (problem,) = problems_of(path=path)
+    assert problem == "is not UTF-8 text (bad byte at offset 29); save it as UTF-8"
+
+
+def test_not_a_number_is_not_a_learning_rate():
+    problems = problems_of({**BASE, "train": {**BASE["train"], "lr": float("nan"), "min_lr": float("inf")}})
+    assert problems == ["train.lr: must be a finite number (got nan)",
+                        "train.min_lr: must be a finite number (got inf)"]
+
+
 def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
     path = write(tmp_path, """
 trian: {steps: 3}
