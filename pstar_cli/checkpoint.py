@@ -75,6 +75,12 @@ class CheckpointError(PstarError):
         return self.lines
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, no permission): training stops there."""
+
+    exit_code = 1
+
+
 def checkpoint_root(cfg, output_dir: Path) -> Path:
     """`checkpoint.dir`, or `checkpoints/` in the run's output directory."""
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(output_dir) / "checkpoints"
@@ -522,7 +528,14 @@ class Checkpointer:
 
     def save(self, trainer) -> Path:
         self.health_check(trainer)
-        path = save_checkpoint(trainer, self.root, self.keep)
+        try:
+            path = save_checkpoint(trainer, self.root, self.keep)
+        except OSError as exc:  # a full disk, a read-only or missing directory
+            raise CheckpointWriteError([
+                f"could not write the checkpoint of step {trainer.state.step} in {self.root}: {exc}",
+                f"training stopped here; {self.latest or 'no earlier checkpoint'} is intact. Make room or "
+                "fix checkpoint.dir, then continue with --resume",
+            ]) from None
         self.last_saved_step = trainer.state.step
         trainer.view.note(f"checkpoint: {path}")
         return path

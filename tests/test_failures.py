@@ -197,3 +197,11 @@ def test_fp16_loss_scale_stuck_at_its_minimum_is_reported(config_path, tmp_path,
     [warning] = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert "the fp16 loss scale has been at engine.fp16.min_loss_scale (1e+33) for 4 steps" in warning
     assert "4 of them skipped" in warning and "bf16" in warning
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(config_path, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = train(config_path, tmp_path / "run", f"checkpoint.dir={blocker / 'checkpoints'}")
+    assert_one_clear_error(result, 1, "could not write the checkpoint of step 2", "Not a directory",
+                           "no earlier checkpoint is intact")
