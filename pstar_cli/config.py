@@ -463,10 +463,16 @@ def config_from_dict(raw: dict, source: str | None = None, *, bf16_supported: bo
                 for name, cls in SECTION_TYPES.items()}
     engine = build_engine_section(raw.get("engine"), bf16_supported, problems)
     cfg = Config(**sections, engine=engine)
-    if not any(p.startswith("model") for p in problems):
+    # checks across keys run only on sections without problems: a bad value has been replaced by
+    # its default, and a problem about that default would name a number the user never wrote
+    if _clean(problems, "model"):
         problems += model_problems(cfg)
-    problems += data_problems(cfg.data, cfg.train.seq_len)
-    problems += train_problems(cfg) + distributed_problems(cfg.distributed)
+    if _clean(problems, "data"):
+        problems += data_problems(cfg.data, cfg.train.seq_len)
+    if _clean(problems, "train", "distributed"):
+        problems += train_problems(cfg)
+    if _clean(problems, "distributed"):
+        problems += distributed_problems(cfg.distributed)
     if problems:
         raise ConfigError(problems, source)
     if cfg.model.family is None:
@@ -474,6 +480,11 @@ def config_from_dict(raw: dict, source: str | None = None, *, bf16_supported: bo
 
         cfg.model.family = models.resolve_model_config(cfg.model_dict())["family"]
     return cfg
+
+
+def _clean(problems: list[str], *sections: str) -> bool:
+    prefixes = tuple(f"{name}{sep}" for name in sections for sep in ".:")
+    return not any(problem.startswith(prefixes) for problem in problems)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = (), *,

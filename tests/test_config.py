@@ -115,6 +115,16 @@ def test_empty_short_and_misaligned_data_files(tmp_path):
         {**BASE, "data": {"kind": "tokens", "path": str(odd)}})[0]
 
 
+def test_checks_across_keys_do_not_report_the_defaults_of_bad_values():
+    # batch_size 0 is replaced by its default 8, which 3 micro-batches do not split: not reported
+    assert problems_of({**BASE, "train": {"batch_size": 0, "grad_accum": 3}}) == [
+        "train.batch_size: must be >= 1 (got 0)"]
+    assert problems_of({**BASE, "data": {"kind": "images", "path": "x.txt"}}) == [
+        "data.kind: must be one of synthetic, text, tokens (got 'images')"]
+    assert problems_of({**BASE, "distributed": {"nnodes": 0, "node_rank": 1}}) == [
+        "distributed.nnodes: must be >= 1 (got 0)"]
+
+
 def test_tokens_need_a_path_and_synthetic_takes_none():
     assert problems_of({**BASE, "data": {"kind": "tokens"}})[0].startswith("data.path: required")
     assert problems_of({**BASE, "data": {"path": "x.txt"}})[0].startswith("data.path: only used")
