@@ -258,3 +258,20 @@ def test_one_rank_checkpoint_reshards_onto_two_ranks(config_path, two_rank_run, 
     assert [step for step, _ in losses(two)] == [5, 6, 7, 8]
     expected = [loss for _, loss in losses(one)[4:]]
     assert [loss for _, loss in losses(two)] == pytest.approx(expected, rel=1e-5)
+
+
+def test_two_ranks_stop_together_on_sigterm_and_resume(config_path, two_rank_run, tmp_path):
+    """The launcher passes SIGTERM on to the workers; they agree on the step to stop after, write
+    one checkpoint together, and the launcher names it."""
+    out = tmp_path / "run"
+    steps = ["distributed.nproc_per_node=2", "train.steps=30", "checkpoint.interval=0"]
+    process = start(config_path, out, *steps)
+    wait_for(lambda: num_logged(out) >= 5, "step 5", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(TIMEOUT_S) == 128 + signal.SIGTERM
+    [latest] = ckpt.complete_checkpoints(out / "checkpoints")
+    assert ckpt.verify_checkpoint(latest) == [] and ckpt.read_metadata(latest)["world_size"] == 2
+    assert f"stopped by SIGTERM; the workers were stopped too; latest checkpoint: {latest}" in output_of(out)
+    result = run(config_path, out, *steps, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [step for step, _ in losses(out)] == list(range(1, 31))
