@@ -79,12 +79,7 @@ def run_training(cfg, output_dir: Path, ranks, view, resume: ResumePoint | None 
         trainer = Trainer(cfg, output_dir, ranks, view, append_metrics=resume is not None)
         report.trainer = trainer
         if resume is not None:
-            load_checkpoint(trainer, resume)
-            saved_ranks = resume.metadata["world_size"]
-            resharded = f" (re-split from {saved_ranks} rank(s))" if saved_ranks != ranks.world_size else ""
-            trainer.view.note(f"resumed from {resume.path} at step {resume.step}{resharded}")
-            if resume.step >= cfg.train.steps:
-                trainer.view.note(f"nothing left to train: train.steps is {cfg.train.steps}; raise it to go on")
+            resume_trainer(trainer, resume)
         inject_test_fault(trainer, os.environ.get(FAULT_ENV))
         guard = LossGuard(trainer)
         trainer.hooks.step_end.append(guard.on_step_end)
@@ -99,6 +94,15 @@ def run_training(cfg, output_dir: Path, ranks, view, resume: ResumePoint | None 
             "continue with the same `pstar train` command and --resume",
         ])
     return state
+
+
+def resume_trainer(trainer, resume: ResumePoint) -> None:
+    load_checkpoint(trainer, resume)
+    saved_ranks = resume.metadata["world_size"]
+    resharded = f" (re-split from {saved_ranks} rank(s))" if saved_ranks != trainer.ranks.world_size else ""
+    trainer.view.note(f"resumed from {resume.path} at step {resume.step}{resharded}")
+    if resume.step >= trainer.cfg.train.steps:
+        trainer.view.note(f"nothing left to train: train.steps is {trainer.cfg.train.steps}; raise it to go on")
 
 
 # ---- signals -----------------------------------------------------------------------------------
