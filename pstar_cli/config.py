@@ -24,8 +24,6 @@ import yaml
 
 from pstar_cli.errors import PstarError
 
-BYTE_VOCAB_SIZE = 256  # `data.kind: text` feeds raw UTF-8 bytes as token ids
-
 
 class ConfigError(PstarError):
     """A config with one or more problems; `problems` holds one line per problem."""
@@ -387,6 +385,7 @@ def _has_key(d: Any, path: tuple[str, ...]) -> bool:
 def model_problems(cfg: Config) -> list[str]:
     """Size name, shape and vocabulary checks of the model section (the models package decides)."""
     import models
+    from pstar_cli.data import BYTE_VOCAB_SIZE
 
     problems = models.model_config_problems(cfg.model_dict())
     if problems:
@@ -395,31 +394,6 @@ def model_problems(cfg: Config) -> list[str]:
     if cfg.data.kind == "text" and vocab_size < BYTE_VOCAB_SIZE:
         return [f"model.vocab_size: data.kind text needs at least {BYTE_VOCAB_SIZE} token ids "
                 f"(one per byte value), got {vocab_size}"]
-    return []
-
-
-def data_problems(data: DataConfig, seq_len: int) -> list[str]:
-    if data.kind == "synthetic":
-        return [] if data.path is None else [
-            "data.path: only used when data.kind is text or tokens; remove it or set data.kind"]
-    if data.path is None:
-        return [] if data.kind == "text" else [
-            "data.path: required when data.kind is tokens (a .bin file of uint16/uint32 token ids)"]
-    path = Path(data.path)
-    if not path.exists():
-        return [f"data.path: file not found: {data.path}"]
-    if not path.is_file():
-        return [f"data.path: is not a file: {data.path}"]
-    item_bytes = {"text": 1, "tokens": 2 if data.dtype == "uint16" else 4}[data.kind]
-    file_bytes = path.stat().st_size
-    if file_bytes == 0:
-        return [f"data.path: file is empty: {data.path}"]
-    if file_bytes % item_bytes:
-        return [f"data.path: {file_bytes} bytes is not a whole number of {data.dtype} token ids; "
-                f"check data.dtype"]
-    num_tokens = file_bytes // item_bytes
-    if num_tokens < seq_len + 1:
-        return [f"data.path: holds {num_tokens} tokens, fewer than train.seq_len + 1 = {seq_len + 1}"]
     return []
 
 
@@ -468,7 +442,9 @@ def config_from_dict(raw: dict, source: str | None = None, *, bf16_supported: bo
     if _clean(problems, "model"):
         problems += model_problems(cfg)
     if _clean(problems, "data"):
-        problems += data_problems(cfg.data, cfg.train.seq_len)
+        from pstar_cli.data import data_problems
+
+        problems += data_problems(dataclasses.asdict(cfg.data), cfg.train.seq_len)
     if _clean(problems, "train", "distributed"):
         problems += train_problems(cfg)
     if _clean(problems, "distributed"):

@@ -86,9 +86,7 @@ class TokenStream(TokenSource):
         super().__init__(seq_len, vocab_size, seed)
         self.tokens, self.id_mask, self.kind, self.path = tokens, id_mask, kind, path
         num_whole = (tokens.numel() - 1) // seq_len
-        if num_whole < 1:
-            raise DataError(f"data.path: {path} holds {tokens.numel()} tokens, fewer than "
-                            f"seq_len + 1 = {seq_len + 1}; use a longer file or a shorter train.seq_len")
+        assert num_whole >= 1, "build_data checks that the file holds one window"
         # keep one window's worth of slack so each epoch can start at its own offset
         self.shifts = num_whole >= 2
         self.num_windows = num_whole - 1 if self.shifts else num_whole
@@ -128,60 +126,64 @@ class TokenStream(TokenSource):
 
 
 def build_data(data_cfg: dict, seq_len: int, vocab_size: int, seed: int) -> TokenSource:
-    """The TokenSource of a `data` config section; raises DataError for an unusable file."""
+    """The TokenSource of a `data` config section; raises DataError for an unusable setting or file."""
+    problems = data_problems(data_cfg, seq_len)
+    if problems:
+        raise DataError(problems[0])
     kind = data_cfg.get("kind") or "synthetic"
-    if kind not in KINDS:
-        raise DataError(f"data.kind: {kind!r} is not one of {', '.join(KINDS)}")
     if kind == "synthetic":
         return SyntheticTokens(seq_len, vocab_size, seed)
+    path = Path(data_cfg.get("path") or default_corpus_path())
     if kind == "text":
-        return _build_text(data_cfg.get("path"), seq_len, vocab_size, seed)
-    return _build_tokens(data_cfg.get("path"), data_cfg.get("dtype") or "uint16", seq_len, vocab_size, seed)
+        return _build_text(path, seq_len, vocab_size, seed)
+    return _build_tokens(path, data_cfg.get("dtype") or "uint16", seq_len, vocab_size, seed)
 
 
-def _build_text(path_value, seq_len: int, vocab_size: int, seed: int) -> TokenStream:
-    if vocab_size < BYTE_VOCAB_SIZE:
-        raise DataError(f"model.vocab_size: text data is byte-level and needs at least "
-                        f"{BYTE_VOCAB_SIZE} token ids, got {vocab_size}")
-    path = Path(path_value) if path_value else default_corpus_path()
-    num_bytes = _checked_file_size(path, item_bytes=1, what="a UTF-8 text file")
-    _check_utf8(path)
-    tokens = torch.from_file(str(path), shared=False, size=num_bytes, dtype=torch.uint8)
-    return TokenStream(tokens, 0xFF, "text", path, seq_len, vocab_size, seed)
+def data_problems(data_cfg: dict, seq_len: int) -> list[str]:
+    """What makes a `data` section unusable (its first problem, naming the key); [] when usable.
+
+    Files are judged by their size and, for text, by their first bytes: nothing is read whole, so
+    `pstar validate` runs this as cheaply as `build_data` does.
+    """
+    kind, path_value = data_cfg.get("kind") or "synthetic", data_cfg.get("path")
+    dtype = data_cfg.get("dtype") or "uint16"
+    if kind not in KINDS:
+        return [f"data.kind: {kind!r} is not one of {', '.join(KINDS)}"]
+    if kind == "synthetic":
+        return [] if path_value is None else [
+            "data.path: only used when data.kind is text or tokens; remove it or set data.kind"]
+    if kind == "tokens" and dtype not in _TOKEN_DTYPES:
+        return [f"data.dtype: {dtype!r} is not one of {', '.join(_TOKEN_DTYPES)}"]
+    if kind == "tokens" and not path_value:
+        return ["data.path: required when data.kind is tokens (a .bin file of uint16/uint32 token ids)"]
+    problem = _file_problem(Path(path_value or default_corpus_path()), kind, dtype, seq_len)
+    return [] if problem is None else [problem]
 
 
-def _build_tokens(path_value, dtype: str, seq_len: int, vocab_size: int, seed: int) -> TokenStream:
-    if dtype not in _TOKEN_DTYPES:
-        raise DataError(f"data.dtype: {dtype!r} is not one of {', '.join(_TOKEN_DTYPES)}")
-    if not path_value:
-        raise DataError("data.path: required for data.kind tokens (a .bin file of uint16/uint32 ids)")
-    path = Path(path_value)
-    storage_dtype, id_mask = _TOKEN_DTYPES[dtype]
-    item_bytes = storage_dtype.itemsize
-    num_bytes = _checked_file_size(path, item_bytes, what=f"a file of {dtype} token ids")
-    tokens = torch.from_file(str(path), shared=False, size=num_bytes // item_bytes, dtype=storage_dtype)
-    if tokens.numel() <= _VOCAB_SCAN_TOKENS:
-        _scan_vocab(tokens, id_mask, path, vocab_size)  # fail at start, not hours into a run
-    return TokenStream(tokens, id_mask, "tokens", path, seq_len, vocab_size, seed)
-
-
-def _checked_file_size(path: Path, item_bytes: int, what: str) -> int:
+def _file_problem(path: Path, kind: str, dtype: str, seq_len: int) -> str | None:
     if not path.exists():
-        raise DataError(f"data.path: file not found: {path}; set data.path to {what}")
+        return f"data.path: file not found: {path}"
     if not path.is_file():
-        raise DataError(f"data.path: {path} is not a file; set data.path to {what}")
+        return f"data.path: is not a file: {path}"
+    if not os.access(path, os.R_OK):
+        return f"data.path: {path} is not readable; check its permissions"
     num_bytes = path.stat().st_size
     if num_bytes == 0:
-        raise DataError(f"data.path: {path} is empty; set data.path to {what}")
+        return f"data.path: file is empty: {path}"
+    item_bytes = 1 if kind == "text" else _TOKEN_DTYPES[dtype][0].itemsize
     if num_bytes % item_bytes:
-        raise DataError(f"data.path: {path} has {num_bytes} bytes, not a whole number of "
-                        f"{item_bytes}-byte token ids; check data.dtype")
-    if not os.access(path, os.R_OK):
-        raise DataError(f"data.path: {path} is not readable; check its permissions")
-    return num_bytes
+        return (f"data.path: {path} has {num_bytes} bytes, not a whole number of {dtype} token ids; "
+                f"check data.dtype")
+    if kind == "text" and (problem := _utf8_problem(path)) is not None:
+        return problem
+    num_tokens = num_bytes // item_bytes
+    if num_tokens < seq_len + 1:
+        return (f"data.path: {path} holds {num_tokens} tokens, fewer than train.seq_len + 1 = {seq_len + 1}; "
+                f"use a longer file or a shorter train.seq_len")
+    return None
 
 
-def _check_utf8(path: Path) -> None:
+def _utf8_problem(path: Path) -> str | None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as f:
         head = f.read(_UTF8_CHECK_BYTES)
@@ -189,8 +191,26 @@ def _check_utf8(path: Path) -> None:
     try:
         decoder.decode(head, final=whole)  # a character cut at the end of a partial read is fine
     except UnicodeDecodeError as e:
-        raise DataError(f"data.path: {path} is not UTF-8 text (bad byte at offset {e.start}); "
-                        f"convert it to UTF-8, or use data.kind tokens for token-id files") from None
+        return (f"data.path: {path} is not UTF-8 text (bad byte at offset {e.start}); "
+                f"convert it to UTF-8, or use data.kind tokens for token-id files")
+    return None
+
+
+def _build_text(path: Path, seq_len: int, vocab_size: int, seed: int) -> TokenStream:
+    if vocab_size < BYTE_VOCAB_SIZE:
+        raise DataError(f"model.vocab_size: text data is byte-level and needs at least "
+                        f"{BYTE_VOCAB_SIZE} token ids, got {vocab_size}")
+    tokens = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+    return TokenStream(tokens, 0xFF, "text", path, seq_len, vocab_size, seed)
+
+
+def _build_tokens(path: Path, dtype: str, seq_len: int, vocab_size: int, seed: int) -> TokenStream:
+    storage_dtype, id_mask = _TOKEN_DTYPES[dtype]
+    num_tokens = path.stat().st_size // storage_dtype.itemsize
+    tokens = torch.from_file(str(path), shared=False, size=num_tokens, dtype=storage_dtype)
+    if tokens.numel() <= _VOCAB_SCAN_TOKENS:
+        _scan_vocab(tokens, id_mask, path, vocab_size)  # fail at start, not hours into a run
+    return TokenStream(tokens, id_mask, "tokens", path, seq_len, vocab_size, seed)
 
 
 def _scan_vocab(tokens: torch.Tensor, id_mask: int, path: Path, vocab_size: int) -> None:

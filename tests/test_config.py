@@ -125,6 +125,13 @@ def test_checks_across_keys_do_not_report_the_defaults_of_bad_values():
         "distributed.nnodes: must be >= 1 (got 0)"]
 
 
+def test_text_data_that_is_not_utf8_is_found_at_load(tmp_path):
+    binary = tmp_path / "ids.bin"
+    binary.write_bytes(b"\xff\xfe" * 100)
+    (problem,) = problems_of({**BASE, "data": {"kind": "text", "path": str(binary)}})
+    assert problem.startswith(f"data.path: {binary} is not UTF-8 text (bad byte at offset 0)")
+
+
 def test_tokens_need_a_path_and_synthetic_takes_none():
     assert problems_of({**BASE, "data": {"kind": "tokens"}})[0].startswith("data.path: required")
     assert problems_of({**BASE, "data": {"path": "x.txt"}})[0].startswith("data.path: only used")

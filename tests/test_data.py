@@ -119,7 +119,7 @@ def test_token_id_beyond_vocab_is_found_in_a_batch_of_a_big_file(tmp_path, monke
     (None, {"kind": "text"}, "file not found"),
     (b"", {"kind": "text"}, "is empty"),
     (b"\xff\xfe\x00 not text" * 10, {"kind": "text"}, "is not UTF-8 text"),
-    (b"abc", {"kind": "text"}, "fewer than seq_len + 1"),
+    (b"abc", {"kind": "text"}, "fewer than train.seq_len + 1"),
     (b"\x01\x02\x03", {"kind": "tokens", "dtype": "uint16"}, "not a whole number"),
     ("dir", {"kind": "text"}, "is not a file"),
 ])
