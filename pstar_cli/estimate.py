@@ -279,11 +279,7 @@ def workload_from_config(cfg, gpus_per_node: int | None = None) -> Workload:
     gpus_per_node = gpus_per_node or cfg.distributed.nproc_per_node
     num_ranks = gpus_per_node * cfg.distributed.nnodes
     return Workload(
-        family=model["family"], size=model.get("size"), num_params=models.num_params(model),
-        largest_layer_params=largest_layer_params(model), hidden=model["hidden"],
-        layers=model["layers"], heads=model["heads"],
-        ffn_hidden=model.get("ffn_hidden", 4 * model["hidden"]), vocab_size=model["vocab_size"],
-        seq_len=cfg.train.seq_len,
+        **model_fields(model), family=model["family"], seq_len=cfg.train.seq_len,
         micro_batch_size=max(1, cfg.train.batch_size // (cfg.train.grad_accum * num_ranks)),
         activation_checkpointing=model["activation_checkpointing"], precision=cfg.precision,
         grad_accum=cfg.train.grad_accum, gpus_per_node=gpus_per_node,
@@ -294,12 +290,16 @@ def workload_from_config(cfg, gpus_per_node: int | None = None) -> Workload:
     )
 
 
-def with_size(w: Workload, model: dict, num_params: int) -> Workload:
-    """The same workload with another model of the family (a resolved model dict)."""
-    return dataclasses.replace(
-        w, size=model.get("size"), num_params=num_params, largest_layer_params=largest_layer_params(model),
-        hidden=model["hidden"], layers=model["layers"], heads=model["heads"],
-        ffn_hidden=model.get("ffn_hidden", 4 * model["hidden"]), vocab_size=model["vocab_size"])
+def model_fields(model: dict) -> dict:
+    """The Workload fields that describe the model itself, from a resolved model dict."""
+    import models
+
+    return {
+        "size": model.get("size"), "num_params": models.num_params(model),
+        "largest_layer_params": largest_layer_params(model), "hidden": model["hidden"],
+        "layers": model["layers"], "heads": model["heads"],
+        "ffn_hidden": model.get("ffn_hidden", 4 * model["hidden"]), "vocab_size": model["vocab_size"],
+    }
 
 
 def largest_trainable(w: Workload, hw: Hardware) -> Workload | None:
@@ -310,7 +310,7 @@ def largest_trainable(w: Workload, hw: Hardware) -> Workload | None:
     best = None
     for size in table:
         model = models.resolve_model_config({"family": w.family, "size": size, "seq_len": w.seq_len})
-        candidate = with_size(w, model, models.num_params(model))
+        candidate = dataclasses.replace(w, **model_fields(model))
         fits = pstar_estimate(candidate, hw).fits
         if fits and (best is None or candidate.num_params > best.num_params):
             best = candidate
@@ -355,14 +355,14 @@ def detect_gpu() -> tuple[int | None, str]:
     return None, "no GPU detected"
 
 
-def detect_hardware(gpu_gb: float | None = None, host_gb: float | None = None) -> Hardware:
+def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None) -> Hardware:
     """Given sizes (GiB) win over detected ones; host memory comes from psutil."""
-    if gpu_gb is not None:
-        gpu_bytes, gpu_source = int(gpu_gb * GIB), "given"
+    if gpu_gib is not None:
+        gpu_bytes, gpu_source = int(gpu_gib * GIB), "given"
     else:
         gpu_bytes, gpu_source = detect_gpu()
-    if host_gb is not None:
-        host_bytes, host_source = int(host_gb * GIB), "given"
+    if host_gib is not None:
+        host_bytes, host_source = int(host_gib * GIB), "given"
     else:
         import psutil
 

@@ -174,6 +174,13 @@ def test_cli_table_output_without_a_gpu():
         assert text in result.stdout
 
 
+def test_without_a_gpu_the_footer_asks_for_its_size_in_gib():
+    from pstar_cli.commands.estimate_memory import footer_lines
+
+    report = estimate_report(GPT_1_3B, Hardware(None, 128 * GIB, "no GPU detected", "given"))
+    assert "no GPU detected (give its size in GiB with --gpu-mem)" in footer_lines(report)[1]
+
+
 # Peaks measured on one H200 with torch 2.11 (torch.cuda.max_memory_allocated, GiB): activations
 # of one forward + backward with bf16 weights, and three steps of plain PyTorch AMP + fused AdamW.
 MEASURED_H200 = [

@@ -64,7 +64,7 @@ def side_table(title: str, report: dict, side: str, kinds: tuple[str, ...]):
 def footer_lines(report: dict) -> list[str]:
     model, work, hw = report["model"], report["workload"], report["hardware"]
     gpu = (f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})" if hw["gpu_bytes"]
-           else "no GPU detected (give one with --gpu-mem GB)")
+           else "no GPU detected (give its size in GiB with --gpu-mem)")
     best = report["largest_pstar_model"]
     best_line = (f"largest {model['family']} size pstar trains here: {best['size']} "
                  f"({format_count(best['num_params'])} parameters)" if best
