@@ -2,7 +2,8 @@
 
 `metrics.jsonl` holds one JSON object per logged step; a resumed run appends to it.
 GPU memory comes from NVML (what `nvidia-smi` shows for the whole device) and from the CUDA caching
-allocator (this process's tensors); host memory from psutil.
+allocator (this process's tensors); host memory from psutil. The number formatting here is shared by
+every command, so torch is imported only where memory is read: importing this module does not load it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MetricsWriter:
@@ -83,6 +86,8 @@ class MemoryProbe:
         self._nvml_handle = open_nvml_handle(device) if device.type == "cuda" else None
 
     def sample(self) -> MemorySample:
+        import torch
+
         gpu_used = gpu_total = gpu_allocated = gpu_peak = None
         if self._nvml_handle is not None:
             import pynvml
@@ -128,6 +133,8 @@ def open_nvml_handle(device: torch.device):
     NVML numbers GPUs physically while torch numbers the visible ones, so the device is matched by
     its UUID; the index is the fallback for drivers that do not report one.
     """
+    import torch
+
     try:
         import pynvml
 
@@ -146,6 +153,14 @@ def open_nvml_handle(device: torch.device):
         except Exception:
             pynvml.nvmlShutdown()
             return None
+
+
+def format_count(num: int) -> str:
+    """A parameter count to three figures in the unit that keeps it readable: 859 K, 1.31 B, 175 B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if num >= scale:
+            return f"{num / scale:.3g} {unit}" if num < 100 * scale else f"{num / scale:,.0f} {unit}"
+    return str(num)
 
 
 def format_bytes(num_bytes: int | float | None) -> str:

@@ -201,3 +201,12 @@ def test_estimates_match_peaks_measured_on_h200(size, batch, seq_len, recompute,
     assert activation_bytes(w) / GIB == pytest.approx(activations_gib, rel=0.09)
     if amp_gib is not None:
         assert estimate_systems(w, H200)["pytorch"].gpu.total / GIB == pytest.approx(amp_gib, rel=0.10)
+
+
+def test_sizes_and_counts_read_well():
+    from pstar_cli.metrics import format_bytes, format_count
+
+    assert [format_bytes(b) for b in (None, 512, 1.5 * GIB, 140 * GIB, 2048 * GIB)] == [
+        "-", "512 B", "1.50 GiB", "140.0 GiB", "2.00 TiB"]
+    assert [format_count(n) for n in (999, 858_624, 1_313_722_368, 174_563_733_504)] == [
+        "999", "859 K", "1.31 B", "175 B"]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from pstar_cli.errors import PstarError
+from pstar_cli.metrics import format_bytes, format_count
 
 SYSTEM_TITLES = {
     "pstar": "pstar",
@@ -17,25 +18,6 @@ SYSTEM_TITLES = {
 }
 GPU_COLUMNS = ("param", "grad", "master", "exp_avg", "exp_avg_sq", "compute_copy")
 HOST_COLUMNS = ("param", "grad", "master", "exp_avg", "exp_avg_sq")
-
-
-def format_bytes(num_bytes: int | None) -> str:
-    if num_bytes is None:
-        return "?"
-    if num_bytes == 0:
-        return "0"
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:,.1f} {unit}"
-    return f"{num_bytes} B"
-
-
-def format_count(num: int) -> str:
-    """A parameter count in the unit that keeps it readable: 858.6 K, 1.31 B."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if num >= scale:
-            return f"{num / scale:.3g} {unit}" if num < 100 * scale else f"{num / scale:,.0f} {unit}"
-    return str(num)
 
 
 def format_fits(fits: bool | None) -> str:
