@@ -17,16 +17,12 @@ COMMAND_NAMES = ("train", "profile", "validate", "estimate-memory", "export")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user must fix something", imported only when needed."""
+    """Exception types that mean "the user must fix something" (pstar_cli's errors, DataError and
+    ConfigError among them, derive from PstarError; the engine, importable alone, has its own)."""
+    from engine.config import EngineConfigError
     from pstar_cli.errors import PstarError
 
-    types: list[type[BaseException]] = [PstarError, FileNotFoundError]
-    for module_name, class_name in (("pstar_cli.data", "DataError"), ("engine.config", "EngineConfigError")):
-        try:
-            types.append(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):
-            pass  # that part of pstar is not installed: its errors cannot occur either
-    return tuple(types)
+    return PstarError, EngineConfigError, FileNotFoundError
 
 
 def error_lines(exc: BaseException) -> list[str]:
@@ -56,16 +52,9 @@ def report_user_errors(func: Callable) -> Callable:
     return wrapper
 
 
-def load_command(name: str) -> Callable | None:
-    """The `command` function of a subcommand's module, or None while that module does not exist."""
-    module_name = "pstar_cli.commands." + name.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the module exists but one of its imports is missing: a real bug
-        return None
-    return getattr(module, "command", None)
+def load_command(name: str) -> Callable:
+    """The `command` function of `pstar <name>`'s module."""
+    return importlib.import_module("pstar_cli.commands." + name.replace("-", "_")).command
 
 
 def version_callback(value: bool) -> None:
@@ -94,9 +83,7 @@ def build_app() -> typer.Typer:
         """pstar: heterogeneous CPU/GPU chunk-based training."""
 
     for name in COMMAND_NAMES:
-        command = load_command(name)
-        if command is not None:
-            app.command(name)(report_user_errors(command))
+        app.command(name)(report_user_errors(load_command(name)))
     return app
 
 

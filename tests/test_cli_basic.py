@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from pstar_cli.errors import PstarError
-from pstar_cli.main import app, load_command, report_user_errors
+from pstar_cli.main import COMMAND_NAMES, app, load_command, report_user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -101,9 +101,13 @@ def test_user_errors_exit_2_and_bugs_keep_their_traceback():
         report_user_errors(bug)()
 
 
-def test_missing_command_modules_are_skipped():
-    assert load_command("no-such-command") is None
-    assert callable(load_command("validate"))
+def test_every_command_is_registered_from_its_module():
+    from pstar_cli.commands import estimate_memory
+
+    assert load_command("estimate-memory") is estimate_memory.command
+    result = invoke("--help")
+    for name in COMMAND_NAMES:
+        assert name in result.stdout
 
 
 def run_module(*args, cwd=REPO):
