@@ -91,7 +91,8 @@ def _family_of(cfg: dict) -> tuple[str | None, list[str]]:
         if family is None:
             return None, [f"model.size: {size!r} is not a known size; known: {_known_sizes()}"]
     if family is None:
-        return None, [f"model.family: required; one of {', '.join(FAMILIES)}"]
+        return None, [f"model.size: required (a size name such as gpt-124m or llama-1b), or set "
+                      f"model.family ({' or '.join(FAMILIES)}) with hidden, layers and heads"]
     if family not in FAMILIES:
         return None, [f"model.family: {family!r} is not one of {', '.join(FAMILIES)}"]
     return family, []
@@ -145,7 +146,8 @@ def _value_problems(cfg: dict) -> list[str]:
                                 or not 0.0 <= dropout < 1.0):
         problems.append(f"model.dropout: expected a number in [0, 1), got {dropout!r}")
     theta = cfg.get("rope_theta")
-    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0):
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                              or not 0 < theta < float("inf")):
         problems.append(f"model.rope_theta: expected a positive number, got {theta!r}")
     return problems
 

@@ -72,6 +72,19 @@ def test_size_names_are_close_to_their_counts():
             assert models.num_params({"size": name}) / (float(number[:-1]) * scale) == pytest.approx(1, abs=0.06)
 
 
+def test_size_table_comments_give_the_counts():
+    """models/sizes.py notes each benchmark size's count; the note must be num_params to 3 figures."""
+    import re
+    from pathlib import Path
+
+    text = Path(models.__file__).with_name("sizes.py").read_text()
+    notes = re.findall(r'"(gpt-[\w.]+)": \(.*\),  # ([\d.]+)e9', text)
+    notes += [(name, count) for count, name in re.findall(r'# ([\d.]+)e9.*\n\s+"(llama-[\w.]+)"', text)]
+    assert len(notes) == 21 + 5  # all but the three GPT-2 shapes
+    for name, count in notes:
+        assert float(f"{models.num_params({'size': name}) / 1e9:.3g}") == float(count), name
+
+
 def test_llama_flops_count_head_but_not_input_lookup():
     cfg = {"size": "llama-1b"}
     c = models.resolve_model_config(cfg)
@@ -272,6 +285,8 @@ def test_explicit_keys_override_size_and_defaults_fill_in():
     ({"family": "gpt", "size": "gpt-13b"}, "not a known gpt size"),
     ({"family": "bert", "size": "gpt-1.3b"}, "model.family: 'bert' is not one of gpt, llama"),
     ({"family": "gpt", "hidden": 64}, "model.layers: required"),
+    ({}, "model.size: required (a size name such as gpt-124m or llama-1b), or set model.family"),
+    ({"size": "llama-tiny", "rope_theta": float("nan")}, "model.rope_theta: expected a positive number"),
     ({"family": "gpt", "hidden": 64, "layers": 2, "heads": 5}, "not divisible by model.heads=5"),
     ({"size": "llama-tiny", "kv_heads": 3}, "not a multiple of model.kv_heads=3"),
     ({"size": "gpt-tiny", "layers": "2"}, "model.layers: expected a positive integer"),
