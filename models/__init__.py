@@ -9,6 +9,8 @@ Models are constructed on the `meta` device and materialised on the current defa
 `for m in model.modules(): model.init_module_(m)`.
 """
 
+import dataclasses
+
 from torch import nn
 
 from models.config import (FAMILIES, ModelConfigError, default_ffn_hidden, model_config_problems,
@@ -27,6 +29,11 @@ def build_model(model_cfg: dict) -> nn.Module:
     cfg = resolve_model_config(model_cfg)
     if cfg["family"] == "gpt":
         from models.gpt import GPT, GPTConfig
-        return GPT(GPTConfig.from_dict(cfg))
+        return GPT(_dataclass_from(GPTConfig, cfg))
     from models.llama import Llama, LlamaConfig
-    return Llama(LlamaConfig.from_dict(cfg))
+    return Llama(_dataclass_from(LlamaConfig, cfg))
+
+
+def _dataclass_from(cls: type, cfg: dict):
+    """A family's config dataclass from a resolved model dict (keys it has no field for are left out)."""
+    return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg})

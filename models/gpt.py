@@ -1,6 +1,6 @@
 """GPT-2 style decoder: pre-LayerNorm blocks, learned positions, tied input/output embedding."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,6 @@ class GPTConfig:
     seq_len: int = 1024
     activation_checkpointing: bool = False
     dropout: float = 0.0
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "GPTConfig":
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
 class CausalSelfAttention(nn.Module):

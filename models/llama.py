@@ -1,6 +1,6 @@
 """Llama-style decoder: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,6 @@ class LlamaConfig:
     activation_checkpointing: bool = False
     dropout: float = 0.0
     norm_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "LlamaConfig":
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
 class RMSNorm(nn.Module):
