@@ -54,7 +54,7 @@ class RunInfo:
 class NullView:
     """Shows nothing (e.g. `pstar profile`, which prints its own report)."""
 
-    live = False  # whether the view wants every step's numbers, not only those of log steps
+    live = False
 
     def __enter__(self) -> "NullView":
         return self
@@ -184,8 +184,7 @@ def build_progress(info: RunInfo) -> Progress:
 
 def render_dashboard(record: dict[str, Any], progress: Progress, info: RunInfo) -> RenderableType:
     """The whole live view for the latest step record (an empty record before the first step)."""
-    parts: list[RenderableType] = [progress, metrics_grid(record), memory_grid(record, info)]
-    parts.append(placement_panel(record, info))
+    parts = (progress, metrics_grid(record), memory_grid(record), placement_panel(record, info))
     return Panel(Group(*parts), title=f"pstar train · {info.title}", title_align="left")
 
 
@@ -207,7 +206,7 @@ def metrics_grid(record: dict[str, Any]) -> Table:
     return grid
 
 
-def memory_grid(record: dict[str, Any], info: RunInfo) -> Table:
+def memory_grid(record: dict[str, Any]) -> Table:
     grid = Table.grid(padding=(0, 3))
     if record.get("gpu_total_bytes"):
         gpu = f"GPU memory {format_bytes(record.get('gpu_mem_bytes'))} / {format_bytes(record['gpu_total_bytes'])}"
