@@ -145,9 +145,9 @@ def test_case_exception_is_reported_by_the_case_itself(tmp_path):
 
 
 def test_hanging_case_is_stopped_at_its_timeout(tmp_path):
-    outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=8, extra_env={SIMULATE_ENV: "hang"})
-    assert outcome.status == "timed out after 8 s"
-    assert outcome.wall_s < 8 + 15
+    outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=3, extra_env={SIMULATE_ENV: "hang"})
+    assert outcome.status == "timed out after 3 s"
+    assert outcome.wall_s < 3 + 15
 
 
 def test_cases_beyond_the_time_budget_are_skipped_not_started(tmp_path):
@@ -184,8 +184,6 @@ def test_cpu_smoke_pstar(tmp_path):
     done = run_harness(tmp_path, "--systems", "pstar", "--chunk-size", "65536")
     assert done.returncode == 0, done.stderr
     row = json.loads((tmp_path / "results.json").read_text())[0]
-    if row["status"].startswith("not implemented"):
-        pytest.skip(f"engine.initialize_engine is not implemented yet ({row['status']})")
     assert row["status"] == "ok", row
     assert row["step_s"] > 0 and row["init_s"] > 0
     assert row["details"]["chunk_stats"]["model_data_bytes"] > 0
