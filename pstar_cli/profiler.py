@@ -67,24 +67,44 @@ def run_profile(cfg: Config, output_dir: Path, num_steps: int) -> ProfileResult:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=max(cfg.train.steps, total_steps)))
     write_run_config(cfg, output_dir)
     baseline_rss_bytes = psutil.Process().memory_info().rss
-    trainer = Trainer(cfg, output_dir, Ranks())
     files = {name: str(output_dir / name) for name in ("profile.json", "memory_timeline.svg", "trace.json")}
-    try:
-        for _ in range(NUM_WARMUP_STEPS):
-            trainer.train_step()
-        steps = [timed_step(trainer) for _ in range(num_steps)]
-        timeline = list(trainer.model.memory_timeline())
-        # peaks are read before tracing: the profiler's own buffers are not the model's
-        memory_check = compare_with_estimate(cfg, steps[-1], timeline, trainer.device, baseline_rss_bytes)
-        summary = summarise(steps, trainer)
-        trace_one_step(trainer, Path(files["trace.json"]))
-    finally:
-        trainer.close()
+    with ExplainedFailures() as failures:
+        trainer = failures.trainer = Trainer(cfg, output_dir, Ranks())
+        try:
+            for _ in range(NUM_WARMUP_STEPS):
+                trainer.train_step()
+            steps = [timed_step(trainer) for _ in range(num_steps)]
+            timeline = list(trainer.model.memory_timeline())
+            # peaks are read before tracing: the profiler's own buffers are not the model's
+            memory_check = compare_with_estimate(cfg, steps[-1], timeline, trainer.device, baseline_rss_bytes)
+            summary = summarise(steps, trainer)
+            trace_one_step(trainer, Path(files["trace.json"]))
+        finally:
+            trainer.close()
     title = f"{cfg.model.size or cfg.model.family}: memory per moment of the traced warm-up"
     Path(files["memory_timeline.svg"]).write_text(memory_timeline_svg(timeline, title), encoding="utf-8")
     result = ProfileResult(summary, steps, timeline, memory_check, files, notes)
     Path(files["profile.json"]).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result
+
+
+class ExplainedFailures:
+    """Out-of-memory errors and engine refusals leave as one clear message, as in `pstar train`
+    (without its checkpoint advice: profiling writes none)."""
+
+    trainer = None  # set once built, so a message can say at which step memory ran out
+
+    def __enter__(self) -> "ExplainedFailures":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from pstar_cli.errors import PstarError
+        from pstar_cli.resilience import TrainingFailed, explain_failure
+
+        lines = None if exc is None or isinstance(exc, PstarError) else explain_failure(exc, self.trainer)
+        if lines is None:
+            return False  # no failure, one already explained, or a bug: leave it as it is
+        raise TrainingFailed(lines) from None
 
 
 def synchronize(device: torch.device) -> None:

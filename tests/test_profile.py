@@ -88,6 +88,26 @@ def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
         assert expected in text, expected
 
 
+def test_an_engine_refusal_is_one_clear_message(monkeypatch, tmp_path):
+    import engine
+    from engine.errors import ModelTooLargeError
+    from typer.testing import CliRunner
+
+    from pstar_cli.main import app
+
+    def refuse(model_func, local_rank=0, config=None):
+        raise ModelTooLargeError("the model's data needs 9 bytes but the budgets allow 2")
+
+    monkeypatch.setattr(engine, "initialize_engine", refuse)
+    monkeypatch.setattr("pstar_cli.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    result = CliRunner().invoke(app, ["profile", str(TINY), "model.size=gpt-tiny", "train.seq_len=32",
+                                      "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: the model's data needs 9 bytes but the budgets allow 2"
+    assert "pstar estimate-memory" in lines[1] and len(lines) == 2
+
+
 def test_svg_axis_and_an_empty_timeline():
     assert nice_ceiling(3 * MIB) == 5 * MIB
     assert nice_ceiling(1.2 * 2**30) == 2 * 2**30
