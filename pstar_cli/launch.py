@@ -41,10 +41,6 @@ class WorkerFailed(PstarError):
         return self.lines
 
 
-class Interrupted(PstarError):
-    exit_code = 130  # the shell's convention for a run ended by a signal
-
-
 def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path, resume=None) -> None:
     """Train as the config says, from `resume` (a verified checkpoint.ResumePoint) if given;
     returns when training is done, raises PstarError on failure."""
