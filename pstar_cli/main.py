@@ -18,17 +18,22 @@ COMMAND_NAMES = ("train", "profile", "validate", "estimate-memory", "export")
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user must fix something" (pstar_cli's errors, DataError and
-    ConfigError among them, derive from PstarError; the engine, importable alone, has its own)."""
+    ConfigError among them, derive from PstarError; the engine, importable alone, has its own).
+
+    The file system errors are those of paths the user names, e.g. an --output-dir that is a file."""
     from engine.config import EngineConfigError
     from pstar_cli.errors import PstarError
 
-    return PstarError, EngineConfigError, FileNotFoundError
+    return (PstarError, EngineConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
 
 
 def error_lines(exc: BaseException) -> list[str]:
     """The message of a user error, one entry per printed line."""
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return [f"file not found: {exc.filename}"]
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return [f"{exc.strerror[0].lower()}{exc.strerror[1:]}: {exc.filename}"]  # "not a directory: out/x"
     lines = exc.message_lines() if hasattr(exc, "message_lines") else str(exc).splitlines()
     return lines or [type(exc).__name__]
 

@@ -101,6 +101,13 @@ def test_user_errors_exit_2_and_bugs_keep_their_traceback():
         report_user_errors(bug)()
 
 
+def test_an_output_directory_that_is_a_file_is_a_user_mistake(tmp_path):
+    not_a_dir = tmp_path / "notes.txt"
+    not_a_dir.write_text("x")
+    result = invoke("profile", "configs/tiny.yaml", "--output-dir", str(not_a_dir / "profile"))
+    assert_one_line_error(result, f"error: not a directory: {not_a_dir / 'profile'}")
+
+
 def test_every_command_is_registered_from_its_module():
     from pstar_cli.commands import estimate_memory
 
