@@ -155,8 +155,12 @@ class EngineModel(nn.Module):
         scaler = self._rt.scaler
         if scaler.enabled:
             loss = loss.float() * scaler.scale
+        ends_before = self._rt.num_backward_ends
         loss.backward()
-        self._rt.end_backward()
+        if self._rt.num_backward_ends == ends_before:
+            # The graph reached no chunk, so the hooks queued no end-of-backward callback. Ending
+            # it only then spares a second wait for the gradient reductions of several ranks.
+            self._rt.end_backward()
         self._rt.add_time("backward", start)
 
     # ---- state -----------------------------------------------------------------------------

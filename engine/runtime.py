@@ -40,6 +40,7 @@ class EngineRuntime:
     param_order: list[TensorInfo]  # the same, in the model's parameters() order
     comm: Comm | None = None  # several ranks: the process group; None on one rank
     num_micro_steps: int = 0  # backward passes since the last optimizer step
+    num_backward_ends: int = 0  # calls of end_backward (the autograd callback's or backward's)
     optimizer_placed: bool = False
     repack_checked: bool = False
     first_used: list[TensorInfo] = field(default_factory=list)  # warm-up forward's first uses
@@ -70,6 +71,7 @@ class EngineRuntime:
 
     def end_backward(self) -> None:
         with self.manager.lock:
+            self.num_backward_ends += 1
             if self.manager.in_fwd_bwd:
                 self.num_micro_steps += 1
             self.manager.in_fwd_bwd = False

@@ -475,6 +475,25 @@ def test_forward_after_backward_without_step_is_refused():
     model(x, y)
 
 
+def test_each_backward_ends_once_even_when_it_reaches_no_chunk():
+    """The end of a backward (with several ranks: the wait for its gradient reductions) runs once
+    per model.backward(), from autograd's callback, or from backward() when the graph touches no
+    chunk."""
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(gradient_accumulation_steps=2))
+    runtime = model._rt
+    ended = []
+    original = runtime.end_backward
+    runtime.end_backward = lambda: (ended.append(True), original())
+    model._hooks.on_backward_end = runtime.end_backward
+    x, y = next(batches("gpt", 1))
+    model.backward(model(x, y))
+    assert len(ended) == 1 and runtime.num_micro_steps == 1
+    model(x)  # a forward whose output is not used: its graph reaches no chunk
+    model.backward(torch.ones((), requires_grad=True) * 2.0)
+    assert len(ended) == 2 and runtime.num_micro_steps == 2
+    optimizer.step()
+
+
 def test_model_too_large_for_the_budgets_is_refused_before_any_step():
     cfg = engine_config(device_memory_limit=10_000, host_memory_limit=20_000)
     with pytest.raises(ModelTooLargeError) as err:
