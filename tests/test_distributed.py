@@ -266,6 +266,26 @@ def test_gradient_accumulation_and_clipping_on_two_ranks(tmp_path):
     assert ours["stats"]["grad_chunks_device"] + ours["stats"]["grad_chunks_host"] > 0
 
 
+def test_fp16_clipping_and_accumulation_on_two_ranks(tmp_path):
+    """fp16 (dynamic scale) with clipping, gradient accumulation and evictions: the unscale and
+    clip multiplier comes from a norm over both ranks' shards. fp16 gradients round differently
+    when averaged over ranks, so the tolerance is fp16's (~1e-4 of a weight); a wrong slice, a
+    missing average or an unscaled shard moves weights by the lr (3e-3) or more."""
+    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 2,
+            "hysteresis": 1, "min_loss_scale": 1}
+    cfg = engine_config(fp16=fp16, gradient_clipping=0.05, gradient_accumulation_steps=2)
+    reference = train("gpt", cfg, num_steps=3, grad_accum=2)
+    [ours, _] = on_ranks(tmp_path, 2, "train", kind="gpt", cfg=cfg, num_steps=3, grad_accum=2)
+    scales = [4096, 4096, 8192, 8192]  # no overflow: doubled after each 2 clean steps
+    # the norms are of the scaled gradients; clipping is active in every step
+    assert all(norm / scale > 0.05 for norm, scale in zip(reference["norms"], scales))
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(ours["norms"]), torch.tensor(reference["norms"]), rtol=1e-3, atol=0)
+    for key, value in reference["state"].items():
+        torch.testing.assert_close(ours["state"][key], value, rtol=0, atol=1e-3, msg=lambda m: f"{key}: {m}")
+    assert ours["stats"]["step_evictions"] > 0
+
+
 def test_optimizer_state_on_the_device_with_two_ranks(tmp_path):
     cfg = engine_config(device_memory_limit=64 * 1024 * 1024)
     reference = train("gpt", cfg, num_steps=4)
