@@ -111,6 +111,35 @@ def test_shard_state_resumes_bitwise_in_any_chunk_layout(chunk_size):
             assert torch.equal(resumed.state_dict()[key], value), key
 
 
+def test_shard_state_of_a_repacked_layout_resumes_a_fresh_engine_bitwise():
+    """OddModel is re-packed after its warm-up (its unused layer goes last); a fresh engine loads
+    the state into the init layout, then re-packs at its own first step, moments and all."""
+    from tests.engine_models import OddModel
+
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1}},
+              "default_chunk_size": 2048, "device_memory_limit": 64 * 1024, "gradient_clipping": 0.5}
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(64, (4, 17), generator=generator) for _ in range(6)]
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        return initialize_engine(model_func=OddModel, config=config)
+
+    model, optimizer = fresh(0)
+    train_steps(model, optimizer, data[:3])
+    assert [info.names[0] for info in model._rt.infos][-2:] == ["unused.weight", "unused.bias"]
+    state = model.shard_state()
+    straight = train_steps(model, optimizer, data[3:])
+    resumed, resumed_optimizer = fresh(7)  # other weights, overwritten by the state
+    assert [info.names[0] for info in resumed._rt.infos][-2:] != ["unused.weight", "unused.bias"]
+    resumed.load_shard_state(state)
+    assert_same_losses(train_steps(resumed, resumed_optimizer, data[3:]), straight)
+    assert [info.names[0] for info in resumed._rt.infos][-2:] == ["unused.weight", "unused.bias"]
+    if DEVICE.type == "cpu":
+        for key, value in model.state_dict().items():
+            assert torch.equal(resumed.state_dict()[key], value), key
+
+
 def test_shard_state_holds_masters_moments_and_step_counts():
     model, optimizer = build_engine()
     train_steps(model, optimizer, batches(3))
