@@ -223,10 +223,6 @@ class HostUpdates:
             if all(info.has_grad for info in group.tensors):
                 self._expected[id(group)] = len(group.tensors)
 
-    @property
-    def num_eligible(self) -> int:
-        return len(self._expected)
-
     # ---- during backward ---------------------------------------------------------------------
 
     def on_gradient(self, info: TensorInfo) -> ChunkGroup | None:
