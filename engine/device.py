@@ -84,6 +84,16 @@ def host_adam_threads() -> int:
     return max(1, usable // max(1, local_ranks))
 
 
+def to_device_without_sync(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`. A host tensor goes to a CUDA device from pinned memory, asynchronously:
+    torch waits for the whole compute stream after a copy from pageable memory, which inside a
+    step would stall the host until the GPU has caught up. The host tensor must be final (it is:
+    host results are computed synchronously)."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 # ---- host memory limits ----------------------------------------------------------------------
 
 @dataclass(frozen=True)

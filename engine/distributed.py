@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from engine.chunk import Chunk, ChunkGroup, Location, TensorInfo
+from engine.device import to_device_without_sync
 from engine.errors import EngineError
 
 log = logging.getLogger("pstar.engine")
@@ -305,7 +306,8 @@ def global_grad_norm(infos_in_order: list[TensorInfo], current_flat, comm: Comm,
     partial = torch.zeros(len(with_grad), dtype=torch.float32, device=device)  # (num tensors,)
     for pieces, slots in per_device.values():
         squares = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)).square()
-        partial.index_copy_(0, torch.tensor(slots, device=device), squares.to(device))
+        partial.index_copy_(0, to_device_without_sync(torch.tensor(slots), device),
+                            to_device_without_sync(squares, device))
     comm.all_reduce_(partial)
     return torch.linalg.vector_norm(partial.sqrt(), 2)
 

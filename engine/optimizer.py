@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
-from engine.device import device_capacity_bytes, host_adam_threads
+from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
 from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, adam_on_spans
 from engine.distributed import gather_flat, global_grad_norm
 from engine.packing import repack_in_first_use_order
@@ -453,7 +453,8 @@ class HybridAdam(torch.optim.Optimizer):
         if not per_device:
             return torch.zeros((), device=self._rt.device)
         # One copy of each device's norms to the compute device, not one per tensor.
-        norms = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).to(self._rt.device)
+        norms = [to_device_without_sync(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)),
+                                        self._rt.device)
                  for grads in per_device.values()]
         return torch.linalg.vector_norm(torch.cat(norms), 2)
 

@@ -355,3 +355,20 @@ def test_pinned_host_memory_is_exactly_the_planned_param_chunks():
     assert model._rt.copier.pinned_bytes == planned
     assert all(g.param.host_flat.is_pinned() for g in groups if not g.host_only)
     assert not any(g.master.host_flat.is_pinned() for g in groups)
+
+
+@pytest.mark.gpu
+def test_host_results_reach_the_device_without_a_stream_sync():
+    """The norms of host-resident gradients go to the GPU inside a step: a plain copy from pageable
+    memory would wait for the whole compute stream."""
+    from engine.device import to_device_without_sync
+
+    host = torch.arange(1000, dtype=torch.float32)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            host.to(DEVICE)  # the debug mode does catch a syncing copy
+        moved = to_device_without_sync(host, DEVICE)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(moved.cpu(), host)
