@@ -384,11 +384,18 @@ def one_process_run(tmp_path_factory):
 
 
 def test_pstar_train_on_two_processes_matches_one(one_process_run, tmp_path):
+    """Each rank takes its contiguous share of the global batch; the logged loss is the mean over
+    ranks. Rank 0 alone writes metrics.jsonl and prints; every rank's output is in logs/."""
     result = pstar_train(tmp_path, "distributed.nproc_per_node=2")
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(logged(tmp_path, "loss")),
                                torch.tensor(logged(one_process_run, "loss")), rtol=1e-5, atol=0)
     assert all(moves > 0 for moves in logged(tmp_path, "step_h2d_moves")[1:])
+    assert logged(tmp_path, "step") == [1, 2, 3, 4]  # one record per step: rank 0's
+    assert "step 4/4" in result.stdout and "2 ranks" in result.stdout  # rank 0's lines reach the console
+    for local_rank in (0, 1):
+        [stdout_log] = (tmp_path / "logs").glob(f"*/attempt_0/{local_rank}/stdout.log")
+        assert "step 4/4" in stdout_log.read_text()
 
 
 def test_two_nodes_on_one_machine_match_one_process(one_process_run, tmp_path):
