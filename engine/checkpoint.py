@@ -183,7 +183,12 @@ def _load_tensor(rt: EngineRuntime, info: TensorInfo, saved: list[_Piece]) -> No
         chunk = getattr(info.group, kind)
         sources = [p for p in saved if p.group[kind] is not None]
         if kind in _MOMENTS and not sources:
-            continue  # saved before this tensor's first step: its moments are still zero
+            # Saved before this tensor's first step: its moments are zero. Chunks that exist
+            # already may hold this engine's own moments from steps it took before the load.
+            if chunk.location is not Location.NOWHERE:
+                rt.copier.current_flat(chunk).narrow(0, begin, length).zero_()
+                _mark_changed(chunk)
+            continue
         if chunk.location is Location.NOWHERE:
             rt.manager.allocate_host(chunk)  # the first step after warm-up places it
         target = rt.copier.current_flat(chunk).narrow(0, begin, length)

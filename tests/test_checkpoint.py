@@ -140,6 +140,22 @@ def test_shard_state_of_a_repacked_layout_resumes_a_fresh_engine_bitwise():
             assert torch.equal(resumed.state_dict()[key], value), key
 
 
+def test_a_state_saved_before_any_step_clears_the_moments_it_replaces():
+    """A state saved before the first step has no moments; loading it into an engine that has
+    stepped must leave that engine's moments at zero, as a fresh engine's are."""
+    data = batches(4)
+    fresh, fresh_optimizer = build_engine()
+    state = fresh.shard_state()
+    assert all(group["exp_avg"] is None for group in state["groups"])
+    trained, trained_optimizer = build_engine()
+    train_steps(trained, trained_optimizer, data[:2])
+    trained.load_shard_state(state)
+    assert_same_losses(train_steps(trained, trained_optimizer, data[2:]), train_steps(fresh, fresh_optimizer, data[2:]))
+    if DEVICE.type == "cpu":
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(trained.state_dict()[key], value), key
+
+
 def test_shard_state_holds_masters_moments_and_step_counts():
     model, optimizer = build_engine()
     train_steps(model, optimizer, batches(3))
