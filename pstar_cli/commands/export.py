@@ -8,18 +8,17 @@ from typing import Annotated
 
 import typer
 
-from pstar_cli.checkpoint import EXPORT_DTYPES
-
 
 def command(
     checkpoint: Annotated[str, typer.Argument(
         help="A checkpoint directory (step-N), or a checkpoint.dir to export its newest.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="The file to write (torch.save), e.g. model.pt.", show_default=False)],
     dtype: Annotated[str, typer.Option(
-        "--dtype", help=f"Element type of the weights: {', '.join(EXPORT_DTYPES)}.")] = "float32",
+        "--dtype", help="Element type of the weights: float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Write a checkpoint's weights (any number of ranks) as one PyTorch state dict for the plain model."""
-    from pstar_cli.checkpoint import export_checkpoint
+    # pstar_cli.checkpoint loads torch: imported here so `pstar --help` stays fast.
+    from pstar_cli.checkpoint import EXPORT_DTYPES, export_checkpoint
     from pstar_cli.errors import PstarError
 
     if dtype not in EXPORT_DTYPES:
