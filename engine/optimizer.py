@@ -305,18 +305,28 @@ class HybridAdam(torch.optim.Optimizer):
         if unknown:
             raise RuntimeError(f"optimizer state for unknown parameters: {unknown[:5]}")
         with rt.manager.lock:
-            for name, entry in state_dict["state"].items():
-                info = by_name[name]
-                for key in ("exp_avg", "exp_avg_sq"):
-                    chunk = getattr(info.group, key)
-                    if chunk.location is Location.NOWHERE:
-                        rt.manager.allocate_host(chunk)  # placement after warm-up may move it
-                    begin, tensor_begin, length = info.shard_piece()  # several ranks: this rank's part
-                    rt.copier.current_flat(chunk).narrow(0, begin, length).copy_(
-                        entry[key].reshape(-1).narrow(0, tensor_begin, length))
-                info.num_steps = int(entry["step"])
+            for info in rt.infos:
+                if info.requires_grad:
+                    # As in torch, a parameter without an entry starts afresh (never stepped).
+                    self._load_moments(info, state_dict["state"].get(info.names[0]))
         self.param_groups[0].update(state_dict["param_groups"][0])
         rt.scaler.load_state_dict(state_dict["loss_scaler"])
+
+    def _load_moments(self, info: TensorInfo, entry: dict | None) -> None:
+        """This rank's part of one parameter's moments and step count; zeros and 0 without an entry."""
+        rt = self._rt
+        begin, tensor_begin, length = info.shard_piece()  # several ranks: this rank's part
+        for key in ("exp_avg", "exp_avg_sq"):
+            chunk = getattr(info.group, key)
+            if entry is None:
+                if chunk.location is not Location.NOWHERE:
+                    rt.copier.current_flat(chunk).narrow(0, begin, length).zero_()
+                continue
+            if chunk.location is Location.NOWHERE:
+                rt.manager.allocate_host(chunk)  # placement after warm-up may move it
+            rt.copier.current_flat(chunk).narrow(0, begin, length).copy_(
+                entry[key].reshape(-1).narrow(0, tensor_begin, length))
+        info.num_steps = 0 if entry is None else int(entry["step"])
 
     # ---- placement -----------------------------------------------------------------------
 

@@ -447,6 +447,27 @@ def test_resuming_from_state_dicts_continues_the_same_run():
     assert_state_close(resumed, model, rtol=0, atol=0)
 
 
+def test_optimizer_state_without_an_entry_starts_that_parameter_afresh():
+    """As torch's load_state_dict: a state saved before any step (no entries) leaves the loading
+    engine's moments at zero and its step counts at 0, whatever it had stepped before."""
+    cfg = engine_config()
+    data = list(batches("gpt", 4))
+    torch.manual_seed(0)
+    fresh, fresh_opt = initialize_engine(model_func=TinyGPT, config=cfg)
+    saved_model = {k: v.detach().cpu().clone() for k, v in fresh.state_dict().items()}
+    saved_opt = fresh_opt.state_dict()
+    assert saved_opt["state"] == {}
+    trained, trained_opt = initialize_engine(model_func=TinyGPT, config=cfg)
+    for x, y in data[:2]:
+        engine_step(trained, trained_opt, x, y)
+    trained.load_state_dict(saved_model)
+    trained_opt.load_state_dict(saved_opt)
+    again = [engine_step(trained, trained_opt, x, y) for x, y in data[2:]]
+    straight = [engine_step(fresh, fresh_opt, x, y) for x, y in data[2:]]
+    assert again == pytest.approx(straight, rel=0 if DEVICE.type == "cpu" else 1e-5)
+    assert_state_close(trained, fresh, rtol=0 if DEVICE.type == "cpu" else 1e-5, atol=0 if DEVICE.type == "cpu" else 1e-6)
+
+
 def test_lr_scheduler_and_no_grad_forward():
     cfg = engine_config()
     model, optimizer, reference = build_pair("gpt", cfg)
