@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything pstar measures on a lent GPU machine, in one call per machine kind, so that one lease answers
+# all questions at once. Run from the repository root; results and logs go to $OUT (or outputs/gpu).
+#
+#   bash benchmarks/gpu_session.sh one     # nvidia-h200: GPU tests, then T1/T2 (pytorch, fsdp2-offload,
+#                                          # pstar), then T3 (gpt-12b, gpt-15b with recompute)
+#   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then T5 (gpt-4b per GPU
+#                                          # vs 1 GPU and FSDP2), then the largest GPT pstar trains there
+#
+# Each block has its own time budget, so a slow one cannot starve the table of the next; the machine's
+# per-call limit is 600 s, so `one` and `multi` each stay under about 560 s of work.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-outputs/gpu}
+mkdir -p "$out"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+# NVLink multicast stays off on shared multi-GPU hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+bench() {  # bench SECONDS ARGS...: one harness run appending to $out/results.json
+    local budget=$1; shift
+    python -m benchmarks.run --machine "$machine" --out "$out/results.json" --time-budget "$budget" \
+        --seq 1024 "$@" 2>&1 | tee -a "$out/bench.log"
+}
+
+case "${1:-one}" in
+one)
+    machine=nvidia-h200
+    timeout 90 python -m pytest -q -m gpu tests/test_engine.py tests/test_engine_speed.py \
+        tests/test_checkpoint.py tests/test_train.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
+    bench 170 --systems pytorch,pstar --models gpt-1.3b,gpt-4b --batch 8 --steps 5 --warmup 2
+    bench 230 --systems pstar --models gpt-12b,gpt-15b --batch 8 --steps 3 --warmup 2 \
+        --activation-checkpointing --device-memory-limit 132GiB
+    bench 60 --systems fsdp2-offload --models gpt-1.3b --batch 8 --steps 3 --warmup 1
+    ;;
+multi)
+    machine=$(python -c "import torch; print(f'nvidia-h200-x{torch.cuda.device_count()}')")
+    gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+    timeout 120 python -m pytest -q -m gpu tests/test_distributed.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
+    bench 150 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2
+    bench 150 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
+    bench 200 --systems pstar --models gpt-30b,gpt-60b --batch 2 --steps 3 --warmup 1 \
+        --activation-checkpointing --gpus "$gpus"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh one|multi" >&2
+    exit 2
+    ;;
+esac
