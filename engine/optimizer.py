@@ -270,7 +270,8 @@ class HybridAdam(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """Adam state by parameter name (a tied parameter under its first name): `step` and the
         fp32 `exp_avg` / `exp_avg_sq` shaped like the parameter (views, not copies); the
-        hyper-parameters; the loss scaler. Parameters that were never stepped have no entry."""
+        hyper-parameters; the loss scaler. Parameters of chunk groups never stepped have no entry
+        (a parameter stepped 0 times beside stepped ones has zero moments and step 0)."""
         state = {}
         moments = self._whole_moments()
         for info in self._rt.infos:
