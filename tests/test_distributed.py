@@ -143,6 +143,27 @@ def resume(kind: str, cfg: dict) -> dict:
             "again_state": host_copy(again_model.state_dict())}
 
 
+def shard_resume(kind: str, cfg: dict) -> dict:
+    """Train 3 steps (OddModel is re-packed after its warm-up), keep every rank's shard state,
+    train 3 more; a fresh engine loads the shard states into its init layout, so its first step
+    re-packs shards that already hold moments, then trains the same 3 steps."""
+    batches = list(global_batches(kind, 6))
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=MAKERS[kind], config=cfg)
+    train_steps(model, optimizer, batches[:3])
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, model.shard_state())
+    straight, _ = train_steps(model, optimizer, batches[3:])
+    torch.manual_seed(99)
+    again_model, again_optim = initialize_engine(model_func=MAKERS[kind], config=cfg)
+    init_layout = [info.names[0] for info in again_model._rt.infos]
+    again_model.load_shard_state(states)
+    again, _ = train_steps(again_model, again_optim, batches[3:])
+    return {"straight": straight, "again": again, "state": host_copy(model.state_dict()),
+            "again_state": host_copy(again_model.state_dict()), "init_layout": init_layout,
+            "layout": [info.names[0] for info in again_model._rt.infos]}
+
+
 def fp16_overflow(inject_steps: list[int]) -> dict:
     """fp16 with an infinite gradient injected on rank 0 alone into ln_f.bias, which lies in one
     rank's shard only: every rank must skip those steps, and leave its weights untouched."""
@@ -196,7 +217,7 @@ def collectives() -> dict:
     return results
 
 
-SCENARIOS = {"train": train, "resume": resume, "fp16_overflow": fp16_overflow,
+SCENARIOS = {"train": train, "resume": resume, "shard_resume": shard_resume, "fp16_overflow": fp16_overflow,
              "cpu_embedding_refused": cpu_embedding_refused, "collectives": collectives}
 
 
@@ -309,6 +330,15 @@ def test_three_ranks_split_chunks_into_padded_shards(tmp_path):
 
 def test_state_dicts_resume_a_sharded_run_exactly(tmp_path):
     for result in on_ranks(tmp_path, 2, "resume", kind="gpt", cfg=engine_config(gradient_clipping=1.0)):
+        assert result["again"] == result["straight"]  # same ranks, same shards: bitwise
+        for key, value in result["state"].items():
+            assert torch.equal(result["again_state"][key], value), key
+
+
+def test_shard_states_resume_a_repacked_sharded_run_exactly(tmp_path):
+    cfg = engine_config(gradient_clipping=0.05)
+    for result in on_ranks(tmp_path, 2, "shard_resume", kind="odd", cfg=cfg):
+        assert result["init_layout"] != result["layout"]  # the resumed engine re-packed
         assert result["again"] == result["straight"]  # same ranks, same shards: bitwise
         for key, value in result["state"].items():
             assert torch.equal(result["again_state"][key], value), key
