@@ -6,11 +6,10 @@ elastic agent does the rendezvous (also across machines), sets RANK/LOCAL_RANK/W
 the workers and stops all of them when one fails.
 
 We call `torch.distributed.run.run(parse_args(args))` (`main` without its error-file decorator)
-in this process rather than running
-`python -m torch.distributed.run` as a child: the agent then raises a `ChildFailedError` that
-carries every failed rank's exit code and error file, so we can report the first failure as one
-clear message, instead of scraping a child's console output; it also costs no extra interpreter.
-Its exit code stays meaningful: a failed worker's exit code becomes ours.
+in this process rather than running `python -m torch.distributed.run` as a child: the agent then
+raises a `ChildFailedError` that carries every failed rank's exit code and error file, so we can
+report the first failure as one clear message instead of scraping a child's console output; it
+also costs no extra interpreter. A failed worker's exit code becomes ours.
 """
 
 from __future__ import annotations
