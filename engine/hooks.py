@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.chunk import Chunk, Location, TensorInfo, TensorState
 from engine.chunk_manager import ChunkManager
+from engine.device import to_device_without_sync
 from engine.errors import EngineError
 
 
@@ -135,7 +136,10 @@ class EngineHooks:
         return tuple(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args)
 
     def _output_to_device(self, module: nn.Module, args, output):
-        return output.to(self.compute_device) if isinstance(output, torch.Tensor) else output
+        # (B, T, C) activations: from pinned memory, so the forward does not wait for the GPU
+        if isinstance(output, torch.Tensor):
+            return to_device_without_sync(output, self.compute_device)
+        return output
 
     # ---- saved tensors -------------------------------------------------------------------
 
