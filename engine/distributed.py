@@ -102,6 +102,7 @@ class Comm:
         self.stream = torch.cuda.Stream(device) if self.tensor_device.type == "cuda" else None
         self._native_all_gather = self._native_reduce_scatter = True
         self._pending_host_adds: list = []  # CUDA: (event, host destination, pinned staging)
+        self._host_writes_pending = False  # CUDA: reduced gradients on their way to host shards
 
     # ---- plain collectives (synchronous) -----------------------------------------------------
 
@@ -227,6 +228,7 @@ class Comm:
             self._write(dest, source, add)
             dest.record_stream(self.stream)
             return
+        self._host_writes_pending = True
         if not add:
             dest.copy_(source, non_blocking=True)  # host shards are pinned; read after the sync
             return
@@ -243,11 +245,15 @@ class Comm:
             dest.add_(staging)
 
     def wait_reductions(self) -> None:
-        """End of backward: every reduced gradient is in place for the device and the host."""
+        """End of backward: every reduced gradient is in place for the device and the host.
+        Only host shards need the host to wait; device shards are read on the compute stream
+        (or on copy streams that wait for it), which waits for this one."""
         if self.stream is None:
             return
-        self.stream.synchronize()
-        self._finish_host_adds()
+        if self._host_writes_pending:
+            self.stream.synchronize()
+            self._finish_host_adds()
+            self._host_writes_pending = False
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def fence(self) -> None:
