@@ -122,6 +122,25 @@ def test_host_adam_overlapped_with_backward_equals_stepping_in_step(split_limit)
     assert timings["optimizer_host"] > 0 and timings["optimizer_device"] > 0
 
 
+def test_shard_state_round_trip_with_overlapped_host_groups(split_limit):
+    """Loading a shard state into an engine whose device groups' param chunks live on the device
+    for good (no host copy) and whose host groups update in place: the same steps again."""
+    cfg = engine_config(device_memory_limit=split_limit, gradient_clipping=0.1)
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    data = list(batches("gpt", 6))
+    for x, y in data[:3]:
+        engine_step(model, optimizer, x, y)
+    assert any(g.param.host_flat is None for g in model._rt.groups)  # device-only param chunks
+    state = model.shard_state()
+    straight = [engine_step(model, optimizer, x, y) for x, y in data[3:]]
+    after = snapshot(model, optimizer)
+    model.load_shard_state(state)
+    again = [engine_step(model, optimizer, x, y) for x, y in data[3:]]
+    assert again == straight
+    _assert_bitwise(snapshot(model, optimizer), after)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="CUDA and CPU Adam kernels round differently; "
                     "the overlap is compared bitwise with the non-overlapped path there")
 def test_overlapped_training_matches_plain_pytorch(split_limit):
