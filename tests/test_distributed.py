@@ -237,6 +237,9 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, scenario: st
 
 def on_ranks(tmp_path: Path, world_size: int, scenario: str, **kwargs) -> list[dict]:
     """Run a scenario on `world_size` spawned ranks; each rank's result."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+        # each rank takes cuda:LOCAL_RANK; the one-process reference would run on the GPU too
+        pytest.skip(f"{world_size} ranks need {world_size} GPUs here; run with CUDA_VISIBLE_DEVICES='' for CPU ranks")
     mp.spawn(_rank_main, args=(world_size, free_port(), str(tmp_path), scenario, kwargs), nprocs=world_size)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
