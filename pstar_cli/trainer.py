@@ -170,6 +170,11 @@ class Trainer:
             local_rank=self.ranks.local_rank,
             config=self.cfg.engine_dict(),
         )
+        # After init every rank holds the same weights; from here on each rank draws its own random
+        # numbers (dropout masks), so ranks working on different samples do not share one mask.
+        # Rank 0 keeps the plain seed, so a one-rank run draws what a plain PyTorch loop would.
+        if self.ranks.rank > 0:
+            torch.manual_seed(self.cfg.train.seed + self.ranks.rank)
         return time.perf_counter() - started
 
     def _build_data(self):

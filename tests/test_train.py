@@ -20,7 +20,7 @@ from pstar_cli.data import build_data
 from pstar_cli.errors import PstarError
 from pstar_cli.metrics import MetricsWriter, measure_throughput, read_metrics
 from pstar_cli.schedule import LRSchedule
-from pstar_cli.trainer import CHUNK_STAT_KEYS, BatchSplit, Trainer, TrainState
+from pstar_cli.trainer import CHUNK_STAT_KEYS, BatchSplit, Ranks, Trainer, TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -318,3 +318,20 @@ def test_pstar_train_on_a_gpu_reports_gpu_memory(tmp_path):
     assert 0 < last["gpu_peak_allocated_bytes"] < last["gpu_total_bytes"]
     assert last["loss"] < records[0]["loss"] - 0.5
     assert "cuda" in result.stdout and "bf16" in result.stdout
+
+
+def test_ranks_share_initial_weights_but_draw_their_own_dropout(plain_engine, tmp_path):
+    """Every rank builds the same weights from train.seed; afterwards rank r > 0 reseeds, so dropout
+    masks differ between ranks (which train on different samples), while rank 0 draws as one rank does."""
+    cfg = tiny_config()
+    draws, weights = [], []
+    for rank in (0, 1):
+        trainer = Trainer(cfg, tmp_path / f"rank{rank}", ranks=Ranks(rank=rank, local_rank=0, world_size=2))
+        weights.append({k: v.clone() for k, v in trainer.model.module.state_dict().items()})
+        draws.append(torch.rand(8))
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    assert not torch.equal(draws[0], draws[1])
+    single = Trainer(cfg, tmp_path / "single")  # one rank: the stream continues from the init
+    assert torch.equal(torch.rand(8), draws[0])
+    assert single.ranks.world_size == 1
