@@ -17,7 +17,7 @@ Lifecycle:
    `warmup_gpu_chunk_mem_ratio` of the device budget (least recently used evicted first), while the
    memory tracer records non-model memory per moment and the schedule records the chunk order.
    The first `optimizer.step()` then places optimizer state: as many chunk groups on the device as
-   the margin allows, the rest on the host (engine/optimizer.py).
+   the margin allows, the rest on the host (engine/optimizer_placement.py).
 3. Steady state: each access follows the recorded schedule: the chunk budget of a moment is the device
    budget minus the moment's non-model peak, evictions are Belady's (farthest next use first) and the
    next chunk is prefetched (on CUDA on a side stream from pinned host memory).

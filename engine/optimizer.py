@@ -7,14 +7,9 @@ one cast-copy of the updated masters into the param chunk. A span is a run of ne
 that received a gradient and share a step count; a tensor without a gradient is not touched (no
 weight decay either), as in torch.
 
-Placement, decided once after the warm-up iteration: with `use_hybrid_adam`, the first chunk groups
-(in packing order, i.e. the ones whose backward finishes last) keep their optimizer state on the
-device as far as it fits next to every param chunk and the warm-up's peak non-model memory, with
-a safety margin measured from that peak: (1 - `margin_use_ratio`) of it (0.8: 20% more than
-measured) for the caching allocator's fragmentation and run-to-run variation. (PatrickStar gave
-the optimizer that share of the whole margin instead, which on a large GPU leaves tens of GB
-unused.) On CUDA the device's real free memory bounds it too. The rest step on the host
-(engine/host_adam.py): the last layers, whose gradients are final earliest in backward.
+Placement: which groups keep their optimizer state on the device (as far as memory allows:
+the first groups in packing order) and which step on the host (engine/host_adam.py) is decided
+once after the warm-up iteration, in engine/optimizer_placement.py.
 
 Host groups and backward: when every param chunk stays on the device (they fit beside the
 activations and the device's optimizer groups), a host group's update starts during backward, as
@@ -45,50 +40,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
-from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
+from engine.device import host_adam_threads, to_device_without_sync
 from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, adam_on_spans
 from engine.distributed import gather_flat, global_grad_norm
-from engine.packing import repack_in_first_use_order
+from engine.optimizer_placement import settle_optimizer_placement
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
 log = logging.getLogger("pstar.engine")
-
-
-@dataclass(frozen=True)
-class Placement:
-    num_device_groups: int  # leading movable groups whose optimizer state lives on the device
-    params_fit: bool  # every param chunk fits the device beside the activations (with the margin)
-    allowance_bytes: int  # device bytes the optimizer groups could take
-
-
-def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_model_bytes: int,
-                   margin_use_ratio: float, use_hybrid_adam: bool, scratch_bytes: int,
-                   device_capacity: int | None = None) -> Placement:
-    """Where the optimizer state (12 B/param) goes: the device holds every param chunk, the
-    activations' peak plus (1 - margin_use_ratio) of it, and a step's scratch first; optimizer
-    groups take the rest, leading groups first. `device_capacity` (CUDA: what is really free)
-    bounds the budget."""
-    moving = [g for g in groups if not g.host_only]
-    # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
-    param_bytes = sum(c.nbytes for g in moving for c in (g.gathered, g.param, g.grad) if c is not None)
-    budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
-    activations = peak_non_model_bytes + math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
-    spare = budget - param_bytes - activations
-    allowance = spare - scratch_bytes if use_hybrid_adam else 0
-    num_groups, used = 0, 0
-    for group in moving:
-        need = sum(c.nbytes for c in group.optimizer_chunks)
-        if used + need > allowance:
-            break
-        used += need
-        num_groups += 1
-    return Placement(num_groups, params_fit=spare >= 0, allowance_bytes=max(0, allowance))
 
 
 def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
@@ -167,7 +130,7 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         with rt.manager.lock:
             if not rt.optimizer_placed:
-                self._settle_layout_and_placement()
+                settle_optimizer_placement(rt, self._host)
             self._check_hyper_unchanged()
             groups = self._groups_with_grads()
             host_groups = [g for g in groups if not g.optimizer_on_device]
@@ -329,79 +292,7 @@ class HybridAdam(torch.optim.Optimizer):
                 entry[key].reshape(-1).narrow(0, tensor_begin, length))
         info.num_steps = 0 if entry is None else int(entry["step"])
 
-    # ---- placement -----------------------------------------------------------------------
-
-    def _settle_layout_and_placement(self) -> None:
-        """First step(s): re-pack in first-use order (once), then place the optimizer state after
-        a warm-up traced with the final layout; until then it stays on the host."""
-        rt = self._rt
-        if not rt.repack_checked:
-            rt.repack_checked = True
-            repack_in_first_use_order(rt, rt.first_used)
-        if rt.tracer.finished:
-            self._place_optimizer_state()
-            return
-        for group in rt.groups:
-            for chunk in group.optimizer_chunks:
-                if chunk.location is Location.NOWHERE:
-                    rt.manager.allocate_host(chunk)
-
-    def _place_optimizer_state(self) -> None:
-        rt = self._rt
-        scratch = max((g.numel for g in rt.groups), default=0) * 4  # a device group's fp32 gradients
-        placement = plan_placement(
-            rt.groups, rt.tracer.chunk_budget_bytes(None), rt.tracer.peak_non_model_bytes,
-            rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch,
-            device_capacity_bytes(rt.device, rt.manager.device_bytes))
-        moving = [g for g in rt.groups if not g.host_only]
-        num_device_groups = placement.num_device_groups
-        if rt.comm is not None:  # the ranks' free memory differs, but their placements must not:
-            num_device_groups = rt.comm.agree_min(num_device_groups)  # gathers depend on them
-        for index, group in enumerate(moving):
-            group.optimizer_on_device = index < num_device_groups
-        keep_resident = placement.params_fit and not rt.grad_accumulation and rt.comm is None
-        self._host.plan(rt.groups, keep_resident, start_in_backward=keep_resident)
-        self._check_host_memory()
-        for group in rt.groups:
-            if group.optimizer_on_device:
-                self._put_optimizer_state_on_device(group)
-            else:
-                for chunk in group.optimizer_chunks:
-                    if chunk.host_flat is None:
-                        rt.manager.allocate_host(chunk)  # moments start at zero
-        rt.optimizer_placed = True
-
-    def _put_optimizer_state_on_device(self, group: ChunkGroup) -> None:
-        manager = self._rt.manager
-        budget = manager.current_budget_bytes()
-        for chunk in group.optimizer_chunks:
-            manager.ensure_on_device(chunk, budget_bytes=budget)  # master: uploaded; moments: zeros
-            chunk.pinned_forever = True
-            if chunk.host_flat is not None:
-                manager.free_host(chunk)  # the device copy is the only one from now on
-
-    def _check_host_memory(self) -> None:
-        """The host groups' moments are about to be allocated (and the device groups' host masters
-        freed): check the memory cgroup has room for the difference. What is allocated already is
-        in the cgroup's usage."""
-        rt = self._rt
-        new_bytes = freed_bytes = 0
-        for group in rt.groups:
-            for chunk in group.optimizer_chunks:
-                if group.optimizer_on_device and chunk.host_flat is not None:
-                    freed_bytes += chunk.nbytes
-                elif not group.optimizer_on_device and chunk.host_flat is None:
-                    new_bytes += chunk.nbytes
-        rt.copier.check_host_plan(max(0, new_bytes - freed_bytes), 0)
-        if self._host.keep_resident:  # device groups' param chunks drop their host copies too
-            freed_bytes += sum(g.param.nbytes for g in rt.groups
-                               if g.optimizer_on_device and g.param.host_flat is not None)
-        host_bytes = rt.manager.host_allocated_bytes + new_bytes - freed_bytes
-        if host_bytes > rt.manager.host_budget_bytes:
-            log.warning("pstar: the optimizer groups the device cannot hold need %s bytes of host "
-                        "memory with the param chunks' host copies, over the host budget of %s: "
-                        "give the device more (device_memory_limit) if the host runs short",
-                        f"{host_bytes:,}", f"{rt.manager.host_budget_bytes:,}")
+    # ---- device groups' chunks --------------------------------------------------------
 
     def _bring_to_device(self, groups: list[ChunkGroup]) -> None:
         """Device groups: gradients (and the param chunk the new weights go to) onto the device.

@@ -25,7 +25,7 @@ from engine import initialize_engine
 from engine.device import Copier, HostMemoryLimits, cgroup_problem, host_adam_threads, memlock_problem
 from engine.errors import EngineError
 from engine.host_adam import AdamHyper, GroupFlats, HostScratch, adam_on_spans
-from engine.optimizer import plan_placement
+from engine.optimizer_placement import plan_placement
 from tests.engine_models import TinyGPT
 from tests.test_engine import DEVICE, batches, engine_config, engine_step, plain_optimizer, snapshot
 

@@ -1,0 +1,138 @@
+"""Where the optimizer chunk groups live: on the device as far as memory allows, else on the host.
+
+Decided once, after the warm-up iteration: with `use_hybrid_adam`, the first chunk groups (in
+packing order, i.e. the ones whose backward finishes last) keep their optimizer state on the
+device as far as it fits next to every param chunk and the warm-up's peak non-model memory, with
+a safety margin measured from that peak: (1 - `margin_use_ratio`) of it (0.8: 20% more than
+measured) for the caching allocator's fragmentation and run-to-run variation. (PatrickStar gave
+the optimizer that share of the whole margin instead, which on a large GPU leaves tens of GB
+unused.) On CUDA the device's real free memory bounds it too. The rest step on the host
+(engine/host_adam.py): the last layers, whose gradients are final earliest in backward. With
+several ranks, all take the smallest rank's number of device groups.
+
+`plan_placement` is the pure arithmetic; `settle_optimizer_placement` applies it to the engine's
+chunks at the first step(s). The Adam step over the placed groups is engine/optimizer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from engine.chunk import ChunkGroup, Location
+from engine.device import device_capacity_bytes
+from engine.host_adam import HostUpdates
+from engine.packing import repack_in_first_use_order
+from engine.runtime import EngineRuntime
+
+log = logging.getLogger("pstar.engine")
+
+
+@dataclass(frozen=True)
+class Placement:
+    num_device_groups: int  # leading movable groups whose optimizer state lives on the device
+    params_fit: bool  # every param chunk fits the device beside the activations (with the margin)
+    allowance_bytes: int  # device bytes the optimizer groups could take
+
+
+def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_model_bytes: int,
+                   margin_use_ratio: float, use_hybrid_adam: bool, scratch_bytes: int,
+                   device_capacity: int | None = None) -> Placement:
+    """Where the optimizer state (12 B/param) goes: the device holds every param chunk, the
+    activations' peak plus (1 - margin_use_ratio) of it, and a step's scratch first; optimizer
+    groups take the rest, leading groups first. `device_capacity` (CUDA: what is really free)
+    bounds the budget."""
+    moving = [g for g in groups if not g.host_only]
+    # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
+    param_bytes = sum(c.nbytes for g in moving for c in (g.gathered, g.param, g.grad) if c is not None)
+    budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
+    activations = peak_non_model_bytes + math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
+    spare = budget - param_bytes - activations
+    allowance = spare - scratch_bytes if use_hybrid_adam else 0
+    num_groups, used = 0, 0
+    for group in moving:
+        need = sum(c.nbytes for c in group.optimizer_chunks)
+        if used + need > allowance:
+            break
+        used += need
+        num_groups += 1
+    return Placement(num_groups, params_fit=spare >= 0, allowance_bytes=max(0, allowance))
+
+
+def settle_optimizer_placement(rt: EngineRuntime, host: HostUpdates) -> None:
+    """First step(s): re-pack in first-use order (once), then place the optimizer state after
+    a warm-up traced with the final layout; until then it stays on the host."""
+    if not rt.repack_checked:
+        rt.repack_checked = True
+        repack_in_first_use_order(rt, rt.first_used)
+    if rt.tracer.finished:
+        _place_optimizer_state(rt, host)
+        return
+    for group in rt.groups:
+        for chunk in group.optimizer_chunks:
+            if chunk.location is Location.NOWHERE:
+                rt.manager.allocate_host(chunk)
+
+
+def _place_optimizer_state(rt: EngineRuntime, host: HostUpdates) -> None:
+    placement = _plan_for_runtime(rt)
+    moving = [g for g in rt.groups if not g.host_only]
+    num_device_groups = placement.num_device_groups
+    if rt.comm is not None:  # the ranks' free memory differs, but their placements must not:
+        num_device_groups = rt.comm.agree_min(num_device_groups)  # gathers depend on them
+    for index, group in enumerate(moving):
+        group.optimizer_on_device = index < num_device_groups
+    keep_resident = placement.params_fit and not rt.grad_accumulation and rt.comm is None
+    host.plan(rt.groups, keep_resident, start_in_backward=keep_resident)
+    _check_host_memory(rt, host.keep_resident)
+    for group in rt.groups:
+        if group.optimizer_on_device:
+            _put_optimizer_state_on_device(rt, group)
+        else:
+            for chunk in group.optimizer_chunks:
+                if chunk.host_flat is None:
+                    rt.manager.allocate_host(chunk)  # moments start at zero
+    rt.optimizer_placed = True
+
+
+def _plan_for_runtime(rt: EngineRuntime) -> Placement:
+    """`plan_placement` with this engine's traced warm-up, config and device."""
+    scratch = max((g.numel for g in rt.groups), default=0) * 4  # a device group's fp32 gradients
+    return plan_placement(
+        rt.groups, rt.tracer.chunk_budget_bytes(None), rt.tracer.peak_non_model_bytes,
+        rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch,
+        device_capacity_bytes(rt.device, rt.manager.device_bytes))
+
+
+def _put_optimizer_state_on_device(rt: EngineRuntime, group: ChunkGroup) -> None:
+    manager = rt.manager
+    budget = manager.current_budget_bytes()
+    for chunk in group.optimizer_chunks:
+        manager.ensure_on_device(chunk, budget_bytes=budget)  # master: uploaded; moments: zeros
+        chunk.pinned_forever = True
+        if chunk.host_flat is not None:
+            manager.free_host(chunk)  # the device copy is the only one from now on
+
+
+def _check_host_memory(rt: EngineRuntime, keep_resident: bool) -> None:
+    """The host groups' moments are about to be allocated (and the device groups' host masters
+    freed): check the memory cgroup has room for the difference. What is allocated already is
+    in the cgroup's usage."""
+    new_bytes = freed_bytes = 0
+    for group in rt.groups:
+        for chunk in group.optimizer_chunks:
+            if group.optimizer_on_device and chunk.host_flat is not None:
+                freed_bytes += chunk.nbytes
+            elif not group.optimizer_on_device and chunk.host_flat is None:
+                new_bytes += chunk.nbytes
+    rt.copier.check_host_plan(max(0, new_bytes - freed_bytes), 0)
+    if keep_resident:  # device groups' param chunks drop their host copies too
+        freed_bytes += sum(g.param.nbytes for g in rt.groups
+                           if g.optimizer_on_device and g.param.host_flat is not None)
+    host_bytes = rt.manager.host_allocated_bytes + new_bytes - freed_bytes
+    if host_bytes > rt.manager.host_budget_bytes:
+        log.warning("pstar: the optimizer groups the device cannot hold need %s bytes of host "
+                    "memory with the param chunks' host copies, over the host budget of %s: "
+                    "give the device more (device_memory_limit) if the host runs short",
+                    f"{host_bytes:,}", f"{rt.manager.host_budget_bytes:,}")
