@@ -67,13 +67,6 @@ REPORTED_CHANGES = ("train.lr", "train.min_lr", "train.warmup_steps", "train.ste
 class CheckpointError(PstarError):
     """A checkpoint that cannot be used as asked (missing, damaged, or of another config)."""
 
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-        super().__init__("\n".join(lines))
-
-    def message_lines(self) -> list[str]:
-        return self.lines
-
 
 class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (disk full, no permission): training stops there."""

@@ -11,6 +11,10 @@ class PstarError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str | list[str] = "") -> None:
+        # a message of several lines (a failure and what to do about it) may be given as a list
+        super().__init__(message if isinstance(message, str) else "\n".join(message))
+
     def message_lines(self) -> list[str]:
-        """The lines the CLI prints after `error: `; subclasses with many problems return several."""
-        return [str(self)]
+        """The lines the CLI prints after `error: `."""
+        return str(self).splitlines() or [""]

@@ -32,12 +32,8 @@ class WorkerFailed(PstarError):
     """A worker process failed; the job was stopped. Exits with the worker's code."""
 
     def __init__(self, lines: list[str], exit_code: int) -> None:
-        self.lines = lines
         self.exit_code = exit_code if exit_code > 0 else 1
-        super().__init__("\n".join(lines))
-
-    def message_lines(self) -> list[str]:
-        return self.lines
+        super().__init__(lines)
 
 
 def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path, resume=None) -> None:

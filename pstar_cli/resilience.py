@@ -45,13 +45,6 @@ class TrainingFailed(PstarError):
 
     exit_code = 1
 
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-        super().__init__("\n".join(lines))
-
-    def message_lines(self) -> list[str]:
-        return self.lines
-
 
 class StoppedAtOnce(TrainingFailed):
     """A second Ctrl-C: stopped where it was, nothing written."""
