@@ -110,3 +110,22 @@ class OddModel(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+CHUNK = 2048  # elements: TinyGPT spans many chunks; OddModel.big (4800 elements) gets its own
+VOCAB = {"gpt": 96, "odd": 64}
+MAKERS = {"gpt": TinyGPT, "odd": OddModel}
+
+
+def engine_config(eps: float = 1e-8, **overrides) -> dict:
+    """The engine settings the numerics tests share: several chunks per model and a device budget
+    with room for only a few chunks next to the activations, so chunks are evicted in every step."""
+    cfg = {
+        "default_chunk_size": CHUNK,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": eps,
+                                                  "weight_decay": 0.1}},
+        "device_memory_limit": 64 * 1024,
+        "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}},
+    }
+    cfg.update(overrides)
+    return cfg

@@ -35,29 +35,18 @@ from engine.chunk import TensorInfo, new_chunk_group
 from engine.distributed import gradient_writes, padded_capacity
 from engine.errors import EngineError
 from pstar_cli.launch import MULTI_GPU_ENV
-from tests.engine_models import OddModel, TinyGPT
+from tests.engine_models import MAKERS, VOCAB, OddModel, TinyGPT
+from tests.engine_models import engine_config as shared_engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-MAKERS = {"gpt": TinyGPT, "odd": OddModel}
-VOCAB = {"gpt": 96, "odd": 64}
-CHUNK = 2048  # elements: each model spans several chunks, OddModel.big gets its own
 
 
 def engine_config(**overrides) -> dict:
-    cfg = {
-        "default_chunk_size": CHUNK,
-        # eps 1e-6 rather than 1e-8: the attention key bias's gradient is pure rounding noise
-        # (~1e-9; softmax ignores the bias), which eps 1e-8 would turn into steps of ~lr/10 that
-        # differ between any two summation orders
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-6,
-                                                  "weight_decay": 0.1}},
-        # Room for a few chunks next to the activations: evictions in every step.
-        "device_memory_limit": 64 * 1024,
-        "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}},
-    }
-    cfg.update(overrides)
-    return cfg
+    # eps 1e-6 rather than 1e-8: the attention key bias's gradient is pure rounding noise
+    # (~1e-9; softmax ignores the bias), which eps 1e-8 would turn into steps of ~lr/10 that
+    # differ between any two summation orders
+    return shared_engine_config(eps=1e-6, **overrides)
 
 
 def global_batches(kind: str, num_steps: int, batch: int = 4, seq: int = 16):

@@ -26,25 +26,9 @@ from torch import nn
 
 from engine import initialize_engine
 from engine.errors import EngineError, ModelTooLargeError
-from tests.engine_models import OddModel, TinyGPT
+from tests.engine_models import MAKERS, VOCAB, OddModel, TinyGPT, engine_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CHUNK = 2048  # elements: TinyGPT spans many chunks; OddModel.big (4800 elements) gets its own
-VOCAB = {"gpt": 96, "odd": 64}
-MAKERS = {"gpt": TinyGPT, "odd": OddModel}
-
-
-def engine_config(**overrides) -> dict:
-    cfg = {
-        "default_chunk_size": CHUNK,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.1}},
-        # Room for a few chunks next to the activations: evictions in every step.
-        "device_memory_limit": 64 * 1024,
-        "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}},
-    }
-    cfg.update(overrides)
-    return cfg
 
 
 def batches(kind: str, num_steps: int, batch: int = 4, seq: int = 16):
