@@ -12,7 +12,9 @@ Lifecycle:
 1. Init. `model_func` runs on the `meta` device; the layout of parameters in chunks is planned from
    the shapes (refused if model data cannot fit device + host budgets), then every module is
    materialised straight into fp32 master / compute-dtype param chunks on the host and initialised
-   by the model's own code (see engine/init.py).
+   by the model's own code (see engine/init.py). `init_device: auto` (the default) runs that init
+   on the compute device (on a GPU its RNG is ~100x the CPU's; the weights equal a plain build made
+   there with the same seed); `cpu` runs it on the host (the weights of a plain CPU build).
 2. Warm-up: the first forward + backward with autograd on. Chunks are fetched on demand within
    `warmup_gpu_chunk_mem_ratio` of the device budget (least recently used evicted first), while the
    memory tracer records non-model memory per moment and the schedule records the chunk order.

@@ -69,6 +69,7 @@ class EngineConfig:
     device_memory_limit: int | None = None  # bytes of device memory for pstar (chunks + activations)
     host_memory_limit: int | None = None  # bytes of host memory for host-resident chunks
     gradient_accumulation_steps: int = 1
+    init_device: str = "auto"  # where init's RNG runs: "auto" = the compute device, "cpu" = the host
 
     @property
     def compute_dtype_name(self) -> str:
@@ -118,6 +119,10 @@ def _optional_bytes(v: Any) -> str | None:
         return None
     ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
     return None if ok else "must be null or a positive integer number of bytes"
+
+
+def _init_device(v: Any) -> str | None:
+    return None if v in ("auto", "cpu") else "must be 'auto' (the compute device) or 'cpu'"
 
 
 def _optimizer_type(v: Any) -> str | None:
@@ -170,6 +175,7 @@ _SCHEMA: dict[str, Any] = {
     "device_memory_limit": _optional_bytes,
     "host_memory_limit": _optional_bytes,
     "gradient_accumulation_steps": _positive_int,
+    "init_device": _init_device,
 }
 
 
@@ -234,7 +240,7 @@ def resolve_engine_config(cfg: dict | None) -> EngineConfig:
     if problems:
         raise EngineConfigError(problems)
     top_level = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
-                 "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps")
+                 "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device")
     return EngineConfig(
         optimizer=_build_optimizer(cfg),
         fp16=Fp16Config(**_sub(cfg, "fp16")),

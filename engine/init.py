@@ -210,11 +210,13 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     by_original_id = {id(info.param): info for info in infos}
     param_order = [by_original_id[id(param)] for param, _ in params]
     init_module = getattr(module, "init_module_", None)
-    staging = _Staging(manager, module, by_original_id)
+    init_device = device if cfg.init_device == "auto" else torch.device("cpu")
+    staging = _Staging(manager, module, by_original_id, init_device)
     with torch.no_grad():
         for sub in module.modules():
             if on_meta:
-                _init_module_on_meta(sub, init_module, by_original_id, staging)
+                with torch.device(init_device):  # anything the init creates lands beside its RNG
+                    _init_module_on_meta(sub, init_module, by_original_id, staging)
             else:
                 _copy_module_into_chunks(sub, by_original_id, staging)
             for name, buf in sub._buffers.items():
@@ -226,16 +228,26 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     return BuiltModel(module, manager, groups, infos, param_order, host_only_modules)
 
 
+def _stage_in_temporaries(sharded: bool, init_device: torch.device) -> bool:
+    """Whether init runs on temporary tensors rather than straight in the host master chunks."""
+    return sharded or init_device.type != "cpu"
+
+
 class _Staging:
     """Where a parameter's whole fp32 value lives while the modules holding it initialise it.
 
-    One rank: a view of the fp32 master chunk, so init writes straight into the chunk. Several
-    ranks: a temporary tensor, kept until the last module holding the (possibly tied) parameter has
-    run its init; each holder's result is written into this rank's master and param shards."""
+    One rank initialising on the CPU: a view of the fp32 master chunk, so init writes straight into
+    the chunk. Several ranks, or init on the GPU (`init_device: auto` with CUDA, where the RNG is
+    ~100x faster than the CPU's): a temporary tensor on the init device, kept until the last module
+    holding the (possibly tied) parameter has run its init; each holder's result is then written
+    into this rank's part of the master and param chunks."""
 
-    def __init__(self, manager: ChunkManager, root: nn.Module, by_original_id: dict[int, TensorInfo]):
+    def __init__(self, manager: ChunkManager, root: nn.Module, by_original_id: dict[int, TensorInfo],
+                 init_device: torch.device):
         self.manager = manager
         self.sharded = manager.comm is not None
+        self.init_device = init_device
+        self.temporary = _stage_in_temporaries(self.sharded, init_device)
         self._whole: dict[int, torch.Tensor] = {}  # id(info) -> its temporary whole value
         self._holders_left: dict[int, int] = {}  # id(info) -> registrations not yet initialised
         for sub in root.modules():
@@ -255,25 +267,31 @@ class _Staging:
     def master(self, info: TensorInfo) -> torch.Tensor:
         """The tensor's whole fp32 value, shaped like it (NaN until something initialises it)."""
         master, _ = self._storage(info)
-        if not self.sharded:
+        if not self.temporary:
             return info.view_of(master)
         if id(info) not in self._whole:
-            self._whole[id(info)] = torch.full(info.shape, float("nan"), dtype=torch.float32)
+            self._whole[id(info)] = torch.full(info.shape, float("nan"), dtype=torch.float32,
+                                               device=self.init_device)
         return self._whole[id(info)]
 
     def finish(self, info: TensorInfo) -> None:
         """One holder module has initialised `info`: keep the result, point the parameter at it."""
         master, param = self._storage(info)
-        if not self.sharded:
+        if not self.temporary:
             compute = info.view_of(param)
             compute.copy_(info.view_of(master))
             info.param.data = compute
             return
         self._keep_shard_piece(info, self._whole[id(info)])
         self._holders_left[id(info)] -= 1
-        if self._holders_left[id(info)] == 0:
-            del self._whole[id(info)]
-            info.param.data = torch.empty(0, dtype=param.dtype)  # the chunks hold it from here on
+        if self._holders_left[id(info)] > 0:
+            info.param.data = self._whole[id(info)]  # the next holder's init starts from it
+            return
+        del self._whole[id(info)]
+        if self.sharded:
+            info.param.data = torch.empty(0, dtype=param.dtype, device="cpu")  # the chunks hold it now
+        else:
+            info.param.data = info.view_of(param)
 
     def store(self, info: TensorInfo, value: torch.Tensor) -> None:
         """Take an already initialised value (a model built on the CPU) into the chunks."""
@@ -288,10 +306,14 @@ class _Staging:
 
     def _keep_shard_piece(self, info: TensorInfo, whole: torch.Tensor) -> None:
         master, param = self._storage(info)
-        begin, tensor_begin, length = info.shard_piece()
-        piece = whole.reshape(-1).narrow(0, tensor_begin, length)
-        master.narrow(0, begin, length).copy_(piece)
-        param.narrow(0, begin, length).copy_(piece)
+        if self.sharded:
+            begin, tensor_begin, length = info.shard_piece()
+            piece = whole.reshape(-1).narrow(0, tensor_begin, length)
+            master, param = master.narrow(0, begin, length), param.narrow(0, begin, length)
+        else:
+            piece, master, param = whole, info.view_of(master), info.view_of(param)
+        master.copy_(piece)
+        param.copy_(piece)  # cast where the value is (on the GPU, half the bytes cross PCIe)
 
 
 def _init_module_on_meta(sub: nn.Module, init_module, by_original_id, staging: _Staging) -> None:
@@ -315,7 +337,7 @@ def _init_module_on_meta(sub: nn.Module, init_module, by_original_id, staging: _
         sub._parameters[name] = info.param
     for name, buf in buffers:
         if buf.is_meta:
-            sub._buffers[name] = _sentinel_like(buf)
+            sub._buffers[name] = _sentinel_like(buf, staging.init_device)
     if init_module is not None:
         init_module(sub)
     else:
@@ -340,8 +362,8 @@ def _check_initialised(sub: nn.Module, fresh: list[TensorInfo], staging: _Stagin
             raise _MetaInitIncomplete(f"{type(sub).__name__}'s init left buffer '{name}' unset on meta")
 
 
-def _sentinel_like(buf: torch.Tensor) -> torch.Tensor:
-    real = torch.empty_like(buf, device="cpu")
+def _sentinel_like(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
+    real = torch.empty_like(buf, device=device)
     if real.is_floating_point():
         return real.fill_(float("nan"))
     if real.dtype == torch.bool:

@@ -322,10 +322,41 @@ def test_init_equals_a_plain_build_with_the_same_seed():
     torch.manual_seed(7)
     plain = TinyGPT()
     torch.manual_seed(7)
-    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config())
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config(init_device="cpu"))
     ours = model.state_dict()
     for key, value in plain.state_dict().items():
         assert torch.equal(ours[key].cpu(), value), key
+
+
+def test_init_through_temporaries_equals_a_plain_build(monkeypatch):
+    """The path GPU init takes (each parameter initialised in a temporary, then copied into the
+    master and param chunks, a tied one after its last holder) gives the plain build's weights."""
+    import engine.init
+    monkeypatch.setattr(engine.init, "_stage_in_temporaries", lambda sharded, device: True)
+    torch.manual_seed(7)
+    plain = TinyGPT()
+    torch.manual_seed(7)
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config(init_device="cpu"))
+    ours = model.state_dict()
+    assert ours["wte.weight"].data_ptr() == ours["lm_head.weight"].data_ptr()  # still tied
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ours[key].cpu(), value), key
+
+
+@pytest.mark.gpu
+def test_init_on_the_gpu_equals_a_plain_build_there():
+    """`init_device: auto` runs the model's init on the GPU: the weights equal a plain build made on
+    the GPU with the same seed; `cpu` gives the plain CPU build's weights."""
+    assert DEVICE.type == "cuda"
+    for init_device, build_on in (("auto", DEVICE), ("cpu", torch.device("cpu"))):
+        torch.manual_seed(11)
+        with torch.device(build_on):
+            plain = TinyGPT()
+        torch.manual_seed(11)
+        model, _ = initialize_engine(model_func=TinyGPT, config=engine_config(init_device=init_device))
+        ours = model.state_dict()
+        for key, value in plain.state_dict().items():
+            assert torch.equal(ours[key].cpu(), value.cpu()), (init_device, key)
 
 
 def test_init_equals_a_plain_build_for_pstar_gpt():
@@ -335,7 +366,7 @@ def test_init_equals_a_plain_build_for_pstar_gpt():
     plain = models.build_model(cfg)
     torch.manual_seed(3)
     model, _ = initialize_engine(model_func=lambda: models.build_model(cfg),
-                                 config=engine_config(default_chunk_size=64 * 1024))
+                                 config=engine_config(default_chunk_size=64 * 1024, init_device="cpu"))
     ours = model.state_dict()
     assert list(ours) == list(plain.state_dict())
     for key, value in plain.state_dict().items():
