@@ -6,6 +6,7 @@
 #                                          # pstar), then T3 (gpt-12b, gpt-15b with recompute)
 #   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then T5 (gpt-4b per GPU
 #                                          # vs 1 GPU and FSDP2), then the largest GPT pstar trains there
+#                                          # (HOST_GIB=256: the host's memory when MemTotal reads low)
 #
 # Each block has its own time budget, so a slow one cannot starve the table of the next; the machine's
 # per-call limit is 600 s, so `one` and `multi` each stay under about 560 s of work.
@@ -19,9 +20,14 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 
 bench() {  # bench SECONDS ARGS...: one harness run appending to $out/results.json
     local budget=$1; shift
+    runs=$((runs + 1))
     python -m benchmarks.run --machine "$machine" --out "$out/results.json" --time-budget "$budget" \
-        --seq 1024 "$@" 2>&1 | tee -a "$out/bench.log"
+        --seq 1024 --log-dir "$logs/run$runs" "$@" 2>&1 | tee -a "$out/bench.log"
 }
+# Per-case logs live outside $OUT and come back as one archive (a lent machine returns few files).
+logs=outputs/gpu-logs runs=0
+mkdir -p "$logs"
+trap 'tar czf "$out/case-logs.tgz" -C "$logs" . 2>/dev/null' EXIT
 
 case "${1:-one}" in
 one)
@@ -36,11 +42,16 @@ one)
 multi)
     machine=$(python -c "import torch; print(f'nvidia-h200-x{torch.cuda.device_count()}')")
     gpus=$(python -c "import torch; print(torch.cuda.device_count())")
-    timeout 120 python -m pytest -q -m gpu tests/test_distributed.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
-    bench 150 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2
-    bench 150 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
-    bench 200 --systems pstar --models gpt-30b,gpt-60b --batch 2 --steps 3 --warmup 1 \
-        --activation-checkpointing --gpus "$gpus"
+    # Host memory there grows as it is used (MemTotal reads low at first): the budget is given.
+    host_per_rank=$(python -c "import psutil, torch; print(int(0.85 * max(psutil.virtual_memory().total, \
+        ${HOST_GIB:-0} * 2**30) / torch.cuda.device_count()))")
+    timeout 90 python -m pytest -q -m gpu tests/test_distributed.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
+    bench 110 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2
+    bench 140 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
+    # The largest GPT first (x2: gpt-30b, x4: gpt-60b); the next size down if it does not train.
+    big=${BIG_MODELS:-$([ "$gpus" -ge 4 ] && echo gpt-60b,gpt-50b || echo gpt-30b,gpt-20b)}
+    bench 200 --systems pstar --models "$big" --batch 8 --steps 3 --warmup 2 \
+        --activation-checkpointing --device-memory-limit 132GiB --host-memory-limit "$host_per_rank" --gpus "$gpus"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_session.sh one|multi" >&2
