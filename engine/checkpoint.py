@@ -118,7 +118,7 @@ def full_state_dict(shards: list[dict], dtype: torch.dtype = torch.float32) -> d
     from its pieces (under each of its names, one shared tensor for tied ones), plus the buffers."""
     result: dict[str, torch.Tensor] = {}
     for name, tensor in _index_tensors(shards).items():
-        whole = torch.empty(math.prod(tensor.shape), dtype=torch.float32)
+        whole = torch.empty(math.prod(tensor.shape), dtype=torch.float32, device="cpu")
         if _copy_overlaps(whole, 0, tensor.pieces, "master") != whole.numel():
             raise EngineError(f"the checkpoint lacks part of '{name}': some ranks' files are missing")
         weight = whole.view(tensor.shape).to(dtype)

@@ -258,7 +258,7 @@ class Copier:
 
     def alloc_host(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
         # Pinned memory is what makes async H2D/D2H copies possible; only moving chunks need it.
-        buf = torch.empty(numel, dtype=dtype)
+        buf = torch.empty(numel, dtype=dtype, device="cpu")
         if pinned and self.is_cuda and numel > 0:
             buf = self._pin(buf)
             self.pinned_bytes += buf.untyped_storage().nbytes()
@@ -271,7 +271,7 @@ class Copier:
         log.warning("pstar: page-locking a chunk buffer in place failed; using torch's pinned "
                     "allocator instead, which rounds each buffer up to a power of two")
         try:
-            return torch.empty(buf.numel(), dtype=buf.dtype, pin_memory=True)
+            return torch.empty(buf.numel(), dtype=buf.dtype, device="cpu", pin_memory=True)
         except RuntimeError as error:
             _consume_cuda_error(self.device)
             raise EngineError(self._pinning_failure(buf.untyped_storage().nbytes(), error)) from None

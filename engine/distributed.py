@@ -115,13 +115,14 @@ class Comm:
 
     def agree_min(self, value: int) -> int:
         """The smallest of every rank's value (budgets: what all ranks can afford)."""
-        return int(self.all_reduce_(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MIN)[0])
+        tensor = torch.tensor([value], dtype=torch.int64, device="cpu")
+        return int(self.all_reduce_(tensor, dist.ReduceOp.MIN)[0])
 
     def agree_max(self, values: list[int]) -> list[int]:
         """Element-wise largest over ranks (measurements: plan for the worst rank)."""
         if not values:
             return []
-        tensor = torch.tensor(values, dtype=torch.int64)
+        tensor = torch.tensor(values, dtype=torch.int64, device="cpu")
         return [int(v) for v in self.all_reduce_(tensor, dist.ReduceOp.MAX)]
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
@@ -232,7 +233,7 @@ class Comm:
         if not add:
             dest.copy_(source, non_blocking=True)  # host shards are pinned; read after the sync
             return
-        staging = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        staging = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=True)
         staging.copy_(source, non_blocking=True)
         event = torch.cuda.Event()
         event.record(self.stream)
@@ -321,7 +322,7 @@ def global_grad_norm(infos_in_order: list[TensorInfo], current_flat, comm: Comm,
 def gather_flat(comm: Comm, chunk: Chunk, current_flat) -> torch.Tensor:
     """The whole chunk of this kind (every rank's shard) on the host; zeros where none exists yet."""
     if chunk.location is Location.NOWHERE:
-        shard = torch.zeros(chunk.numel, dtype=chunk.dtype)
+        shard = torch.zeros(chunk.numel, dtype=chunk.dtype, device="cpu")
     else:
         shard = current_flat(chunk)
     return comm.gather_to_host(shard)

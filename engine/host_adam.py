@@ -80,7 +80,7 @@ class HostScratch:
 
     def take(self, numel: int) -> torch.Tensor:
         if self._buf is None:
-            self._buf = torch.empty(self.numel, dtype=torch.float32)
+            self._buf = torch.empty(self.numel, dtype=torch.float32, device="cpu")
         return self._buf[:numel]
 
 

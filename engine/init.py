@@ -215,8 +215,7 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     with torch.no_grad():
         for sub in module.modules():
             if on_meta:
-                with torch.device(init_device):  # anything the init creates lands beside its RNG
-                    _init_module_on_meta(sub, init_module, by_original_id, staging)
+                _init_module_on_meta(sub, init_module, by_original_id, staging)
             else:
                 _copy_module_into_chunks(sub, by_original_id, staging)
             for name, buf in sub._buffers.items():
@@ -302,7 +301,7 @@ class _Staging:
             info.param.data = info.view_of(param)  # the original storage is freed
             return
         self._keep_shard_piece(info, value)
-        info.param.data = torch.empty(0, dtype=param.dtype)
+        info.param.data = torch.empty(0, dtype=param.dtype, device="cpu")
 
     def _keep_shard_piece(self, info: TensorInfo, whole: torch.Tensor) -> None:
         master, param = self._storage(info)
@@ -338,10 +337,11 @@ def _init_module_on_meta(sub: nn.Module, init_module, by_original_id, staging: _
     for name, buf in buffers:
         if buf.is_meta:
             sub._buffers[name] = _sentinel_like(buf, staging.init_device)
-    if init_module is not None:
-        init_module(sub)
-    else:
-        sub.reset_parameters()
+    with torch.device(staging.init_device):  # anything the init creates lands beside its RNG
+        if init_module is not None:
+            init_module(sub)
+        else:
+            sub.reset_parameters()
     for name, param in direct:
         info = by_original_id[id(param)]
         master = staging.master(info)
