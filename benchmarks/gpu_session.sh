@@ -45,8 +45,8 @@ multi)
     # Host memory there grows as it is used (MemTotal reads low at first): the budget is given.
     host_per_rank=$(python -c "import psutil, torch; print(int(0.85 * max(psutil.virtual_memory().total, \
         ${HOST_GIB:-0} * 2**30) / torch.cuda.device_count()))")
-    timeout 90 python -m pytest -q -m gpu tests/test_distributed.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
-    bench 110 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2
+    timeout 75 python -m pytest -q -m gpu tests/test_distributed.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
+    bench 70 --systems pstar --models gpt-4b --batch 8 --steps 5 --warmup 2
     bench 140 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
     # The largest GPT first (x2: gpt-30b, x4: gpt-60b); the next size down if it does not train.
     big=${BIG_MODELS:-$([ "$gpus" -ge 4 ] && echo gpt-60b,gpt-50b || echo gpt-30b,gpt-20b)}

@@ -100,7 +100,7 @@ class ChunkManager:
         """Give the chunk a zeroed host buffer (pinned on CUDA when the chunk will move)."""
         moves = chunk.kind in (ChunkKind.PARAM, ChunkKind.GRAD) and not chunk.group.host_only
         buf = self.copier.alloc_host(chunk.numel, chunk.dtype, pinned=moves)
-        chunk.host_flat = buf.zero_()  # zero padding keeps Adam and norms exact over whole spans
+        chunk.host_flat = buf  # zeroed: zero padding keeps Adam and norms exact over whole spans
         if chunk.location is Location.NOWHERE:
             chunk.location = Location.HOST
         self._register_host(chunk)

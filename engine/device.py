@@ -257,8 +257,10 @@ class Copier:
                      "training goes on unless page-locking fails.", self._memlock_hint)
 
     def alloc_host(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-        # Pinned memory is what makes async H2D/D2H copies possible; only moving chunks need it.
-        buf = torch.empty(numel, dtype=dtype, device="cpu")
+        """A zeroed host buffer. Pinned memory is what makes async H2D/D2H copies possible; only
+        moving chunks need it. Zeroing first touches the pages with all of torch's threads, so
+        page-locking then finds them resident (the driver faults pages in one thread)."""
+        buf = torch.zeros(numel, dtype=dtype, device="cpu")
         if pinned and self.is_cuda and numel > 0:
             buf = self._pin(buf)
             self.pinned_bytes += buf.untyped_storage().nbytes()
@@ -271,7 +273,7 @@ class Copier:
         log.warning("pstar: page-locking a chunk buffer in place failed; using torch's pinned "
                     "allocator instead, which rounds each buffer up to a power of two")
         try:
-            return torch.empty(buf.numel(), dtype=buf.dtype, device="cpu", pin_memory=True)
+            return torch.zeros(buf.numel(), dtype=buf.dtype, device="cpu", pin_memory=True)
         except RuntimeError as error:
             _consume_cuda_error(self.device)
             raise EngineError(self._pinning_failure(buf.untyped_storage().nbytes(), error)) from None
