@@ -227,6 +227,9 @@ def _materialise(module: nn.Module, cfg: EngineConfig, dtype: torch.dtype, devic
     return BuiltModel(module, manager, groups, infos, param_order, host_only_modules)
 
 
+_BOUNCE_ELEMENTS = 16 * 1024 * 1024  # 64 MiB of fp32 per GPU -> host copy through pinned memory
+
+
 def _stage_in_temporaries(sharded: bool, init_device: torch.device) -> bool:
     """Whether init runs on temporary tensors rather than straight in the host master chunks."""
     return sharded or init_device.type != "cpu"
@@ -248,6 +251,7 @@ class _Staging:
         self.init_device = init_device
         self.temporary = _stage_in_temporaries(self.sharded, init_device)
         self._whole: dict[int, torch.Tensor] = {}  # id(info) -> its temporary whole value
+        self._bounce: dict[torch.dtype, torch.Tensor] = {}  # page-locked staging for GPU -> host copies
         self._holders_left: dict[int, int] = {}  # id(info) -> registrations not yet initialised
         for sub in root.modules():
             for param in sub._parameters.values():
@@ -311,8 +315,26 @@ class _Staging:
             master, param = master.narrow(0, begin, length), param.narrow(0, begin, length)
         else:
             piece, master, param = whole, info.view_of(master), info.view_of(param)
-        master.copy_(piece)
-        param.copy_(piece)  # cast where the value is (on the GPU, half the bytes cross PCIe)
+        self._download(master, piece)
+        self._download(param, piece)  # cast where the value is (on the GPU, half the bytes cross PCIe)
+
+    def _download(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst (host, contiguous) <- src. From a GPU into pageable memory, a copy runs at about
+        1.5 GB/s; through a reused page-locked bounce buffer it runs at copy-engine speed, plus a
+        host memcpy on all threads."""
+        if src.device.type != "cuda" or dst.is_pinned():
+            dst.copy_(src.reshape(dst.shape))
+            return
+        bounce = self._bounce.get(dst.dtype)
+        if bounce is None:
+            bounce = self._bounce[dst.dtype] = torch.empty(_BOUNCE_ELEMENTS, dtype=dst.dtype, device="cpu",
+                                                           pin_memory=True)
+        flat_src, flat_dst = src.reshape(-1), dst.view(-1)
+        for start in range(0, flat_dst.numel(), _BOUNCE_ELEMENTS):
+            length = min(_BOUNCE_ELEMENTS, flat_dst.numel() - start)
+            staged = bounce[:length]
+            staged.copy_(flat_src[start:start + length])
+            flat_dst[start:start + length].copy_(staged)
 
 
 def _init_module_on_meta(sub: nn.Module, init_module, by_original_id, staging: _Staging) -> None:

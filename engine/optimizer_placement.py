@@ -8,7 +8,9 @@ measured) for the caching allocator's fragmentation and run-to-run variation. (P
 the optimizer that share of the whole margin instead, which on a large GPU leaves tens of GB
 unused.) On CUDA the device's real free memory bounds it too. The rest step on the host
 (engine/host_adam.py): the last layers, whose gradients are final earliest in backward. With
-several ranks, all take the smallest rank's number of device groups.
+several ranks, all take the smallest rank's number of device groups, and when the optimizer state
+does not all fit beside every gathered param chunk, the gathered chunks get a window of a few
+chunks instead (they are gathered again over NVLink, far cheaper than host Adam).
 
 `plan_placement` is the pure arithmetic; `settle_optimizer_placement` applies it to the engine's
 chunks at the first step(s). The Adam step over the placed groups is engine/optimizer.py.
@@ -44,11 +46,26 @@ def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_
     groups take the rest, leading groups first. `device_capacity` (CUDA: what is really free)
     bounds the budget."""
     moving = [g for g in groups if not g.host_only]
+    param_bytes = sum(c.nbytes for g in moving for c in (g.param, g.grad) if c is not None)
     # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
-    param_bytes = sum(c.nbytes for g in moving for c in (g.gathered, g.param, g.grad) if c is not None)
+    # Gathered chunks are dropped and gathered again when the device needs the room, which over
+    # NVLink costs far less than stepping optimizer state on the host: they get a window, not
+    # room for all of them, unless the optimizer state fits beside all of them anyway.
+    gathered = sorted((g.gathered.nbytes for g in moving if g.gathered is not None), reverse=True)
     budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
     activations = peak_non_model_bytes + math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
-    spare = budget - param_bytes - activations
+    placement = _fill(moving, budget - param_bytes - sum(gathered) - activations, scratch_bytes, use_hybrid_adam)
+    if gathered and placement.num_device_groups < len(moving):
+        window = sum(gathered[:GATHER_WINDOW])
+        placement = _fill(moving, budget - param_bytes - window - activations, scratch_bytes, use_hybrid_adam)
+    return placement
+
+
+GATHER_WINDOW = 4  # gathered chunks the device keeps room for when they cannot all stay
+
+
+def _fill(moving: list[ChunkGroup], spare: int, scratch_bytes: int, use_hybrid_adam: bool) -> Placement:
+    """Leading groups' optimizer state on the device while it fits in `spare` (less the scratch)."""
     allowance = spare - scratch_bytes if use_hybrid_adam else 0
     num_groups, used = 0, 0
     for group in moving:

@@ -308,6 +308,31 @@ def test_placement_uses_what_remains_beside_params_and_activations():
     assert plan_placement(groups, 1 << 40, peak, 0.8, False, scratch).num_device_groups == 0
 
 
+def test_sharded_placement_keeps_a_window_of_gathered_chunks_when_not_all_fit():
+    """With several ranks the gathered chunks can be dropped and gathered again: when keeping all of
+    them would push optimizer state to the host, they get a window of GATHER_WINDOW chunks."""
+    from engine.chunk import TensorInfo, new_chunk_group
+    from engine.optimizer_placement import GATHER_WINDOW
+
+    def group(index):
+        info = TensorInfo(param=torch.nn.Parameter(torch.zeros(1024)), names=[f"t{index}"], offset=0,
+                          numel=1024, shape=torch.Size([1024]), requires_grad=True)
+        return new_chunk_group(index, 1024, [info], torch.bfloat16, False, False, index * 6, (0, 2))
+
+    groups = [group(i) for i in range(10)]
+    shards = sum(g.param.nbytes for g in groups)
+    gathered = groups[0].gathered.nbytes  # 2 KiB: the whole chunk in bf16
+    optim = sum(c.nbytes for c in groups[0].optimizer_chunks)  # 6 KiB: this rank's fp32 shards
+    peak, scratch = 10_000, 4_096
+    base = shards + _with_margin(peak) + scratch
+    roomy = plan_placement(groups, base + 10 * gathered + 10 * optim, peak, 0.8, True, scratch)
+    assert roomy.num_device_groups == 10 and roomy.params_fit  # everything stays, nothing regathered
+    # Room for 7 groups beside all gathered chunks; dropping all but the window frees 2 more.
+    short = plan_placement(groups, base + 10 * gathered + 7 * optim, peak, 0.8, True, scratch)
+    assert (10 - GATHER_WINDOW) * gathered == 2 * optim
+    assert short.num_device_groups == 9
+
+
 # ---- host memory limits --------------------------------------------------------------------------
 
 def test_a_tiny_locked_memory_limit_gets_a_clear_message():
