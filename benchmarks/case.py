@@ -116,9 +116,10 @@ def run_case(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler, found: dict
     rehearse_failure(os.environ.get(SIMULATE_ENV, ""), "init")
     trainer = build_trainer(spec, runtime)
     found.update(phase="steps", init_s=trainer.init_s, host_init_peak_bytes=sampler.mark("init"))
+    progress(runtime, f"init {trainer.init_s:.1f} s")
     rehearse_failure(os.environ.get(SIMULATE_ENV, ""), "steps")
     batches = random_batches(spec, runtime)
-    step_times_s, loss = time_steps(trainer, batches, spec, runtime.device)
+    step_times_s, loss = time_steps(trainer, batches, spec, runtime)
     step_times_s = slowest_rank_times(step_times_s, runtime)
     found.update(step_times_s=step_times_s, step_s=statistics.median(step_times_s), loss=loss,
                  details=trainer.details())
@@ -140,20 +141,28 @@ def random_batches(spec: CaseSpec, runtime: Runtime) -> list[tuple[torch.Tensor,
     ]
 
 
-def time_steps(trainer: Trainer, batches: list, spec: CaseSpec, device: torch.device) -> tuple[list[float], float]:
-    """Untimed warm-up steps, then `num_steps` steps each timed between two device synchronisations."""
+def time_steps(trainer: Trainer, batches: list, spec: CaseSpec, runtime: Runtime) -> tuple[list[float], float]:
+    """Untimed warm-up steps, then `num_steps` steps each timed between two device synchronisations.
+    Rank 0 prints each step's time as it ends, so a case stopped by its timeout shows how far it got."""
     loss = None
-    for index in range(spec.num_warmup):
-        loss = trainer.step(*batches[index % len(batches)])
     step_times_s = []
-    for index in range(spec.num_warmup, spec.num_warmup + spec.num_steps):
+    for index in range(spec.num_warmup + spec.num_steps):
         x, y = batches[index % len(batches)]
-        synchronize(device)
+        synchronize(runtime.device)
         start = time.perf_counter()
         loss = trainer.step(x, y)
-        synchronize(device)
-        step_times_s.append(time.perf_counter() - start)
+        synchronize(runtime.device)
+        elapsed = time.perf_counter() - start
+        timed = index >= spec.num_warmup
+        if timed:
+            step_times_s.append(elapsed)
+        progress(runtime, f"{'step' if timed else 'warm-up step'} {index + 1}: {elapsed:.2f} s")
     return step_times_s, float(loss)
+
+
+def progress(runtime: Runtime, message: str) -> None:
+    if runtime.rank == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def slowest_rank_times(step_times_s: list[float], runtime: Runtime) -> list[float]:
