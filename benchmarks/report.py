@@ -71,19 +71,41 @@ def _extras(spec: CaseSpec, shape: dict, outcome: CaseOutcome, lead: dict, flops
     if spec.system == "pstar":
         extras.update({"chunk_size": spec.chunk_size, "device_memory_limit": spec.device_memory_limit,
                        "host_memory_limit": spec.host_memory_limit})
-        extras.update(_host_model_data(lead.get("details", {}), extras["host_init_peak_gib"]))
+        extras.update(_host_model_data(lead.get("details", {}), extras["host_init_peak_gib"], len(ranks)))
     extras["details"] = lead.get("details")
     return extras
 
 
-def _host_model_data(details: dict, host_init_peak_gib: float | None) -> dict:
-    """Target T4: init's host peak against the host-resident model data pstar planned."""
+def _host_model_data(details: dict, host_init_peak_gib: float | None, num_ranks: int = 1) -> dict:
+    """Target T4: init's host peak against the host-resident model data pstar planned, both as
+    init built it (every param chunk and fp32 master on the host) and as it stays after the
+    optimizer placement (most of it moved to the GPU). The peak is summed over a node's ranks and
+    the ranks hold equal shards, so the plan is the lead rank's times the ranks."""
     stats = details.get("chunk_stats") or {}
-    planned = None
+    steady = None
     if "param_bytes_host" in stats and "optim_bytes_host" in stats:
-        planned = stats["param_bytes_host"] + stats["optim_bytes_host"]
-    ratio = round(host_init_peak_gib * GIB / planned, 3) if planned and host_init_peak_gib else None
-    return {"host_model_data_gib": _gib(planned), "init_rss_over_host_model_data": ratio}
+        steady = stats["param_bytes_host"] + stats["optim_bytes_host"]
+    at_init = stats.get("init_host_bytes") or init_host_bytes_from_model_data(details)
+
+    steady, at_init = (None if v is None else v * num_ranks for v in (steady, at_init))
+
+    def ratio(planned):
+        return round(host_init_peak_gib * GIB / planned, 3) if planned and host_init_peak_gib else None
+
+    return {"host_model_data_gib": _gib(steady), "init_rss_over_host_model_data": ratio(steady),
+            "init_host_model_data_gib": _gib(at_init), "init_rss_over_init_host_plan": ratio(at_init)}
+
+
+def init_host_bytes_from_model_data(details: dict) -> int | None:
+    """Init's host chunks for rows from before the engine reported them: the param chunks (compute
+    dtype) and fp32 masters, i.e. (c + 4) / (c + 12) of all model data for c bytes per compute
+    element (every chunk kind of a group has the same number of elements)."""
+    stats = details.get("chunk_stats") or {}
+    if not stats.get("model_data_bytes") or stats.get("param_bytes_host") is None:
+        return None
+    params = (details.get("engine_config") or {})
+    c = 2 if (params.get("bf16") or {}).get("enabled") or (params.get("fp16") or {}).get("enabled") else 4
+    return stats["model_data_bytes"] * (c + 4) // (c + 12)
 
 
 def fill_ratios(rows: list[dict]) -> None:

@@ -98,6 +98,7 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | Non
         return ChunkManager(copier, AccessSchedule(), tracer, device_budget, host_budget, comm)
 
     built = build_in_chunks(model_func, cfg, dtype, device, new_manager)
+    built.manager.init_host_bytes = built.manager.host_allocated_bytes  # what init planned on the host
     built.manager.repoint_all()  # on CUDA: evicted-weight placeholders until the first fetch
     runtime = EngineRuntime(config=cfg, device=device, compute_dtype=dtype, copier=copier,
                             schedule=built.manager.schedule, tracer=built.manager.tracer,
@@ -261,6 +262,7 @@ class EngineModel(nn.Module):
         stats["device_budget_bytes"] = manager.device_budget_bytes
         stats["host_budget_bytes"] = manager.host_budget_bytes
         stats["model_data_bytes"] = manager.model_data_bytes
+        stats["init_host_bytes"] = manager.init_host_bytes  # chunk buffers init built on the host
         return stats
 
     def step_timings(self) -> dict[str, float]:

@@ -62,6 +62,7 @@ class ChunkManager:
         self._by_storage: dict[int, Chunk] = {}  # storage data_ptr -> chunk owning that buffer
         self.device_bytes = 0  # chunk bytes resident on the device
         self.host_allocated_bytes = 0  # host buffers held (home copies included)
+        self.init_host_bytes = 0  # host buffers held when init ended (target T4 compares against it)
         self.totals = MoveCounters()
         self.last_step = MoveCounters()
         self._step_start = MoveCounters()

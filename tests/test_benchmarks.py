@@ -276,3 +276,18 @@ def test_fsdp2_falls_back_to_plain_init_when_model_init_fails(one_process_group,
     losses = [trainer.step(x, x).item() for _ in range(2)]
     assert all(math.isfinite(loss) for loss in losses)
     assert abs(losses[0] - math.log(256)) < 1.0  # N(0, 0.02) weights: near-uniform predictions
+
+
+def test_init_host_ratio_uses_what_init_built_and_every_rank():
+    from benchmarks.report import GIB, _host_model_data
+
+    stats = {"param_bytes_host": 0, "optim_bytes_host": 4 * GIB, "init_host_bytes": 6 * GIB,
+             "model_data_bytes": 14 * GIB}
+    one = _host_model_data({"chunk_stats": stats}, 6.6)
+    assert one["init_rss_over_init_host_plan"] == 1.1 and one["init_rss_over_host_model_data"] == 1.65
+    two = _host_model_data({"chunk_stats": stats}, 13.2, num_ranks=2)  # peaks summed over ranks
+    assert two["init_rss_over_init_host_plan"] == 1.1
+    # Rows from before the engine reported init_host_bytes: params (bf16) and masters of the data.
+    older = {k: v for k, v in stats.items() if k != "init_host_bytes"}
+    derived = _host_model_data({"chunk_stats": older, "engine_config": {"bf16": {"enabled": True}}}, 6.6)
+    assert derived["init_host_model_data_gib"] == 6.0

@@ -587,6 +587,7 @@ def test_init_never_holds_a_full_copy_of_the_model_in_host_memory():
     stats = model.chunk_stats()
     chunk_bytes = stats["param_bytes_host"] + stats["optim_bytes_host"] + stats["param_bytes_device"]
     assert chunk_bytes >= 300_000_000
+    assert stats["init_host_bytes"] == stats["param_bytes_host"] + stats["optim_bytes_host"]  # no step yet
     assert peak - before < chunk_bytes + largest_module_bytes + 32 * 1024 * 1024, (
         peak - before, chunk_bytes)
 
