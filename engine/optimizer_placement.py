@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from engine.chunk import ChunkGroup, Location
 from engine.device import device_capacity_bytes
+from engine.errors import ModelTooLargeError
 from engine.host_adam import HostUpdates
 from engine.packing import repack_in_first_use_order
 from engine.runtime import EngineRuntime
@@ -148,6 +149,13 @@ def _check_host_memory(rt: EngineRuntime, keep_resident: bool) -> None:
         freed_bytes += sum(g.param.nbytes for g in rt.groups
                            if g.optimizer_on_device and g.param.host_flat is not None)
     host_bytes = rt.manager.host_allocated_bytes + new_bytes - freed_bytes
+    if host_bytes > rt.manager.host_budget_bytes and rt.config.host_memory_limit is not None:
+        # A limit the user set is a limit: refuse now, before a step, rather than be OOM-killed.
+        raise ModelTooLargeError(
+            f"the optimizer state the device cannot hold needs {host_bytes:,} bytes of host memory "
+            f"on this rank, over host_memory_limit ({rt.config.host_memory_limit:,}): give the device "
+            "more (device_memory_limit), add GPUs, raise host_memory_limit if the host has the "
+            "memory, or train a smaller model")
     if host_bytes > rt.manager.host_budget_bytes:
         log.warning("pstar: the optimizer groups the device cannot hold need %s bytes of host "
                     "memory with the param chunks' host copies, over the host budget of %s: "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import threading
 import time
 
@@ -536,6 +537,27 @@ def test_model_too_large_for_the_budgets_is_refused_before_any_step():
     with pytest.raises(ModelTooLargeError) as err:
         initialize_engine(model_func=TinyGPT, config=cfg)
     assert "30,000 bytes" in str(err.value) and "needs" in str(err.value)
+
+
+def test_host_need_over_an_explicit_host_limit_is_refused_at_placement():
+    """Init's check counts device + host budgets together; the optimizer placement after the
+    warm-up knows what must stay on the host. Over a host_memory_limit the user set, it refuses
+    (before any weight changes) instead of letting the kernel kill the process later."""
+    probe, _ = initialize_engine(model_func=TinyGPT, config=engine_config())
+    model_data = probe.chunk_stats()["model_data_bytes"]
+    cfg = engine_config(device_memory_limit=256 * 1024, host_memory_limit=model_data // 2)
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)  # init's check passes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = next(batches("gpt", 1))
+    with pytest.raises(ModelTooLargeError, match="over host_memory_limit"):
+        engine_step(model, optimizer, x, y)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # Without an explicit limit the default host share is only a guide: a warning, and it trains.
+    cfg.pop("host_memory_limit")
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    assert math.isfinite(engine_step(model, optimizer, x, y))
 
 
 def test_memory_timeline_and_step_timings_are_reported():
