@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh one     # nvidia-h200: GPU tests, then T1/T2 (pytorch, fsdp2-offload,
 #                                          # pstar), then T3 (gpt-12b, gpt-15b with recompute)
-#   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then T5 (gpt-4b per GPU
-#                                          # vs 1 GPU and FSDP2), then the largest GPT pstar trains there
+#   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then the largest GPT
+#                                          # pstar trains there, then T5 (gpt-4b per GPU vs 1 GPU and FSDP2)
 #                                          # (HOST_GIB=256: the host's memory when MemTotal reads low)
 #
 # Each block has its own time budget, so a slow one cannot starve the table of the next; the machine's
@@ -43,15 +43,16 @@ multi)
     machine=$(python -c "import torch; print(f'nvidia-h200-x{torch.cuda.device_count()}')")
     gpus=$(python -c "import torch; print(torch.cuda.device_count())")
     # Host memory there grows as it is used (MemTotal reads low at first): the budget is given.
-    host_per_rank=$(python -c "import psutil, torch; print(int(0.85 * max(psutil.virtual_memory().total, \
+    host_per_rank=$(python -c "import psutil, torch; print(int(0.92 * max(psutil.virtual_memory().total, \
         ${HOST_GIB:-0} * 2**30) / torch.cuda.device_count()))")
     timeout 75 python -m pytest -q -m gpu tests/test_distributed.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
-    bench 70 --systems pstar --models gpt-4b --batch 8 --steps 5 --warmup 2
-    bench 140 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
-    # The largest GPT first (x2: gpt-30b, x4: gpt-60b); the next size down if it does not train.
+    # The largest GPT first (x2: gpt-30b, x4: gpt-60b), then the next size down; each prints its init
+    # and every step as it ends, so a run stopped by the limit still shows how far it got.
     big=${BIG_MODELS:-$([ "$gpus" -ge 4 ] && echo gpt-60b,gpt-50b || echo gpt-30b,gpt-20b)}
-    bench 200 --systems pstar --models "$big" --batch 8 --steps 3 --warmup 2 \
+    bench 300 --systems pstar --models "$big" --batch 8 --steps 3 --warmup 2 \
         --activation-checkpointing --device-memory-limit 132GiB --host-memory-limit "$host_per_rank" --gpus "$gpus"
+    bench 60 --systems pstar --models gpt-4b --batch 8 --steps 5 --warmup 2
+    bench 120 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_session.sh one|multi" >&2
