@@ -257,6 +257,7 @@ class EngineModel(nn.Module):
             stats[f"{scope}_h2d_moves"] = counters.h2d_moves
             stats[f"{scope}_d2h_moves"] = counters.d2h_moves
             stats[f"{scope}_evictions"] = counters.evictions
+            stats[f"{scope}_gathers"] = counters.gathers
         # Moments whose chunks in use alone exceeded the chunk budget (activations left too little).
         stats["over_budget_moments"] = manager.num_over_budget
         stats["device_budget_bytes"] = manager.device_budget_bytes

@@ -42,6 +42,7 @@ class MoveCounters:
     h2d_moves: int = 0
     d2h_moves: int = 0
     evictions: int = 0  # chunks dropped from the device (a clean one needs no d2h copy)
+    gathers: int = 0  # param chunks all-gathered from the ranks' shards (several ranks)
 
     def minus(self, other: "MoveCounters") -> "MoveCounters":
         return MoveCounters(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -252,6 +253,7 @@ class ChunkManager:
             self._count(h2d=shard.nbytes)  # this rank's part goes up; the rest comes over the network
         chunk.device_flat, chunk.ready_event = self.comm.gather_chunk(source, chunk.numel)
         chunk.dirty = False
+        self.totals.gathers += 1
 
     def _drop_gathered(self, chunk: Chunk) -> None:
         """Free a gathered chunk: the shards keep the weights; pending gradients are reduced first."""

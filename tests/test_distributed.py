@@ -266,6 +266,7 @@ def test_two_ranks_train_like_one_rank_with_evictions(tmp_path, kind):
     stats = ranks[0]["stats"]
     assert stats["step_evictions"] > 0 and stats["step_h2d_moves"] > 0, stats
     assert stats["step_d2h_bytes"] > 0, stats  # reduced gradients went to host shards
+    assert stats["step_gathers"] > 0 and reference["stats"]["step_gathers"] == 0, stats  # one rank: none
     # each rank holds half the model data (plus alignment padding)
     assert stats["model_data_bytes"] < 0.55 * reference["stats"]["model_data_bytes"]
 
