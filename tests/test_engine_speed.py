@@ -416,3 +416,23 @@ def test_host_results_reach_the_device_without_a_stream_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(moved.cpu(), host)
+
+
+def test_eviction_drops_gathered_chunks_before_shards_then_farthest_first():
+    """Belady within each kind; a gathered chunk (re-gathered over NVLink) goes before any shard
+    (a copy down and back up over PCIe), even one whose next use is farther away."""
+    from engine.chunk import Chunk, ChunkKind
+    from engine.schedule import AccessSchedule
+
+    schedule = AccessSchedule()
+    schedule.start_recording()
+    for chunk_id in (0, 1, 2, 3, 1, 0):
+        schedule.on_access(chunk_id)
+    schedule.finish_recording()
+    schedule.restart()
+    schedule.on_access(0)  # at moment 0, moments to the next use: chunk 1: 1, 2: 2, 3: 3, 0: 5
+    shard_far = Chunk(0, ChunkKind.PARAM, 8, torch.bfloat16)
+    gathered_near, gathered_far = (Chunk(i, ChunkKind.GATHERED, 16, torch.bfloat16) for i in (1, 2))
+    shard_mid = Chunk(3, ChunkKind.PARAM, 8, torch.bfloat16)
+    order = schedule.eviction_order([shard_far, gathered_near, shard_mid, gathered_far])
+    assert order == [gathered_far, gathered_near, shard_far, shard_mid]
