@@ -56,7 +56,7 @@ _PAUSE_S = 600
 MAY_CHANGE = (
     "train.steps", "train.log_interval", "train.grad_accum", "model.activation_checkpointing",
     "checkpoint.", "distributed.", "engine.device_memory_limit", "engine.host_memory_limit",
-    "engine.default_chunk_size", "engine.release_after_init", "engine.use_cpu_embedding",
+    "engine.default_chunk_size", "engine.release_after_init", "engine.use_cpu_embedding", "engine.init_device",
     "engine.client.", "engine.optimizer.params.use_hybrid_adam",
     "train.lr", "train.min_lr", "train.warmup_steps", "engine.gradient_clipping",
 )  # fmt: skip
