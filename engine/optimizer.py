@@ -47,7 +47,7 @@ from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
 from engine.device import host_adam_threads, to_device_without_sync
 from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, adam_on_spans
 from engine.distributed import gather_flat, global_grad_norm
-from engine.optimizer_placement import settle_optimizer_placement
+from engine.optimizer_placement import allocate_host_moments, settle_optimizer_placement
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
@@ -142,10 +142,12 @@ class HybridAdam(torch.optim.Optimizer):
             if overflow:
                 self._host.cancel()
                 self._restore_weights(groups)
+                allocate_host_moments(rt)  # (after a placement) the optimizer state is complete
             else:
                 for group in host_groups:
                     self._host.send_to_host(group)
                 self._bring_to_device(device_groups)
+                allocate_host_moments(rt)
                 self._update(host_groups, device_groups, multiplier)
             rt.scaler.update(overflow)
             self.last_step_skipped = overflow

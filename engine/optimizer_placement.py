@@ -107,11 +107,18 @@ def _place_optimizer_state(rt: EngineRuntime, host: HostUpdates) -> None:
     for group in rt.groups:
         if group.optimizer_on_device:
             _put_optimizer_state_on_device(rt, group)
-        else:
+    rt.optimizer_placed = True  # host groups' moments come in allocate_host_moments, later
+
+
+def allocate_host_moments(rt: EngineRuntime) -> None:
+    """Zeroed host moments for the host groups that have none yet. step() calls it once the device
+    groups' host copies are freed (masters at placement, param chunks when they stay on the device
+    for good), so the host never holds both: its peak stays that of init or of the steady state."""
+    for group in rt.groups:
+        if not group.optimizer_on_device:
             for chunk in group.optimizer_chunks:
                 if chunk.host_flat is None:
-                    rt.manager.allocate_host(chunk)  # moments start at zero
-    rt.optimizer_placed = True
+                    rt.manager.allocate_host(chunk)
 
 
 def _plan_for_runtime(rt: EngineRuntime) -> Placement:

@@ -308,6 +308,28 @@ def test_placement_uses_what_remains_beside_params_and_activations():
     assert plan_placement(groups, 1 << 40, peak, 0.8, False, scratch).num_device_groups == 0
 
 
+def test_placement_never_holds_device_groups_host_copies_beside_new_host_moments(monkeypatch):
+    """The host's peak over the placement step is that of init or of the steady state: the host
+    groups' moments are allocated only once the device groups' masters and param chunks (which
+    stay on the device for good) have left the host."""
+    from engine.chunk_manager import ChunkManager
+    peak = {"bytes": 0}
+    register = ChunkManager._register_host
+
+    def counting(self, chunk):
+        register(self, chunk)
+        peak["bytes"] = max(peak["bytes"], self.host_allocated_bytes)
+
+    monkeypatch.setattr(ChunkManager, "_register_host", counting)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=700_000))
+    for x, y in batches("gpt", 3):
+        engine_step(model, optimizer, x, y)
+    rt = model._rt
+    on_device = sum(g.optimizer_on_device for g in rt.groups)
+    assert 0 < on_device < len(rt.groups) and optimizer._host.keep_resident  # both kinds of groups
+    assert peak["bytes"] == max(rt.manager.init_host_bytes, rt.manager.host_allocated_bytes), peak
+
+
 def test_sharded_placement_keeps_a_window_of_gathered_chunks_when_not_all_fit():
     """With several ranks the gathered chunks can be dropped and gathered again: when keeping all of
     them would push optimizer state to the host, they get a window of GATHER_WINDOW chunks."""
