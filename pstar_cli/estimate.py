@@ -199,13 +199,30 @@ def pstar_estimate(w: Workload, hw: Hardware) -> SystemEstimate:
     activations = activation_bytes(w)
     room = (gpu_budget if gpu_budget is not None else 0) - activations - working
     on_gpu, on_host = place_on_gpu(model_data, room)
+    on_host["param"] = max(on_host["param"], _param_host_copies(model_data, on_host, w.num_gpus))
     host_budget = (w.host_memory_limit * w.gpus_per_node if w.host_memory_limit is not None
                    else int(hw.host_bytes * w.host_mem_ratio))
+    # Init builds every param chunk and fp32 master on the host; the placement after the warm-up
+    # moves the device's share to the GPU. The host's peak is the larger of the two.
+    init_host = model_data["param"] + model_data["master"]
     return SystemEstimate(
         "pstar",
         gpu=Side(on_gpu, activations, working, gpu_budget),
-        host=Side({k: v * w.gpus_per_node for k, v in on_host.items()}, budget=host_budget),
+        host=Side({k: v * w.gpus_per_node for k, v in on_host.items()}, budget=host_budget,
+                  other=max(0, init_host - sum(on_host.values())) * w.gpus_per_node),
     )
+
+
+def _param_host_copies(model_data: dict[str, int], on_host: dict[str, int], num_gpus: int) -> int:
+    """Param chunks that keep a host buffer although they compute on the GPU: with one GPU those of
+    the groups whose optimizer state steps on the host (their gradients go down into it and the new
+    weights come back up from it); with several, every shard (its home while gathered chunks come
+    and go)."""
+    if num_gpus > 1:
+        return model_data["param"]
+    optimizer = sum(model_data[k] for k in ("master", "exp_avg", "exp_avg_sq"))
+    on_host_share = sum(on_host[k] for k in ("master", "exp_avg", "exp_avg_sq")) / optimizer if optimizer else 0
+    return int(model_data["param"] * on_host_share)
 
 
 def pytorch_estimate(w: Workload, hw: Hardware) -> SystemEstimate:

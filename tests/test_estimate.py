@@ -68,7 +68,8 @@ def test_placement_gives_params_the_gpu_first_then_optimizer_groups_in_proportio
 def test_pstar_splits_model_data_between_gpu_and_host():
     n = GPT_1_3B.num_params
     est = estimate_systems(GPT_1_3B, H200)["pstar"]
-    assert sum(est.gpu.model_data.values()) + sum(est.host.model_data.values()) == 14 * n
+    assert sum(est.gpu.model_data.values()) == 14 * n  # all of it on the GPU
+    assert est.host.model_data["param"] == 0 and est.host.total == 6 * n  # init's params + masters
     assert est.gpu.activations == activation_bytes(GPT_1_3B)
     assert est.gpu.other == 2 * 50304 * 2048 * 2  # two embedding-sized chunks in bf16
     assert est.gpu.budget == int(140 * GIB * 0.9) and est.fits is True
@@ -78,7 +79,22 @@ def test_pstar_splits_model_data_between_gpu_and_host():
     room = int(24 * GIB * 0.9) - activation_bytes(GPT_1_3B) - est.gpu.other
     assert sum(est.gpu.model_data.values()) == pytest.approx(room, abs=5)
     assert est.gpu.model_data["param"] == 2 * n  # params first
-    assert est.gpu.total <= est.gpu.budget and est.host.total == 14 * n - sum(est.gpu.model_data.values())
+    optimizer_kinds = ("master", "exp_avg", "exp_avg_sq")
+    host_optimizer = sum(est.host.model_data[k] for k in optimizer_kinds)
+    assert host_optimizer == 14 * n - sum(est.gpu.model_data.values())
+    # the host groups' param chunks keep a host buffer their gradients go down into
+    assert est.host.model_data["param"] == int(2 * n * host_optimizer / (12 * n))
+    steady = sum(est.host.model_data.values())
+    assert est.gpu.total <= est.gpu.budget and est.host.total == max(steady, 6 * n)  # or init's peak
+
+
+def test_pstar_host_peak_is_the_larger_of_init_and_the_steady_state():
+    """Measured on one H200 with gpt-12b b8, recompute, 132 GiB device budget: host peak 70.1 GiB,
+    of which 68.3 GiB are init's param chunks and fp32 masters."""
+    w = dataclasses.replace(GPT_1_3B, num_params=12_211_000_000, device_memory_limit=132 * GIB)
+    est = estimate_systems(w, H200)["pstar"]
+    assert est.host.total == pytest.approx(6 * w.num_params, rel=1e-6)
+    assert 60 * GIB < est.host.total < 70.1 * GIB
 
 
 def test_pstar_shards_over_ranks_and_sums_ranks_per_host():

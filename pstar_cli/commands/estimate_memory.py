@@ -58,6 +58,8 @@ def footer_lines(report: dict) -> list[str]:
         + f", {work['gpus_per_node']} GPU(s) per node x {work['num_nodes']} node(s)",
         f"hardware: {gpu}; host {format_bytes(hw['host_bytes'])} ({hw['host_source']})",
         "activations: Korthikanti et al. 2022, fused attention (scores never stored), fp32 logits for the loss",
+        "pstar's host 'other': init builds every param chunk and fp32 master on the host before the GPU's share "
+        "moves there, so the host's peak is at least that",
         best_line,
     ]
 
