@@ -240,6 +240,8 @@ def placement_panel(record: dict[str, Any], info: RunInfo) -> Panel:
             chunk_cell(record.get(f"step_{direction}_moves"), record.get(f"step_{direction}_bytes")),
             chunk_cell(record.get(f"total_{direction}_moves"), record.get(f"total_{direction}_bytes")),
         )
+    if record.get("total_gathers"):  # several ranks: param chunks all-gathered from the shards
+        table.add_row("gathers", str(record.get("step_gathers")), str(record["total_gathers"]))
     budget = (
         f"budget: {info.device_label} {format_bytes(record.get('device_budget_bytes'))},"
         f" host {format_bytes(record.get('host_budget_bytes'))};"

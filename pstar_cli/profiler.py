@@ -28,7 +28,7 @@ from pstar_cli.metrics import peak_rss_bytes
 
 NUM_WARMUP_STEPS = 2  # the engine's traced warm-up, then one step of the steady-state schedule
 TIMING_KEYS = ("forward", "backward", "optimizer_device", "optimizer_host", "transfer", "wait")
-TRAFFIC_KEYS = ("step_h2d_moves", "step_h2d_bytes", "step_d2h_moves", "step_d2h_bytes")
+TRAFFIC_KEYS = ("step_h2d_moves", "step_h2d_bytes", "step_d2h_moves", "step_d2h_bytes", "step_gathers")
 
 
 @dataclass
@@ -150,7 +150,7 @@ def summarise(steps: list[dict[str, Any]], trainer) -> dict[str, Any]:
     step_s = statistics.median(s["step_s"] for s in steps)
     split = {key: statistics.median(s["timings"][key] for s in steps) for key in TIMING_KEYS}
     num_tokens = trainer.split.global_batch * trainer.cfg.train.seq_len
-    traffic = {key: statistics.median(s["chunk_stats"][key] or 0 for s in steps) for key in TRAFFIC_KEYS}
+    traffic = {key: statistics.median(s["chunk_stats"].get(key) or 0 for s in steps) for key in TRAFFIC_KEYS}
     return {
         "step_s": step_s,
         "time_split_s": split,

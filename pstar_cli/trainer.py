@@ -41,6 +41,7 @@ CHUNK_STAT_KEYS = (
     "optim_chunks_device", "optim_chunks_host", "optim_bytes_device", "optim_bytes_host",
     "step_h2d_bytes", "step_d2h_bytes", "step_h2d_moves", "step_d2h_moves",
     "total_h2d_bytes", "total_d2h_bytes", "total_h2d_moves", "total_d2h_moves",
+    "step_gathers", "total_gathers",
     "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
 )  # fmt: skip
 

@@ -52,6 +52,16 @@ def test_live_view_shows_progress_metrics_memory_and_placement():
     assert "3 · 48.0 MiB" in text and "9 · 144.0 MiB" in text  # optimizer: device, host
     assert "7 · 28.0 MiB" in text and "5 · 20.0 MiB" in text  # H2D and D2H of the last step
     assert "budget: device 64.0 MiB" in text
+    assert "gathers" not in text  # one rank gathers nothing
+
+
+def test_live_view_counts_gathers_with_several_ranks():
+    console = recording_console()
+    view = LiveView(INFO, console=console)
+    view.on_step(fake_record(3, step_gathers=22, total_gathers=66), logged=True)
+    console.print(view.render())
+    line = next(line for line in console.export_text().splitlines() if "gathers" in line)
+    assert "22" in line and "66" in line
 
 
 def test_live_view_on_a_gpu_and_keeps_the_last_loss_between_log_steps():

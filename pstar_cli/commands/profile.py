@@ -81,6 +81,8 @@ def traffic_table(summary: dict) -> Table:
                       f"{stats[f'{kind}_chunks_host']} · {format_bytes(stats[f'{kind}_bytes_host'])}")
     table.add_row("moves per step", f"H2D {traffic['step_h2d_moves']:g} · {format_bytes(traffic['step_h2d_bytes'])}",
                   f"D2H {traffic['step_d2h_moves']:g} · {format_bytes(traffic['step_d2h_bytes'])}")
+    if traffic.get("step_gathers"):  # several ranks: param chunks all-gathered from the shards
+        table.add_row("all-gathers per step", f"{traffic['step_gathers']:g}", "")
     return table
 
 
