@@ -291,3 +291,17 @@ def test_init_host_ratio_uses_what_init_built_and_every_rank():
     older = {k: v for k, v in stats.items() if k != "init_host_bytes"}
     derived = _host_model_data({"chunk_stats": older, "engine_config": {"bf16": {"enabled": True}}}, 6.6)
     assert derived["init_host_model_data_gib"] == 6.0
+
+
+def test_profile_init_names_where_init_spends_its_time():
+    """On the CPU, gpt-tiny's init runs the model's own RNG on the host: normal_ must be there."""
+    from benchmarks import profile_init
+
+    command = [sys.executable, "-m", "benchmarks.profile_init", "gpt-tiny", "--top", "40"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("gpt-tiny: init ") and "init_device auto" in first
+    assert "normal_" in done.stdout and "tottime" in done.stdout
+    assert profile_init.__doc__.startswith("Where `initialize_engine` spends its time")
