@@ -107,13 +107,17 @@ def _place_optimizer_state(rt: EngineRuntime, host: HostUpdates) -> None:
     for group in rt.groups:
         if group.optimizer_on_device:
             _put_optimizer_state_on_device(rt, group)
-    rt.optimizer_placed = True  # host groups' moments come in allocate_host_moments, later
+    rt.optimizer_placed = True
+    rt.host_moments_pending = True  # the host groups' moments come in allocate_host_moments
 
 
 def allocate_host_moments(rt: EngineRuntime) -> None:
     """Zeroed host moments for the host groups that have none yet. step() calls it once the device
     groups' host copies are freed (masters at placement, param chunks when they stay on the device
     for good), so the host never holds both: its peak stays that of init or of the steady state."""
+    if not rt.host_moments_pending:  # once per placement, not a loop in every step
+        return
+    rt.host_moments_pending = False
     for group in rt.groups:
         if not group.optimizer_on_device:
             for chunk in group.optimizer_chunks:

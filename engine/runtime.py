@@ -42,6 +42,7 @@ class EngineRuntime:
     num_micro_steps: int = 0  # backward passes since the last optimizer step
     num_backward_ends: int = 0  # calls of end_backward (the autograd callback's or backward's)
     optimizer_placed: bool = False
+    host_moments_pending: bool = False  # placed, but the host groups' moments are not allocated yet
     repack_checked: bool = False
     first_used: list[TensorInfo] = field(default_factory=list)  # warm-up forward's first uses
     _timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
