@@ -103,8 +103,9 @@ def init_host_bytes_from_model_data(details: dict) -> int | None:
     stats = details.get("chunk_stats") or {}
     if not stats.get("model_data_bytes") or stats.get("param_bytes_host") is None:
         return None
-    params = (details.get("engine_config") or {})
-    c = 2 if (params.get("bf16") or {}).get("enabled") or (params.get("fp16") or {}).get("enabled") else 4
+    engine_config = details.get("engine_config") or {}
+    half = any((engine_config.get(key) or {}).get("enabled") for key in ("bf16", "fp16"))
+    c = 2 if half else 4
     return stats["model_data_bytes"] * (c + 4) // (c + 12)
 
 

@@ -87,7 +87,12 @@ def settle_optimizer_placement(rt: EngineRuntime, host: HostUpdates) -> None:
     if rt.tracer.finished:
         _place_optimizer_state(rt, host)
         return
-    for group in rt.groups:
+    _allocate_on_host(rt, rt.groups)
+
+
+def _allocate_on_host(rt: EngineRuntime, groups: list[ChunkGroup]) -> None:
+    """Zeroed host buffers for the groups' optimizer chunks that have none anywhere yet."""
+    for group in groups:
         for chunk in group.optimizer_chunks:
             if chunk.location is Location.NOWHERE:
                 rt.manager.allocate_host(chunk)
@@ -118,11 +123,7 @@ def allocate_host_moments(rt: EngineRuntime) -> None:
     if not rt.host_moments_pending:  # once per placement, not a loop in every step
         return
     rt.host_moments_pending = False
-    for group in rt.groups:
-        if not group.optimizer_on_device:
-            for chunk in group.optimizer_chunks:
-                if chunk.host_flat is None:
-                    rt.manager.allocate_host(chunk)
+    _allocate_on_host(rt, [group for group in rt.groups if not group.optimizer_on_device])
 
 
 def _plan_for_runtime(rt: EngineRuntime) -> Placement:

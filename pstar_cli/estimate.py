@@ -220,8 +220,9 @@ def _param_host_copies(model_data: dict[str, int], on_host: dict[str, int], num_
     and go)."""
     if num_gpus > 1:
         return model_data["param"]
-    optimizer = sum(model_data[k] for k in ("master", "exp_avg", "exp_avg_sq"))
-    on_host_share = sum(on_host[k] for k in ("master", "exp_avg", "exp_avg_sq")) / optimizer if optimizer else 0
+    _, optimizer_kinds = PLACEMENT_TIERS
+    optimizer = sum(model_data[k] for k in optimizer_kinds)
+    on_host_share = sum(on_host[k] for k in optimizer_kinds) / optimizer if optimizer else 0
     return int(model_data["param"] * on_host_share)
 
 
