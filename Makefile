@@ -6,7 +6,7 @@ STAMP := $(VENV)/.pstar-installed
 # A pinned CPU build: a machine without torch never pulls a multi-GB CUDA build by accident.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-gpu setup clean
+.PHONY: demo test test-slow test-gpu test-install setup clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(VPY) -m pytest -q -m gpu
+
+# pstar installed as a user would, in a venv without the system's packages: train, checkpoint, resume
+test-install:
+	bash scripts/check_clean_install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs runs .pytest_cache
