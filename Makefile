@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
 	if $(VPY) -c "import setuptools" 2>/dev/null; then \
-	    $(VPY) -m pip install --no-build-isolation -e '.[test]'; \
+	    $(VPY) -m pip install --no-build-isolation -e '.[test,hf]'; \
 	else \
-	    $(VPY) -m pip install -e '.[test]'; \
+	    $(VPY) -m pip install -e '.[test,hf]'; \
 	fi
 	touch $(STAMP)
 
