@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--config", type=Path, default=None,
         help="a shipped pstar config (e.g. configs/gpt-12b.yaml): pstar runs its engine and model settings, "
              "as `pstar train` would; --models, --batch and --seq default to its own")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a dotted override of the --config, as on the `pstar train` command line (repeatable)")
     add("--chunk-size", type=int, default=None, help="pstar default_chunk_size in elements (engine default if unset)")
     add("--device-memory-limit", type=parse_bytes, default=None, help="pstar device_memory_limit, e.g. 120GiB")
     add("--host-memory-limit", type=parse_bytes, default=None, help="pstar host_memory_limit, e.g. 100GiB")
@@ -101,7 +103,7 @@ def model_shapes(names: list[str], seq: int | None) -> dict[str, dict]:
             for name in names}
 
 
-def shipped_config(path: Path | None, gpus: int) -> dict | None:
+def shipped_config(path: Path | None, gpus: int, overrides: list[str] = ()) -> dict | None:
     """What a pstar row takes from a shipped config: its engine section exactly as `pstar train` hands
     it to the engine, the recompute setting, and the size, per-GPU batch and sequence length."""
     if path is None:
@@ -110,12 +112,13 @@ def shipped_config(path: Path | None, gpus: int) -> dict | None:
     from pstar_cli.errors import PstarError
 
     try:
-        cfg = load_config(path, [f"distributed.nproc_per_node={gpus}"])
+        cfg = load_config(path, [*overrides, f"distributed.nproc_per_node={gpus}"])
     except (PstarError, OSError) as exc:
         raise UsageError(f"--config {path}: {exc}") from None
     if cfg.model.family not in (None, "gpt"):
         raise UsageError(f"--config {path}: the harness runs GPT sizes; this config's model is {cfg.model.family}")
-    return {"path": str(path), "engine": cfg.engine_dict(), "model": cfg.model.size,
+    label = " ".join([str(path), *overrides])
+    return {"path": label, "engine": cfg.engine_dict(), "model": cfg.model.size,
             "activation_checkpointing": cfg.model.activation_checkpointing,
             "batch": cfg.micro_batch_size, "seq": cfg.train.seq_len}
 
@@ -219,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_gpu_count(device, args.gpus)
-        shipped = shipped_config(args.config, args.gpus)
+        if args.overrides and not args.config:
+            raise UsageError("--set overrides a --config; give the config too")
+        shipped = shipped_config(args.config, args.gpus, args.overrides)
         if shipped:
             args.models = args.models or [shipped["model"]]
             args.batch = args.batch or [str(shipped["batch"])]
