@@ -172,11 +172,15 @@ def test_cases_beyond_the_time_budget_are_skipped_not_started(tmp_path):
 
 # ---- the real thing on CPU ----
 
-def test_cpu_smoke_pytorch_recipes_and_fsdp2_offload(tmp_path):
-    done = run_harness(tmp_path, "--systems", "pytorch,pytorch-bf16,fsdp2-offload")
+@pytest.mark.parametrize("systems", [
+    "pytorch,pytorch-bf16",
+    pytest.param("pytorch,pytorch-bf16,fsdp2-offload", marks=pytest.mark.slow),
+])
+def test_cpu_smoke_pytorch_recipes(tmp_path, systems):
+    done = run_harness(tmp_path, "--systems", systems)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert [r["system"] for r in rows] == ["pytorch", "pytorch-bf16", "fsdp2-offload"]
+    assert [r["system"] for r in rows] == systems.split(",")
     for row in rows:
         assert set(ISSUE_FIELDS) <= set(row)
         assert row["status"] == "ok", row
@@ -190,9 +194,9 @@ def test_cpu_smoke_pytorch_recipes_and_fsdp2_offload(tmp_path):
         assert row["torch_version"] == torch.__version__
     best = max(rows[:2], key=lambda r: r["model_tflops"])
     assert best["ratio_to_best_pytorch"] == 1.0 and all(r["best_pytorch"] == best["system"] for r in rows)
-    assert rows[2]["ratio_to_best_pytorch"] > 0
-    table = done.stdout.rstrip().splitlines()[-5:]  # header, rule, one line per row
-    assert table[0].startswith("system") and table[4].startswith("fsdp2-offload")
+    assert all(r["ratio_to_best_pytorch"] > 0 for r in rows)
+    table = done.stdout.rstrip().splitlines()[-(len(rows) + 2):]  # header, rule, one line per row
+    assert table[0].startswith("system") and table[-1].startswith(rows[-1]["system"])
 
 
 def test_cpu_smoke_pstar(tmp_path):

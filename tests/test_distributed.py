@@ -467,6 +467,7 @@ def test_pstar_train_on_two_processes_matches_one(one_process_run, tmp_path):
         assert "step 4/4" in stdout_log.read_text()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_match_one_process(one_process_run, tmp_path):
     """Two `pstar train` processes, one worker each, meeting at a c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{free_port()}"
@@ -483,6 +484,7 @@ def test_two_nodes_on_one_machine_match_one_process(one_process_run, tmp_path):
                                torch.tensor(logged(one_process_run, "loss")), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow  # tests/test_launch.py checks a failing worker in the default run
 def test_a_worker_failing_mid_training_stops_the_job(tmp_path):
     """Rank 1 raises in its third optimizer step while rank 0 waits for it in a collective: the job
     ends with a non-zero exit and rank 1's message instead of hanging (a sitecustomize module
