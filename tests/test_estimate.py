@@ -220,7 +220,7 @@ def test_estimates_match_peaks_measured_on_h200(size, batch, seq_len, recompute,
 
 
 def test_sizes_and_counts_read_well():
-    from pstar_cli.metrics import format_bytes, format_count
+    from pstar_cli.observe.metrics import format_bytes, format_count
 
     assert [format_bytes(b) for b in (None, 512, 1.5 * GIB, 140 * GIB, 2048 * GIB)] == [
         "-", "512 B", "1.50 GiB", "140.0 GiB", "2.00 TiB"]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from pstar_cli.errors import PstarError
-from pstar_cli.metrics import format_bytes, format_count
+from pstar_cli.observe.metrics import format_bytes, format_count
 
 SYSTEM_TITLES = {
     "pstar": "pstar",
