@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from pstar_cli import checkpoint as ckpt
 from pstar_cli.training import failures, guards
 from pstar_cli.training import run as run_module
+from pstar_cli.training.trainer import Trainer
 from tests.faults import with_faults
 from pstar_cli.main import app
 from pstar_cli.observe.metrics import read_metrics
@@ -211,3 +212,25 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(config_path, 
     result = train(config_path, tmp_path / "run", f"checkpoint.dir={blocker / 'checkpoints'}")
     assert_one_clear_error(result, 1, "could not write the checkpoint of step 2", "Not a directory",
                            "no earlier checkpoint is intact")
+
+
+def test_an_unexpected_error_keeps_the_checkpoint_and_names_its_traceback_file(config_path, tmp_path, monkeypatch):
+    """A bug in the middle of training (injected): one `error:` line naming the traceback file in the
+    output directory, exit code 1, and the checkpoints written before it intact."""
+    original_step = Trainer.train_step
+
+    def buggy_step(self):
+        if self.state.step == 5:
+            raise IndexError("injected by the test")
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", buggy_step)
+    out = tmp_path / "run"
+    result = train(config_path, out)
+    assert result.exit_code == 1, result.output
+    [error] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    [written] = out.glob("traceback-train-*.txt")
+    assert "IndexError: injected by the test" in error and error.endswith(str(written))
+    assert "IndexError: injected by the test" in written.read_text() and "Traceback" not in result.output
+    assert checkpoint_steps(out) == [2, 4]
+    assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000004") == []

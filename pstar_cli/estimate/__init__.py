@@ -2,7 +2,7 @@
 (workload), each system's needs (systems), the machine (hardware)."""
 
 from pstar_cli.estimate.hardware import detect_gpu, detect_hardware
-from pstar_cli.estimate.systems import (estimate_report, estimate_systems, largest_trainable, place_on_gpu,
+from pstar_cli.estimate.systems import (estimate_report, estimate_systems, largest_trainable,
                                         pstar_bytes_per_param, pstar_estimate, pytorch_estimate, zero2_offload_estimate,
                                         zero3_offload_estimate)
 from pstar_cli.estimate.workload import (GIB, Hardware, Side, SystemEstimate, Workload, activation_bytes,
@@ -11,5 +11,5 @@ from pstar_cli.estimate.workload import (GIB, Hardware, Side, SystemEstimate, Wo
 
 __all__ = ["GIB", "Hardware", "Side", "SystemEstimate", "Workload", "activation_bytes", "detect_gpu",
            "detect_hardware", "estimate_report", "estimate_systems", "largest_trainable",
-           "largest_layer_params", "layer_activation_bytes", "llama_layer_activation_bytes", "place_on_gpu", "pstar_bytes_per_param", "pstar_estimate",
+           "largest_layer_params", "layer_activation_bytes", "llama_layer_activation_bytes", "pstar_bytes_per_param", "pstar_estimate",
            "pytorch_estimate", "workload_from_config", "zero2_offload_estimate", "zero3_offload_estimate"]

@@ -7,9 +7,11 @@ described there and in docs/design.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from pstar_cli.estimate.workload import (DEEPSPEED_BUFFER_FACTOR, NUM_WORKING_CHUNKS, Hardware, Side,
-                                         SystemEstimate, Workload, activation_bytes, model_fields)
+from engine.optimizer_placement import GATHER_WINDOW, GroupSizes, Placement, plan_placement_of_sizes
+from pstar_cli.estimate.workload import (DEEPSPEED_BUFFER_FACTOR, Hardware, Side, SystemEstimate, Workload,
+                                         activation_bytes, model_fields)
 
 
 def pstar_bytes_per_param(precision: str, grad_accum: int) -> dict[str, int]:
@@ -19,23 +21,56 @@ def pstar_bytes_per_param(precision: str, grad_accum: int) -> dict[str, int]:
     return {"param": 2, "grad": separate_grads, "master": 4, "exp_avg": 4, "exp_avg_sq": 4}
 
 
-PLACEMENT_TIERS = (("param", "grad"), ("master", "exp_avg", "exp_avg_sq"))
+OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")  # one chunk group's state, which moves together
 
 
-def place_on_gpu(model_data: dict[str, int], room: int) -> tuple[dict[str, int], dict[str, int]]:
-    """Split model data into (GPU, host) by kind: param chunks take the GPU's room first, as every
-    step computes with them; optimizer chunk groups (master + both moments of one chunk move
-    together) share what is left in proportion."""
-    gpu, room = {}, max(room, 0)
-    for tier in PLACEMENT_TIERS:
-        tier_bytes = sum(model_data.get(kind, 0) for kind in tier)
-        placed = min(tier_bytes, room)
-        for kind in tier:
-            if kind in model_data:
-                gpu[kind] = model_data[kind] * placed // tier_bytes if tier_bytes else 0
-        room -= placed
+def pstar_chunk_groups(w: Workload) -> list[GroupSizes]:
+    """The chunk groups the engine would build for the workload, as placement sees them on one rank:
+    `chunk_size` elements each (the last one partial), every chunk split into one shard per rank."""
+    per_param = pstar_bytes_per_param(w.precision, w.grad_accum)
+    num_full, rest = divmod(w.num_params, w.chunk_size)
+    groups = []
+    for chunk_elems in [w.chunk_size] * num_full + ([rest] if rest else []):
+        shard_elems = -(-chunk_elems // w.num_gpus)
+        groups.append(GroupSizes(
+            param_bytes=shard_elems * (per_param["param"] + per_param["grad"]),
+            gathered_bytes=chunk_elems * per_param["param"] if w.num_gpus > 1 else 0,
+            optimizer_bytes=shard_elems * sum(per_param[k] for k in OPTIMIZER_KINDS)))
+    return groups
+
+
+def plan_pstar_placement(w: Workload, gpu_budget: int | None) -> tuple[Placement, list[GroupSizes], int]:
+    """The engine's own placement plan (engine/optimizer_placement.py) on the workload's numbers, with
+    the estimated activations as the warm-up's measured peak; returns (plan, groups, scratch bytes)."""
+    groups = pstar_chunk_groups(w)
+    scratch = -(-w.chunk_size // w.num_gpus) * 4  # a device group's fp32 gradients, as the engine sizes it
+    plan = plan_placement_of_sizes(groups, gpu_budget or 0, activation_bytes(w), w.margin_use_ratio,
+                                   w.use_hybrid_adam, scratch)
+    return plan, groups, scratch
+
+
+def place_on_gpu(w: Workload, model_data: dict[str, int], gpu_budget: int | None
+                 ) -> tuple[dict[str, int], dict[str, int], int]:
+    """(GPU, host) split of one rank's model data by kind, and the GPU's other bytes (the margin over
+    the activations, the scratch, gathered chunks), as the engine's placement plan decides: param
+    chunks stay on the device when they fit, the leading groups' optimizer state takes the room left."""
+    plan, groups, scratch = plan_pstar_placement(w, gpu_budget)
+    activations = activation_bytes(w)
+    margin = math.ceil((1 - w.margin_use_ratio) * activations)  # as the engine reserves it
+    gathered = sorted((g.gathered_bytes for g in groups), reverse=True)
+    gathered_bytes = sum(gathered if plan.num_device_groups == len(groups) else gathered[:GATHER_WINDOW])
+    param_kinds_bytes = model_data["param"] + model_data["grad"]
+    room_for_params = max(0, (gpu_budget or 0) - activations - margin - gathered_bytes)
+    params_on_gpu = param_kinds_bytes if plan.params_fit else min(param_kinds_bytes, room_for_params)
+    optimizer_on_gpu = sum(g.optimizer_bytes for g in groups[:plan.num_device_groups])
+    optimizer_total = sum(model_data[k] for k in OPTIMIZER_KINDS)
+    gpu = {}
+    for kind, total in model_data.items():
+        placed, of = (params_on_gpu, param_kinds_bytes) if kind in ("param", "grad") else (optimizer_on_gpu, optimizer_total)
+        gpu[kind] = min(total, total * placed // of) if of else 0
     host = {kind: num_bytes - gpu[kind] for kind, num_bytes in model_data.items()}
-    return gpu, host
+    other = margin + gathered_bytes + (scratch if plan.num_device_groups else 0)
+    return gpu, host, other
 
 
 def pstar_gpu_budget(w: Workload, hw: Hardware) -> int | None:
@@ -51,13 +86,9 @@ def pstar_estimate(w: Workload, hw: Hardware) -> SystemEstimate:
     """pstar: each rank owns 1/num_gpus of every chunk; its GPU holds what fits, the host the rest."""
     per_param = pstar_bytes_per_param(w.precision, w.grad_accum)
     model_data = {kind: -(-w.num_params * nbytes // w.num_gpus) for kind, nbytes in per_param.items()}
-    # at least one chunk must be resident per tensor; a tensor larger than a chunk gets its own
-    chunk_elems = max(w.chunk_size, w.largest_layer_params)
-    working = NUM_WORKING_CHUNKS * chunk_elems * w.compute_bytes
     gpu_budget = pstar_gpu_budget(w, hw)
     activations = activation_bytes(w)
-    room = (gpu_budget if gpu_budget is not None else 0) - activations - working
-    on_gpu, on_host = place_on_gpu(model_data, room)
+    on_gpu, on_host, working = place_on_gpu(w, model_data, gpu_budget)
     on_host["param"] = max(on_host["param"], _param_host_copies(model_data, on_host, w.num_gpus))
     host_budget = (w.host_memory_limit * w.gpus_per_node if w.host_memory_limit is not None
                    else int(hw.host_bytes * w.host_mem_ratio))
@@ -79,9 +110,8 @@ def _param_host_copies(model_data: dict[str, int], on_host: dict[str, int], num_
     and go)."""
     if num_gpus > 1:
         return model_data["param"]
-    _, optimizer_kinds = PLACEMENT_TIERS
-    optimizer = sum(model_data[k] for k in optimizer_kinds)
-    on_host_share = sum(on_host[k] for k in optimizer_kinds) / optimizer if optimizer else 0
+    optimizer = sum(model_data[k] for k in OPTIMIZER_KINDS)
+    on_host_share = sum(on_host[k] for k in OPTIMIZER_KINDS) / optimizer if optimizer else 0
     return int(model_data["param"] * on_host_share)
 
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 GIB = 1024**3
 MODEL_DATA_KINDS = ("param", "grad", "master", "exp_avg", "exp_avg_sq")
 DEEPSPEED_BUFFER_FACTOR = 1.5  # DeepSpeed's `additional_buffer_factor` default
-NUM_WORKING_CHUNKS = 2  # the chunk being computed on and the one prefetched next
 LOSS_BYTES_PER_LOGIT = 4 + 8  # fp32 log-probs kept for backward, then their and the logits' grads
 
 
@@ -67,6 +66,8 @@ class Workload:
     host_memory_limit: int | None  # bytes of host memory one rank may use; None = host_mem_ratio
     gpu_mem_ratio: float
     host_mem_ratio: float
+    margin_use_ratio: float = 0.8  # the engine's margin over the warm-up's activation peak
+    use_hybrid_adam: bool = True  # False: every optimizer group steps on the host
 
     @property
     def num_gpus(self) -> int:
@@ -184,6 +185,7 @@ def workload_from_config(cfg, gpus_per_node: int | None = None) -> Workload:
         device_memory_limit=engine.device_memory_limit, host_memory_limit=engine.host_memory_limit,
         gpu_mem_ratio=engine.mem_tracer.overall_gpu_mem_ratio,
         host_mem_ratio=engine.mem_tracer.overall_cpu_mem_ratio,
+        margin_use_ratio=engine.mem_tracer.margin_use_ratio, use_hybrid_adam=engine.optimizer.use_hybrid_adam,
     )
 
 
