@@ -18,7 +18,7 @@ def command(
 ) -> None:
     """Write a checkpoint's weights (any number of ranks) as one PyTorch state dict for the plain model."""
     # pstar_cli.checkpoint loads torch: imported here so `pstar --help` stays fast.
-    from pstar_cli.checkpoint import EXPORT_DTYPES, export_checkpoint
+    from pstar_cli.checkpoint.export import EXPORT_DTYPES, export_checkpoint
     from pstar_cli.errors import PstarError
 
     if dtype not in EXPORT_DTYPES:

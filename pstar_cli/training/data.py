@@ -36,7 +36,7 @@ class DataError(PstarError):
 
 def default_corpus_path() -> Path:
     """The text corpus shipped with pstar (English and Chinese prose, ~300 KB)."""
-    return Path(__file__).resolve().parent / "corpus" / "prose.txt"
+    return Path(__file__).resolve().parents[1] / "corpus" / "prose.txt"
 
 
 class TokenSource:
