@@ -121,6 +121,10 @@ class MemoryProbe:
         self.device = device
         self._process = psutil.Process()
         self._nvml_handle = open_nvml_handle(device) if device.type == "cuda" else None
+        from engine.device import host_total_bytes
+
+        # what the engine budgets from: the machine's memory, or its cgroup's limit in a container
+        self._host_total_bytes = host_total_bytes()
 
     def sample(self) -> MemorySample:
         import torch
@@ -143,7 +147,7 @@ class MemoryProbe:
             gpu_peak_allocated_bytes=gpu_peak,
             host_rss_bytes=self._process.memory_info().rss,
             host_peak_rss_bytes=peak_rss_bytes(),
-            host_total_bytes=psutil.virtual_memory().total,
+            host_total_bytes=self._host_total_bytes,
         )
 
     def close(self) -> None:
