@@ -33,7 +33,15 @@ CHUNK_STAT_KEYS = (
     "step_gathers", "total_gathers",
     "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
 )  # fmt: skip
-TIMING_KEYS = ("forward", "backward", "optimizer_device", "optimizer_host", "transfer", "wait")
+TIMING_LABELS = {  # the engine's step_timings() keys, and how `pstar profile` names them
+    "forward": "forward",
+    "backward": "backward",
+    "optimizer_device": "optimizer on the device",
+    "optimizer_host": "optimizer on the host",
+    "transfer": "chunk transfers",
+    "wait": "waiting",
+}
+TIMING_KEYS = tuple(TIMING_LABELS)
 TRAFFIC_KEYS = ("step_h2d_moves", "step_h2d_bytes", "step_d2h_moves", "step_d2h_bytes", "step_gathers")
 
 
