@@ -26,8 +26,7 @@ from benchmarks.launch import die_with_parent
 from benchmarks.memory import PeakSampler
 from benchmarks.spec import CaseSpec
 from benchmarks.systems import Runtime, Trainer, build_trainer, needs_process_group, synchronize
-from pstar_cli.launch.process_group import TIMEOUT as PROCESS_GROUP_TIMEOUT
-from pstar_cli.launch.process_group import resolve_backend
+from pstar_cli.launch.process_group import join_process_group, resolve_backend
 
 NUM_BATCH_SETS = 4  # distinct random batches, rotated through the steps
 
@@ -68,13 +67,9 @@ def start_process_group(spec: CaseSpec, runtime: Runtime) -> None:
         torch.cuda.set_device(runtime.device)
     if not needs_process_group(spec, runtime.world_size) or dist.is_initialized():
         return
-    backend = resolve_backend("auto", runtime.device)
-    if runtime.world_size > 1:
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)  # torchrun's environment
-    else:
-        # A one-member group through a private file store: no port to collide with.
-        store_path = Path(tempfile.mkdtemp(prefix="pstar-bench-")) / "store"
-        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=0, world_size=1)
+    # torchrun's environment with several ranks; one rank alone gets a private file store
+    store = None if runtime.world_size > 1 else Path(tempfile.mkdtemp(prefix="pstar-bench-")) / "store"
+    join_process_group(resolve_backend("auto", runtime.device), runtime.device, store)
 
 
 def run_guarded(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:

@@ -1,8 +1,8 @@
-"""BENCHMARKS.md's throughput formula, kept apart from the models package on purpose.
+"""The throughput formula of benchmarks/README.md, kept apart from the models package on purpose.
 
 Every system is scored by the same closed form, so a ratio between two rows is a ratio of step times.
 The formula counts the GPT blocks and the tied embedding/output projection (vocab · h), and leaves out
-position embeddings, norms' contribution to FLOPs and the softmax, as BENCHMARKS.md does.
+position embeddings, norms' contribution to FLOPs and the softmax, as that method does.
 """
 
 BENCHMARK_VOCAB_SIZE = 50304

@@ -5,8 +5,7 @@ returns a new dict with every key of the family filled in: the size's numbers fi
 explicit keys on top, then the family defaults for anything still missing.
 """
 
-import difflib
-
+from engine.config import ConfigProblems, unknown_key_problem
 from models.sizes import SIZES_BY_FAMILY
 
 FAMILIES = ("gpt", "llama")
@@ -26,12 +25,11 @@ _POSITIVE_INT_KEYS = ("hidden", "layers", "heads", "vocab_size", "seq_len", "kv_
 _BOOL_KEYS = ("activation_checkpointing", "tie_embeddings")
 
 
-class ModelConfigError(ValueError):
-    """A model config with one or more problems; `problems` lists each one."""
+class ModelConfigError(ConfigProblems):
+    """A model config with one or more problems (of the engine's config error family)."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid model config:\n  " + "\n  ".join(problems))
+        super().__init__(problems, "invalid model config")
 
 
 def model_config_problems(cfg) -> list[str]:
@@ -108,10 +106,7 @@ def _unknown_key_problems(cfg: dict, family: str) -> list[str]:
             problems.append(f"model.{key}: only used by family {owners[0]}, but this model is {family}; "
                             f"remove it")
             continue
-        close = difflib.get_close_matches(str(key), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"model.{key}: unknown key for family {family}{hint}; "
-                        f"allowed: {', '.join(allowed)}")
+        problems.append(unknown_key_problem(f"model.{key}", str(key), allowed, f"key for family {family}"))
     return problems
 
 

@@ -3,7 +3,7 @@
 `num_params` is the exact number of distinct parameters (`sum(p.numel() for p in
 model.parameters())`), learned positions and final norm included, a tied embedding counted once.
 
-`flops_per_token` follows BENCHMARKS.md so pstar's TFLOPS compare with the recorded peers:
+`flops_per_token` follows benchmarks/README.md so pstar's TFLOPS compare with the recorded peers:
 6·N + 12·L·h·s per trained token, where N counts the weights that take part in matrix multiplies
 (for GPT exactly BENCHMARKS' N = V·h + L·(12h² + 13h): the tied output head, not the position
 table, which is only a lookup). Recomputing activations adds one forward's worth, 2·N + 4·L·h·s.

@@ -5,7 +5,7 @@ fills them in and lets explicit keys override them. Parameter counts in the comm
 `models.num_params` of the entry (positions and the final norm included).
 """
 
-# (hidden, layers, heads). Benchmark sizes use BENCHMARKS.md's vocab 50304 and 1024 positions.
+# (hidden, layers, heads). Benchmark sizes use the vocab 50304 of benchmarks/README.md and 1024 positions.
 _GPT_SHAPES = {
     "gpt-124m": (768, 12, 12),  # GPT-2 small shape
     "gpt-350m": (1024, 24, 16),  # GPT-2 medium shape

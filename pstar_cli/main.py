@@ -17,8 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import click
 import typer
+import typer.exceptions
 
 from pstar_cli.errors import PstarError
 
@@ -57,9 +57,8 @@ def report_user_errors(func: Callable, name: str = "") -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.ClickException,
-                click.exceptions.Abort):
-            raise  # a command's own exit code or a usage error: click reports them
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise  # a command's own exit code, or a usage error: typer reports them
         except Exception as exc:
             if not isinstance(exc, user_error_types()):
                 path = write_traceback(exc, traceback_dir(kwargs), name or func.__name__)

@@ -58,7 +58,7 @@ def test_step_flops_and_tflops_match_hand_computed_numbers():
     # 6·N·tokens = 64_468_801_290_240; 12·L·h·s·tokens = 4_947_802_324_992
     flops = train_flops_per_step(2048, 24, 1024, tokens)
     assert flops == 69_416_603_615_232
-    # BENCHMARKS.md: plain PyTorch on gpt-1.3b b8 took 0.147 s/step and is quoted at 472 TFLOPS.
+    # the recorded peer: plain PyTorch on gpt-1.3b b8 took 0.147 s/step and is quoted at 472 TFLOPS.
     assert tflops(flops, 0.147) == pytest.approx(472.22, abs=0.01)
 
 

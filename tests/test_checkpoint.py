@@ -365,3 +365,31 @@ def test_cuda_shard_state_streams_device_chunks_into_the_file():
     resumed, resumed_optimizer = build_engine(device_memory_limit=4 * 2**30)
     resumed.load_shard_state(saved)
     assert_same_losses(train_steps(resumed, resumed_optimizer, data[3:]), straight)
+
+
+# ---- no numpy ----
+
+NO_NUMPY_PSTAR = """
+import sys
+sys.modules["numpy"] = None  # every `import numpy` fails, as in a clean venv: numpy is no dependency
+sys.argv = ["pstar", *sys.argv[1:]]
+from pstar_cli.main import main
+main()
+"""
+
+
+def test_a_checkpoint_and_its_resume_need_no_numpy(tmp_path):
+    """The RNG states go into the metadata as bytes taken from torch (`tolist`), not `.numpy()`."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    common = [sys.executable, "-c", NO_NUMPY_PSTAR, "train", str(TINY), "model.size=gpt-tiny",
+              "train.batch_size=2", "train.seq_len=32", "checkpoint.interval=2", "--output-dir", str(out)]
+    first = subprocess.run([*common, "train.steps=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000002") == []
+    resumed = subprocess.run([*common, "train.steps=4", "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000004"]

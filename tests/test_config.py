@@ -244,3 +244,19 @@ def test_to_dict_round_trips_and_hash_ignores_length_and_logging():
                     {**BASE, "distributed": {"nproc_per_node": 2}},
                     {**BASE, "engine": {"default_chunk_size": 1024}}):
         assert config_hash(config_from_dict(changed, bf16_supported=False)) != config_hash(cfg)
+
+
+def test_each_setting_declares_what_changing_it_on_resume_does():
+    from pstar_cli.config import ResumeEffect, resume_effect
+
+    assert [resume_effect(k) for k in ("train.lr", "train.min_lr", "train.warmup_steps", "train.steps",
+                                       "engine.gradient_clipping")] == [ResumeEffect.NUMBERS] * 5
+    free = ("train.log_interval", "train.grad_accum", "model.activation_checkpointing", "checkpoint.interval",
+            "distributed.nproc_per_node", "engine.device_memory_limit", "engine.default_chunk_size",
+            "engine.client.mem_tracer.margin_use_ratio", "engine.client.opts.with_async_move",
+            "engine.optimizer.params.use_hybrid_adam", "engine.use_fake_dist")
+    assert all(resume_effect(k) is ResumeEffect.NONE for k in free)
+    # what the saved state means, and any key nobody has declared yet, must match
+    fixed = ("train.seed", "train.batch_size", "model.layers", "data.kind", "engine.bf16.enabled",
+             "engine.optimizer.params.weight_decay", "engine.optimizer.type", "engine.some_new_key")
+    assert all(resume_effect(k) is ResumeEffect.STATE for k in fixed)

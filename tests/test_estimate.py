@@ -65,7 +65,10 @@ def test_placement_is_the_engines_plan_on_the_configs_numbers():
     config's numbers: a change to the engine's placement changes the estimate."""
     n = GPT_1_3B.num_params
     groups = pstar_chunk_groups(GPT_1_3B)
-    assert len(groups) == -(-n // GPT_1_3B.chunk_size)
+    # the embedding (larger than a chunk) gets a chunk of its own, the rest fill chunk_size chunks
+    embedding = GPT_1_3B.largest_layer_params
+    assert len(groups) == 1 + -(-(n - embedding) // GPT_1_3B.chunk_size)
+    assert groups[0].param_bytes == 2 * embedding
     assert sum(g.param_bytes for g in groups) == 2 * n and sum(g.optimizer_bytes for g in groups) == 12 * n
     small = Hardware(32 * GIB, 128 * GIB, "given", "given")
     budget = int(32 * GIB * 0.9)

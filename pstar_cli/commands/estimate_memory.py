@@ -132,7 +132,7 @@ def command(
         "--host-mem", help="Host memory of one node in GiB (default: detected).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
     detail: Annotated[bool, typer.Option("--detail", help="Break the memory down by kind of model data "
-                                         "(wide tables: 120 columns or more).")] = False,
+                                         "(wide tables, best read at 160 columns).")] = False,
 ) -> None:
     """Estimate memory per GPU and per host for pstar, plain PyTorch and DeepSpeed ZeRO offload."""
     from pstar_cli.config import load_config

@@ -10,16 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pstar_cli.config import load_config
-from pstar_cli.observe.metrics import format_bytes
-
-TIMING_LABELS = {
-    "forward": "forward",
-    "backward": "backward",
-    "optimizer_device": "optimizer on the device",
-    "optimizer_host": "optimizer on the host",
-    "transfer": "chunk transfers",
-    "wait": "waiting",
-}
+from pstar_cli.observe.metrics import TIMING_LABELS, format_bytes
 
 
 def command(

@@ -14,7 +14,7 @@ def summary_lines(cfg: Config) -> list[str]:
     """A few lines that say what the config will run."""
     import models
 
-    model = models.resolve_model_config(cfg.model_dict())
+    model = cfg.model_spec
     num_params = models.num_params(model)
     name = model.get("size") or f"{model['layers']} layers x {model['hidden']} hidden"
     dist = cfg.distributed

@@ -74,9 +74,10 @@ def read_yaml_file(path: str | Path) -> dict:
     try:
         raw = parse_yaml(text)
     except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError([f"is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}"], str(path))
+        marked = isinstance(exc, yaml.MarkedYAMLError)
+        line = f" at line {exc.problem_mark.line + 1}" if marked and exc.problem_mark is not None else ""
+        problem = exc.problem if marked and exc.problem else exc
+        raise ConfigError([f"is not valid YAML{line}: {problem}"], str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):

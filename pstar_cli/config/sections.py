@@ -190,8 +190,13 @@ class Config:
 
     def to_dict(self) -> dict:
         """Every section with defaults filled; `load_config` accepts it back unchanged."""
-        sections = {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES}
+        sections = {name: dataclasses.asdict(section) for name, section in self.sections().items()}
         return {**sections, "engine": copy.deepcopy(self.engine)}
+
+    def sections(self) -> dict[str, Any]:
+        """The typed sections by name (the engine's is `engine_config`)."""
+        return {"model": self.model, "data": self.data, "train": self.train, "distributed": self.distributed,
+                "checkpoint": self.checkpoint}
 
 
 def config_hash(cfg: Config) -> str:

@@ -28,7 +28,8 @@ def detect_gpu() -> tuple[int | None, str]:
 
 
 def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None) -> Hardware:
-    """Given sizes (GiB) win over detected ones; host memory comes from psutil."""
+    """Given sizes (GiB) win over detected ones; detected host memory is what the engine budgets
+    from (engine/device.py: the machine's, or the memory cgroup's limit inside a container)."""
     if gpu_gib is not None:
         gpu_bytes, gpu_source = int(gpu_gib * GIB), "given"
     else:
@@ -36,7 +37,7 @@ def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None)
     if host_gib is not None:
         host_bytes, host_source = int(host_gib * GIB), "given"
     else:
-        import psutil
+        from engine.device import host_total_bytes  # the machine's, or its memory cgroup's limit if lower
 
-        host_bytes, host_source = int(psutil.virtual_memory().total), "detected"
+        host_bytes, host_source = int(host_total_bytes()), "detected"
     return Hardware(gpu_bytes, host_bytes, gpu_source, host_source)

@@ -25,12 +25,16 @@ OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")  # one chunk group's state
 
 
 def pstar_chunk_groups(w: Workload) -> list[GroupSizes]:
-    """The chunk groups the engine would build for the workload, as placement sees them on one rank:
-    `chunk_size` elements each (the last one partial), every chunk split into one shard per rank."""
+    """The chunk groups the engine would build for the workload, as placement sees them on one rank.
+
+    As engine/chunk.py packs them: the largest tensor (the embedding or an MLP matrix) in a chunk of its
+    own when it is larger than `chunk_size`, the rest in chunks of `chunk_size` elements (the last one
+    partial; tensor boundaries and alignment padding are not modelled), each split into one shard per rank."""
     per_param = pstar_bytes_per_param(w.precision, w.grad_accum)
-    num_full, rest = divmod(w.num_params, w.chunk_size)
+    own = [w.largest_layer_params] if w.largest_layer_params > w.chunk_size else []
+    num_full, rest = divmod(w.num_params - sum(own), w.chunk_size)
     groups = []
-    for chunk_elems in [w.chunk_size] * num_full + ([rest] if rest else []):
+    for chunk_elems in own + [w.chunk_size] * num_full + ([rest] if rest else []):
         shard_elems = -(-chunk_elems // w.num_gpus)
         groups.append(GroupSizes(
             param_bytes=shard_elems * (per_param["param"] + per_param["grad"]),

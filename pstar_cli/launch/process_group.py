@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -20,16 +21,26 @@ def resolve_backend(choice: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-@contextlib.contextmanager
-def process_group(backend: str, device: torch.device) -> Iterator[None]:
-    """Join the job's process group (env:// rendezvous from torchrun's variables) for the block.
-
-    Only a block that succeeds tears the group down: after an error the worker leaves at once
-    (pstar_cli/launch/worker.py), as a teardown could wait for peers that are stuck in a collective."""
+def join_process_group(backend: str, device: torch.device, one_process_store: Path | None = None) -> None:
+    """Join the job's process group: env:// rendezvous from torchrun's variables, or, with
+    `one_process_store`, a one-member group through that file store (no port to collide with)."""
     if device.type == "cuda":
         # before any CUDA work, so every allocation and NCCL communicator lands on this rank's GPU
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    if one_process_store is None:
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    else:
+        dist.init_process_group(backend=backend, timeout=TIMEOUT, init_method=f"file://{one_process_store}",
+                                rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def process_group(backend: str, device: torch.device) -> Iterator[None]:
+    """Join the job's process group for the block.
+
+    Only a block that succeeds tears the group down: after an error the worker leaves at once
+    (pstar_cli/launch/worker.py), as a teardown could wait for peers that are stuck in a collective."""
+    join_process_group(backend, device)
     yield
     dist.destroy_process_group()
     # Collect now what still refers to the group's communication objects: left to interpreter

@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_error(exc: Exception) -> int:
     """Print a user mistake as one `error:` line, anything else with its traceback; the exit code."""
+    from pstar_cli.errors import PstarError
     from pstar_cli.main import error_lines, user_error_types
 
     if isinstance(exc, user_error_types()):
         print("error: " + "\n  ".join(error_lines(exc)), file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return exc.exit_code if isinstance(exc, PstarError) else 2
     traceback.print_exc()
     return 1
 

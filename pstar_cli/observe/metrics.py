@@ -33,7 +33,15 @@ CHUNK_STAT_KEYS = (
     "step_gathers", "total_gathers",
     "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
 )  # fmt: skip
-TIMING_KEYS = ("forward", "backward", "optimizer_device", "optimizer_host", "transfer", "wait")
+TIMING_LABELS = {  # the engine's step_timings() keys, and how `pstar profile` names them
+    "forward": "forward",
+    "backward": "backward",
+    "optimizer_device": "optimizer on the device",
+    "optimizer_host": "optimizer on the host",
+    "transfer": "chunk transfers",
+    "wait": "waiting",
+}
+TIMING_KEYS = tuple(TIMING_LABELS)
 TRAFFIC_KEYS = ("step_h2d_moves", "step_h2d_bytes", "step_d2h_moves", "step_d2h_bytes", "step_gathers")
 
 
@@ -121,6 +129,10 @@ class MemoryProbe:
         self.device = device
         self._process = psutil.Process()
         self._nvml_handle = open_nvml_handle(device) if device.type == "cuda" else None
+        from engine.device import host_total_bytes
+
+        # what the engine budgets from: the machine's memory, or its cgroup's limit in a container
+        self._host_total_bytes = host_total_bytes()
 
     def sample(self) -> MemorySample:
         import torch
@@ -143,7 +155,7 @@ class MemoryProbe:
             gpu_peak_allocated_bytes=gpu_peak,
             host_rss_bytes=self._process.memory_info().rss,
             host_peak_rss_bytes=peak_rss_bytes(),
-            host_total_bytes=psutil.virtual_memory().total,
+            host_total_bytes=self._host_total_bytes,
         )
 
     def close(self) -> None:

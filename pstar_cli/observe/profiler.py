@@ -49,7 +49,7 @@ def single_process_config(cfg: Config) -> tuple[Config, list[str]]:
     train = dataclasses.replace(cfg.train, log_interval=1)  # every step gets its full record
     notes = []
     if world_size > 1:
-        train = dataclasses.replace(train, batch_size=cfg.train.batch_size // world_size)
+        train = dataclasses.replace(train, batch_size=cfg.batch_split.per_rank)
         notes.append(
             f"profiled one process of the {world_size}-rank job, with its share of the batch "
             f"({train.batch_size} sequences); sharding and communication are not included"
