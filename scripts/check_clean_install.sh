@@ -16,11 +16,13 @@ venv="$work/venv/bin"
 cd "$work"                                 # imports come from the installed package alone
 
 config="$OLDPWD/configs/tiny.yaml"
-"$venv/pstar" train "$config" train.steps=6 train.log_interval=2 checkpoint.interval=3 --output-dir run
-"$venv/pstar" train "$config" train.steps=9 train.log_interval=2 checkpoint.interval=3 --output-dir run --resume
-steps="$(grep -c '"step"' run/metrics.jsonl)"
-if [ "$steps" -ne 9 ]; then
-    echo "clean install: expected 9 logged steps after resuming, found $steps" >&2
-    exit 1
-fi
+"$venv/pstar" train "$config" train.steps=6 train.log_interval=1 checkpoint.interval=3 --output-dir run
+"$venv/pstar" train "$config" train.steps=9 train.log_interval=1 checkpoint.interval=3 --output-dir run --resume
+# one record per step, 1 to 9: the resumed run appended steps 7-9 to the first run's 1-6
+"$venv/python" - run/metrics.jsonl <<'PY'
+import json, sys
+steps = [json.loads(line)["step"] for line in open(sys.argv[1]) if line.strip()]
+if steps != list(range(1, 10)):
+    sys.exit(f"clean install: metrics.jsonl has steps {steps}, expected 1 to 9")
+PY
 echo "clean install: trained 6 steps, checkpointed, resumed to step 9"
