@@ -196,3 +196,39 @@ def resolve_hf_model_config(model_cfg: dict) -> dict:
         "input_lookup_params": 0 if tied else embedding.numel(),
         "max_positions": getattr(text, "max_position_embeddings", None),
     }
+
+
+# ---- the model section of a config -----------------------------------------------------------
+
+_HF_KEYS = ("hf_path", "pretrained", "activation_checkpointing", "seq_len", "dropout")
+
+
+def hf_model_problems(cfg: dict) -> list[str]:
+    """Problems of a model section with `hf_path`: keys that config.json owns, the directory itself,
+    the sequence length against the model's positions."""
+    problems = [f"model.{key}: not allowed beside model.hf_path (the directory's config.json sets the "
+                f"model); remove it" for key, value in cfg.items() if key not in _HF_KEYS and value is not None]
+    if cfg.get("dropout"):
+        problems.append("model.dropout: not allowed beside model.hf_path (config.json sets the model's "
+                        "dropout); remove it")
+    pretrained = cfg.get("pretrained", True)
+    if not isinstance(pretrained, bool):
+        problems.append(f"model.pretrained: expected true or false, got {pretrained!r}")
+        pretrained = True
+    directory_problems = hf_dir_problems(cfg["hf_path"], pretrained)
+    if directory_problems:
+        return problems + directory_problems
+    config = read_config_json(cfg["hf_path"])
+    max_positions = config.get("max_position_embeddings") or config.get("n_positions")
+    seq_len = cfg.get("seq_len")
+    if isinstance(max_positions, int) and isinstance(seq_len, int) and seq_len > max_positions:
+        problems.append(f"train.seq_len: {seq_len} is longer than the model's max_position_embeddings "
+                        f"({max_positions}, {cfg['hf_path']}/{CONFIG_NAME}); use a shorter train.seq_len")
+    return problems
+
+
+def flops_per_token(resolved: dict, seq_len: int, recompute: bool) -> int:
+    """BENCHMARKS.md's model FLOPs: 6 per matmul weight per token plus attention's 12·L·h·s."""
+    matmul_params = resolved["num_params"] - resolved["input_lookup_params"]
+    forward = 2 * matmul_params + 4 * resolved["layers"] * resolved["hidden"] * seq_len
+    return (4 if recompute else 3) * forward

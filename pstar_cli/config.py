@@ -60,13 +60,19 @@ class ModelConfig:
     vocab_size: int | None = _key(None, min=1)
     activation_checkpointing: bool = False
     dropout: float = _key(0.0, min=0.0, below=1.0)
+    # a local Hugging Face model directory (config.json, safetensors, tokenizer): models/hf.py
+    hf_path: str | None = None
+    pretrained: bool | None = None  # with hf_path: load its weights (default) or random init (false)
 
 
 @dataclass
 class DataConfig:
-    kind: str = _key("synthetic", choices=("synthetic", "text", "tokens"))
+    kind: str = _key("synthetic", choices=("synthetic", "text", "tokens", "jsonl"))
     path: str | None = None  # text: a UTF-8 file (omitted = the shipped corpus); tokens: a .bin of ids
     dtype: str = _key("uint16", choices=("uint16", "uint32"))  # element type of a tokens file
+    # jsonl / text through a Hugging Face tokenizer (pstar_cli/hf_data.py)
+    field: str = "text"  # jsonl: the key holding each document's text
+    tokenizer: str | None = None  # a local tokenizer directory; default: model.hf_path (text, jsonl)
 
 
 @dataclass
@@ -391,7 +397,7 @@ def model_problems(cfg: Config) -> list[str]:
     if problems:
         return problems
     vocab_size = models.resolve_model_config(cfg.model_dict())["vocab_size"]
-    if cfg.data.kind == "text" and vocab_size < BYTE_VOCAB_SIZE:
+    if cfg.data.kind == "text" and cfg.data.tokenizer is None and vocab_size < BYTE_VOCAB_SIZE:
         return [f"model.vocab_size: data.kind text needs at least {BYTE_VOCAB_SIZE} token ids "
                 f"(one per byte value), got {vocab_size}"]
     return []
@@ -437,6 +443,8 @@ def config_from_dict(raw: dict, source: str | None = None, *, bf16_supported: bo
                 for name, cls in SECTION_TYPES.items()}
     engine = build_engine_section(raw.get("engine"), bf16_supported, problems)
     cfg = Config(**sections, engine=engine)
+    if cfg.model.hf_path and cfg.data.kind in ("text", "jsonl") and cfg.data.tokenizer is None:
+        cfg.data.tokenizer = cfg.model.hf_path  # a Hugging Face model's data goes through its tokenizer
     # checks across keys run only on sections without problems: a bad value has been replaced by
     # its default, and a problem about that default would name a number the user never wrote
     if _clean(problems, "model"):
@@ -451,7 +459,7 @@ def config_from_dict(raw: dict, source: str | None = None, *, bf16_supported: bo
         problems += distributed_problems(cfg.distributed)
     if problems:
         raise ConfigError(problems, source)
-    if cfg.model.family is None:
+    if cfg.model.family is None and cfg.model.hf_path is None:
         import models
 
         cfg.model.family = models.resolve_model_config(cfg.model_dict())["family"]

@@ -139,7 +139,7 @@ def llama_layer_activation_bytes(seq_len: int, batch: int, hidden: int, ffn_hidd
 def activation_bytes(w: Workload, materialised_scores: bool = False) -> int:
     """Peak activations of one rank's micro-batch: the layers' saved tensors plus the loss."""
     s, b, h = w.seq_len, w.micro_batch_size, w.hidden
-    if w.family == "llama":
+    if w.family in ("llama", "hf"):  # hf: Llama-style (SwiGLU) layers assumed
         full_layer = llama_layer_activation_bytes(s, b, h, w.ffn_hidden, w.compute_bytes)
     else:
         full_layer = layer_activation_bytes(s, b, h, w.heads, w.compute_bytes, materialised_scores)
@@ -324,7 +324,9 @@ def largest_trainable(w: Workload, hw: Hardware) -> Workload | None:
     """The largest size of the workload's family that pstar fits on this hardware (None: none fits)."""
     import models
 
-    table = {"gpt": models.GPT_SIZES, "llama": models.LLAMA_SIZES}[w.family]
+    table = {"gpt": models.GPT_SIZES, "llama": models.LLAMA_SIZES}.get(w.family)
+    if table is None:  # a Hugging Face model has no size table
+        return None
     best = None
     for size in table:
         model = models.resolve_model_config({"family": w.family, "size": size, "seq_len": w.seq_len})
