@@ -232,3 +232,42 @@ def flops_per_token(resolved: dict, seq_len: int, recompute: bool) -> int:
     matmul_params = resolved["num_params"] - resolved["input_lookup_params"]
     forward = 2 * matmul_params + 4 * resolved["layers"] * resolved["hidden"] * seq_len
     return (4 if recompute else 3) * forward
+
+
+# ---- writing a directory back ----------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def write_hf_metadata(out: Path, source: Path, dtype: torch.dtype, tokenizer: Path | None = None) -> list[str]:
+    """config.json (with the weights' dtype), generation_config.json and the tokenizer's files
+    from `source` (and `tokenizer`, when given) into `out`; returns the names written."""
+    import shutil
+
+    config = read_config_json(source)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)  # the older name of the same key
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    written = [CONFIG_NAME]
+    for directory, names in ((source, ("generation_config.json",)), (tokenizer or source, TOKENIZER_FILES)):
+        for name in names:
+            if (directory / name).is_file():
+                shutil.copyfile(directory / name, out / name)
+                written.append(name)
+    return written
+
+
+def save_pretrained(model, out: str | Path, dtype: torch.dtype = torch.float32,
+                    tokenizer: str | Path | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write an engine-trained HF model (`initialize_engine(hf_model_func(...))`) as a Hugging Face
+    directory `from_pretrained` loads: weights one tensor at a time from the fp32 masters (each
+    tied tensor once), config.json, generation config and tokenizer files of the source directory."""
+    from engine.pretrained import DEFAULT_SHARD_BYTES, save_pretrained_weights
+
+    if not isinstance(getattr(model, "module", None), HFCausalLM):
+        raise TypeError("save_pretrained takes the model initialize_engine returned for hf_model_func(...)")
+    out = Path(out)
+    save_pretrained_weights(model, out, dtype, hf_name, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    write_hf_metadata(out, model.module.source, dtype, Path(tokenizer) if tokenizer else None)
+    return out
