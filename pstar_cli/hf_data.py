@@ -62,11 +62,8 @@ def tokenized_data_problems(data_cfg: dict) -> list[str]:
     elif not (Path(tokenizer) / TOKENIZER_FILE).is_file():
         problems.append(f"data.tokenizer: {tokenizer} has no {TOKENIZER_FILE} (a local Hugging Face "
                         "tokenizer directory, as tokenizer.save_pretrained writes it)")
-    else:
-        try:
-            import tokenizers  # noqa: F401
-        except ImportError:
-            problems.append(f"data.tokenizer: needs the optional package tokenizers: {_INSTALL_HINT}")
+    # a missing `tokenizers` package is reported when the data is built (and, with model.hf_path,
+    # by the model check first): one message, not one per section
     return problems
 
 
@@ -74,7 +71,11 @@ def tokenized_data_problems(data_cfg: dict) -> list[str]:
 
 def load_tokenizer(directory: str | Path):
     """(tokenizers.Tokenizer, end-of-sequence id) of a local tokenizer directory."""
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError(f"data.tokenizer: reading a Hugging Face tokenizer needs the optional package "
+                        f"tokenizers: {_INSTALL_HINT}") from None
 
     directory = Path(directory)
     tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
