@@ -4,10 +4,10 @@ Reading. `SafetensorsDir(path)` indexes a directory's `*.safetensors` files (thr
 `model.safetensors.index.json` when there is one) from their headers only. `PretrainedInit` is an
 `init_module_` for engine/init.py: when the engine materialises a module, the module's parameters
 are views of (or temporaries for) its fp32 master chunk, and each is filled from the file it is
-stored in. A tensor is read with one `readinto` into a buffer of its own size (no memory map: the
-pages of a mapped file would count against the process's resident memory until it ends), converted
-to fp32 as it is copied into the master, and freed before the next; the engine then casts the
-masters into the compute-dtype chunk. Host memory during a load is the chunks plus one tensor.
+stored in. A tensor is read with `readinto` in blocks of 8 MiB (no memory map: the pages of a mapped
+file would count against the process's resident memory until it ends), each converted to fp32 as
+it is copied into the master; the engine then casts the masters into the compute-dtype chunk. Host
+memory during a load is the chunks plus one block.
 
 Writing. `write_safetensors(out, entries, fetch, ...)` writes tensors in the order given, cut into
 shards of at most `max_shard_bytes` (plus an index when there are several); every file's header is
@@ -45,6 +45,7 @@ _DTYPES = {
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_READ_BLOCK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,25 @@ class SafetensorsDir:
                 raise EngineError(f"{stored.path} ends inside tensor '{name}': the file is truncated")
         return torch.frombuffer(raw, dtype=stored.dtype).view(stored.shape)
 
+    def copy_into(self, name: str, target: torch.Tensor) -> None:
+        """Read a tensor into `target` (same shape, any dtype and device) in blocks of at most
+        `_READ_BLOCK_BYTES`, converting each as it is copied: a load never holds a whole tensor
+        besides its destination (an embedding of 150k x 5120 would be 1.5 GB in bf16)."""
+        stored = self.tensors[name]
+        if tuple(target.shape) != stored.shape:
+            raise EngineError(f"{self.directory}: '{name}' has shape {list(stored.shape)}, the model "
+                              f"built from config.json expects {list(target.shape)}")
+        flat = target.view(-1)  # the chunk views and temporaries the engine hands out are contiguous
+        block = max(1, _READ_BLOCK_BYTES // stored.dtype.itemsize)
+        with open(stored.path, "rb") as f:
+            f.seek(stored.begin)
+            for first in range(0, flat.numel(), block):
+                count = min(block, flat.numel() - first)
+                raw = bytearray(count * stored.dtype.itemsize)
+                if f.readinto(raw) != len(raw):
+                    raise EngineError(f"{stored.path} ends inside tensor '{name}': the file is truncated")
+                flat[first:first + count].copy_(torch.frombuffer(raw, dtype=stored.dtype))
+
 
 def _stored(path: Path, name: str, entry: dict, data_start: int) -> StoredTensor:
     dtype = _DTYPES.get(entry.get("dtype"))
@@ -156,12 +176,8 @@ class PretrainedInit:
             key = self._key(module, local) if tensor is not None else None
             if key is None:
                 continue
-            value = self.source.read(key)
-            if tuple(value.shape) != tuple(tensor.shape):
-                raise EngineError(f"{self.source.directory}: '{key}' has shape {list(value.shape)}, the model "
-                                  f"built from config.json expects {list(tensor.shape)}")
-            tensor.data.copy_(value)  # converted to the master's fp32 (or the buffer's dtype) here
-            del value  # freed before the next tensor is read
+            # converted to the master's fp32 (or the buffer's dtype) block by block
+            self.source.copy_into(key, tensor.data)
 
     def _key(self, module: nn.Module, local: str) -> str | None:
         aliases = self.names.get((id(module), local), ())
