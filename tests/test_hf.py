@@ -304,3 +304,13 @@ def test_export_hf_of_a_pstar_model_checkpoint_says_use_pt(tmp_path):
     assert runner.invoke(app, ["train", path, "--output-dir", str(tmp_path / "run")]).exit_code == 0
     result = runner.invoke(app, ["export", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "x"), "--format", "hf"])
     assert "export it with --format pt" in error_line(result)
+
+
+def test_profile_runs_an_hf_config(tiny_dir, tmp_path):
+    path = write_config(tmp_path, {"hf_path": str(tiny_dir)}, {"kind": "jsonl", "path": str(tiny_dir / "corpus.jsonl")})
+    result = runner.invoke(app, ["profile", path, "--steps", "1", "--output-dir", str(tmp_path / "prof")])
+    assert result.exit_code == 0, result.output
+    checks = {row["what"]: row for row in json.loads((tmp_path / "prof" / "profile.json").read_text())["memory_check"]}
+    # the estimate plans the chunks from config.json's shapes on meta: exactly what the engine built
+    host = checks["model data on the host"]
+    assert host["measured_bytes"] > 0 and host["estimate_bytes"] == host["measured_bytes"]
