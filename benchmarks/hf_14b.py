@@ -49,7 +49,7 @@ def llama_config(shape: dict, max_positions: int = 4096):
 
 def make_checkpoint(directory: Path, shape: dict, max_shard_bytes: int = 5 << 30) -> bool:
     """Write a random bf16 checkpoint of `shape` unless one with that config is there; True if written."""
-    from engine.pretrained import Entry, shard_files, write_safetensors
+    from engine.safetensors_io import Entry, shard_files, write_safetensors
     from models.hf import build_on_meta
 
     config = llama_config(shape)

@@ -10,7 +10,7 @@ A directory holds `config.json`, safetensors weights (one file, or shards and th
 usually a tokenizer. Nothing is downloaded. The model is built on `meta` from config.json; the
 engine then materialises it module by module (engine/init.py) through `HFCausalLM.init_module_`:
 - `pretrained=True`: each module's tensors are read from the safetensors files straight into its
-  chunks (engine/pretrained.py); only tables the files do not hold (rotary frequencies) are
+  chunks (engine/pretrained.py, engine/safetensors_io.py); only tables the files do not hold (rotary frequencies) are
   computed by the model's own `_init_weights`.
 - `pretrained=False`: the model's own `_init_weights`, module by module, with the random draws in
   the order `from_config` makes them (models/hf_init.py), so the same seed gives the same weights.
@@ -65,7 +65,7 @@ def read_config_json(path: str | Path) -> dict:
 
 def hf_dir_problems(path: Any, pretrained: bool) -> list[str]:
     """What makes `model.hf_path` unusable, each naming the key; [] when the model can be built."""
-    from engine.pretrained import INDEX_NAME, shard_files
+    from engine.safetensors_io import INDEX_NAME, shard_files
 
     if not isinstance(path, str) or not path:
         return [f"model.hf_path: expected the path of a local Hugging Face model directory, got {path!r}"]
@@ -153,7 +153,8 @@ def hf_model_func(directory: str | Path, pretrained: bool = True,
 
 def build_hf_model(directory: str | Path, pretrained: bool = True,
                    activation_checkpointing: bool = False) -> HFCausalLM:
-    from engine.pretrained import PretrainedInit, SafetensorsDir, tensor_names
+    from engine.pretrained import PretrainedInit, tensor_names
+    from engine.safetensors_io import SafetensorsDir
     from models.hf_init import HFRandomInit, init_weights_of
 
     directory = Path(directory)
@@ -263,7 +264,8 @@ def save_pretrained(model, out: str | Path, dtype: torch.dtype = torch.float32,
     """Write an engine-trained HF model (`initialize_engine(hf_model_func(...))`) as a Hugging Face
     directory `from_pretrained` loads: weights one tensor at a time from the fp32 masters (each
     tied tensor once), config.json, generation config and tokenizer files of the source directory."""
-    from engine.pretrained import DEFAULT_SHARD_BYTES, save_pretrained_weights
+    from engine.pretrained import save_pretrained_weights
+    from engine.safetensors_io import DEFAULT_SHARD_BYTES
 
     if not isinstance(getattr(model, "module", None), HFCausalLM):
         raise TypeError("save_pretrained takes the model initialize_engine returned for hf_model_func(...)")

@@ -35,7 +35,7 @@ class HFExport:
 
 
 def export_hf(requested: str, out: Path, dtype: str = "float32", max_shard_bytes: int | None = None) -> HFExport:
-    from engine.pretrained import DEFAULT_SHARD_BYTES, Entry, write_safetensors
+    from engine.safetensors_io import DEFAULT_SHARD_BYTES, Entry, write_safetensors
     from models.hf import hf_name, write_hf_metadata
 
     source = checkpoint_at(requested)

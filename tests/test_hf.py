@@ -317,3 +317,61 @@ def test_profile_runs_an_hf_config(tiny_dir, tmp_path):
     rows = [checks["model data on the device"], checks["model data on the host"]]
     measured, estimate = (sum(row[key] for row in rows) for key in ("measured_bytes", "estimate_bytes"))
     assert measured > 0 and estimate == pytest.approx(measured, rel=0.01)
+
+
+# ---- the safetensors format ----------------------------------------------------------------
+
+
+def test_written_shards_read_back_with_the_safetensors_library_and_ours(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from engine.safetensors_io import Entry, SafetensorsDir, write_safetensors
+
+    torch.manual_seed(0)
+    values = {"a.weight": torch.randn(33, 7), "b.bias": torch.randn(5), "c.table": torch.randn(300, 4),
+              "d.empty": torch.zeros(0, 3)}
+    dtypes = {"a.weight": torch.bfloat16, "b.bias": torch.float32, "c.table": torch.float16, "d.empty": torch.float32}
+    entries = [Entry(name, tuple(v.shape), dtypes[name]) for name, v in values.items()]
+    files = write_safetensors(tmp_path / "out", entries, values.__getitem__, max_shard_bytes=1024)
+    assert len(files) == 3 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    read = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            read.update({name: f.get_tensor(name) for name in f.keys()})
+    ours = SafetensorsDir(tmp_path / "out")
+    for name, value in values.items():
+        assert read[name].dtype == dtypes[name] and torch.equal(read[name], value.to(dtypes[name]))
+        target = torch.empty(value.shape)
+        ours.copy_into(name, target)
+        assert torch.equal(target, value.to(dtypes[name]).float())
+    save_file({"x": torch.arange(10, dtype=torch.int64)}, str(tmp_path / "lib.safetensors"))
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib.safetensors").rename(tmp_path / "lib" / "model.safetensors")
+    target = torch.empty(10, dtype=torch.int64)
+    SafetensorsDir(tmp_path / "lib").copy_into("x", target)
+    assert target.tolist() == list(range(10))
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    from engine.safetensors_io import Entry, SafetensorsDir, write_safetensors
+
+    (file,) = write_safetensors(tmp_path, [Entry("w", (64,), torch.float32)], lambda name: torch.ones(64))
+    file.write_bytes(file.read_bytes()[:-8])
+    with pytest.raises(EngineError, match="ends inside tensor 'w': the file is truncated"):
+        SafetensorsDir(tmp_path).copy_into("w", torch.empty(64))
+
+
+def test_the_benchmark_writes_a_sharded_bf16_llama_that_from_pretrained_loads(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.hf_14b import SIZES, make_checkpoint
+
+    assert make_checkpoint(tmp_path, SIZES["tiny"], max_shard_bytes=64 << 10)
+    assert not make_checkpoint(tmp_path, SIZES["tiny"], max_shard_bytes=64 << 10)  # reused
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+    from engine.safetensors_io import SafetensorsDir
+
+    assert {t.dtype for t in SafetensorsDir(tmp_path).tensors.values()} == {torch.bfloat16}
