@@ -9,9 +9,9 @@
 `kind: text` with a tokenizer reads a UTF-8 file as one document. Documents are tokenized without
 the tokenizer's own special tokens and joined with its end-of-sequence id (after every document),
 into one stream of int32 ids written to `<data file>.<key>.tokens` next to the data (or under
-`$XDG_CACHE_HOME/pstar/tokens` when that directory is read-only). The key hashes the data file's
-size and modification time, the tokenizer's files, the kind and the field, so a changed file or
-tokenizer is tokenized again and an unchanged one is reused. The stream is then read like a
+`$XDG_CACHE_HOME/pstar/tokens` when that directory is read-only, and for the shipped corpus). The
+key hashes the data file's size and modification time, the tokenizer's files, the kind and the
+field, so a changed file or tokenizer is tokenized again and an unchanged one is reused. The stream is then read like a
 `tokens` file (pstar_cli/data.py): memory-mapped with torch.from_file, cut into windows.
 
 A text file is tokenized in blocks of whole lines (for the progress bar): a token never spans two
@@ -122,8 +122,10 @@ def cache_key(data_path: Path, tokenizer_dir: Path, kind: str, field: str) -> st
 
 
 def cache_path(data_path: Path, key: str) -> Path:
-    """Beside the data when that directory is writable, else in the user's cache directory."""
-    if os.access(data_path.parent, os.W_OK):
+    """Beside the data when that directory is writable, else in the user's cache directory (and
+    there for the corpus shipped inside pstar's package, which is not the user's directory)."""
+    shipped = data_path.resolve() == default_corpus_path().resolve()
+    if os.access(data_path.parent, os.W_OK) and not shipped:
         return data_path.with_name(f"{data_path.name}.{key}.tokens")
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pstar" / "tokens"
     root.mkdir(parents=True, exist_ok=True)

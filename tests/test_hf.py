@@ -375,3 +375,17 @@ def test_the_benchmark_writes_a_sharded_bf16_llama_that_from_pretrained_loads(tm
     from engine.safetensors_io import SafetensorsDir
 
     assert {t.dtype for t in SafetensorsDir(tmp_path).tensors.values()} == {torch.bfloat16}
+
+
+def test_text_with_the_model_tokenizer_defaults_to_the_shipped_corpus_cached_outside_the_package(
+        tiny_dir, tmp_path, monkeypatch):
+    from pstar_cli.config import load_config
+    from pstar_cli.data import build_data, default_corpus_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = load_config(write_config(tmp_path, {"hf_path": str(tiny_dir)}, {"kind": "text"}))
+    assert cfg.data.tokenizer == str(tiny_dir)  # the model's own tokenizer by default
+    source = build_data(cfg.to_dict()["data"], 16, 400, 0)
+    assert source.tokens.numel() > 10_000 and int(source.tokens.max()) < 400
+    assert list((tmp_path / "cache" / "pstar" / "tokens").glob("prose.txt.*.tokens"))
+    assert not list(default_corpus_path().parent.glob("*.tokens"))
