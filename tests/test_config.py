@@ -87,7 +87,7 @@ def test_wrong_types_name_the_key_and_the_expected_type():
 
 def test_out_of_range_values_say_what_is_allowed():
     problems = problems_of({**BASE, "data": {"kind": "images"}, "checkpoint": {"keep": 0}})
-    assert problems == ["data.kind: must be one of synthetic, text, tokens (got 'images')",
+    assert problems == ["data.kind: must be one of synthetic, text, tokens, jsonl (got 'images')",
                         "checkpoint.keep: must be >= 1 (got 0)"]
 
 
@@ -120,7 +120,7 @@ def test_checks_across_keys_do_not_report_the_defaults_of_bad_values():
     assert problems_of({**BASE, "train": {"batch_size": 0, "grad_accum": 3}}) == [
         "train.batch_size: must be >= 1 (got 0)"]
     assert problems_of({**BASE, "data": {"kind": "images", "path": "x.txt"}}) == [
-        "data.kind: must be one of synthetic, text, tokens (got 'images')"]
+        "data.kind: must be one of synthetic, text, tokens, jsonl (got 'images')"]
     assert problems_of({**BASE, "distributed": {"nnodes": 0, "node_rank": 1}}) == [
         "distributed.nnodes: must be >= 1 (got 0)"]
 
