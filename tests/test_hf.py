@@ -389,3 +389,15 @@ def test_text_with_the_model_tokenizer_defaults_to_the_shipped_corpus_cached_out
     assert source.tokens.numel() > 10_000 and int(source.tokens.max()) < 400
     assert list((tmp_path / "cache" / "pstar" / "tokens").glob("prose.txt.*.tokens"))
     assert not list(default_corpus_path().parent.glob("*.tokens"))
+
+
+def test_a_config_json_that_is_not_a_causal_lm_or_not_json_is_named(tmp_path):
+    t5 = tmp_path / "t5"
+    transformers.T5Config(vocab_size=64, d_model=16, num_layers=1).save_pretrained(t5)
+    result = runner.invoke(app, ["validate", write_config(tmp_path, {"hf_path": str(t5), "pretrained": False})])
+    assert "does not describe a causal language model transformers can build" in error_line(result)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    result = runner.invoke(app, ["validate", write_config(tmp_path, {"hf_path": str(broken), "pretrained": False})])
+    assert "config.json cannot be read as JSON" in error_line(result)

@@ -44,5 +44,9 @@ def command(
     result = export_checkpoint(checkpoint, out, dtype)
     typer.echo(f"wrote {result.out}: {result.num_tensors} tensors, {result.num_params:,} parameters ({dtype}), "
                f"from {result.source} (step {result.step})")
+    if result.model.get("hf_path"):  # names behind `hf.`: a Hugging Face directory is the usual way out
+        typer.echo("its names are pstar's (the HF model's behind 'hf.'); for a Hugging Face directory "
+                   "export with --format hf")
+        return
     typer.echo(f"load it with: model = models.build_model({json.dumps(result.model)}); "
                f"model.load_state_dict(torch.load('{result.out}'))")
