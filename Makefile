@@ -6,7 +6,7 @@ STAMP := $(VENV)/.pstar-installed
 # A pinned CPU build: a machine without torch never pulls a multi-GB CUDA build by accident.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-gpu setup clean
+.PHONY: demo test test-slow test-gpu test-install setup clean
 
 setup: $(STAMP)
 
@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
 	if $(VPY) -c "import setuptools" 2>/dev/null; then \
-	    $(VPY) -m pip install --no-build-isolation -e '.[test]'; \
+	    $(VPY) -m pip install --no-build-isolation -e '.[test,hf]'; \
 	else \
-	    $(VPY) -m pip install -e '.[test]'; \
+	    $(VPY) -m pip install -e '.[test,hf]'; \
 	fi
 	touch $(STAMP)
 
@@ -33,6 +33,10 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(VPY) -m pytest -q -m gpu
+
+# pstar installed as a user would, in a venv without the system's packages: train, checkpoint, resume
+test-install:
+	bash scripts/check_clean_install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs runs .pytest_cache

@@ -2,8 +2,10 @@
 # Everything pstar measures on a lent GPU machine, in one call per machine kind, so that one lease answers
 # all questions at once. Run from the repository root; results and logs go to $OUT (or outputs/gpu).
 #
-#   bash benchmarks/gpu_session.sh one     # nvidia-h200: GPU tests, then T1/T2 (pytorch, fsdp2-offload,
-#                                          # pstar), then T3 (gpt-12b, gpt-15b with recompute)
+#   bash benchmarks/gpu_session.sh one     # nvidia-h200: GPU tests; gpt-1.3b b8/b1 and gpt-4b b8 against
+#                                          # the plain-PyTorch recipes; configs/gpt-12b.yaml, clip 1 and 0
+#   bash benchmarks/gpu_session.sh large   # nvidia-h200: configs/gpt-15b.yaml, gpt-18b on one GPU, and a
+#                                          # >= 14B Hugging Face Llama loaded from safetensors
 #   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then the largest GPT
 #                                          # pstar trains there, then T5 (gpt-4b per GPU vs 1 GPU and FSDP2)
 #                                          # (HOST_GIB=256: the host's memory when MemTotal reads low)
@@ -32,12 +34,18 @@ trap 'tar czf "$out/case-logs.tgz" -C "$logs" . 2>/dev/null' EXIT
 case "${1:-one}" in
 one)
     machine=nvidia-h200
-    timeout 90 python -m pytest -q -m gpu tests/test_engine.py tests/test_engine_speed.py \
-        tests/test_checkpoint.py tests/test_train.py 2>&1 | tail -5 | tee "$out/gpu-tests.log"
-    bench 170 --systems pytorch,pstar --models gpt-1.3b,gpt-4b --batch 8 --steps 5 --warmup 2
-    bench 230 --systems pstar --models gpt-12b,gpt-15b --batch 8 --steps 3 --warmup 2 \
-        --activation-checkpointing --device-memory-limit 132GiB
-    bench 60 --systems fsdp2-offload --models gpt-1.3b --batch 8 --steps 3 --warmup 1
+    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -8 | tee "$out/gpu-tests.log"
+    recipes=pytorch,pytorch-bf16,pytorch-compile
+    bench 150 --systems $recipes,pstar --models gpt-1.3b --batch 8,1 --steps 5 --warmup 2 --config configs/gpt-1.3b.yaml
+    bench 80 --systems pytorch-bf16,pstar --models gpt-4b --batch 8 --steps 4 --warmup 2 --config configs/gpt-4b.yaml
+    bench 200 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2
+    bench 200 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2 --clip 0
+    ;;
+large)
+    machine=nvidia-h200
+    bench 220 --systems pstar --config configs/gpt-15b.yaml --steps 3 --warmup 2
+    bench 260 --systems pstar --config configs/gpt-18b.yaml --set model.activation_checkpointing=true \
+        --gpus 1 --batch 8 --steps 3 --warmup 2
     ;;
 multi)
     machine=$(python -c "import torch; print(f'nvidia-h200-x{torch.cuda.device_count()}')")
@@ -51,11 +59,12 @@ multi)
     big=${BIG_MODELS:-$([ "$gpus" -ge 4 ] && echo gpt-60b,gpt-50b || echo gpt-30b,gpt-20b)}
     bench 300 --systems pstar --models "$big" --batch 8 --steps 3 --warmup 2 \
         --activation-checkpointing --device-memory-limit 132GiB --host-memory-limit "$host_per_rank" --gpus "$gpus"
-    bench 60 --systems pstar --models gpt-4b --batch 8 --steps 5 --warmup 2
-    bench 120 --systems pstar,fsdp2 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus"
+    bench 60 --systems pstar --models gpt-4b --batch 8 --steps 5 --warmup 2 --config configs/gpt-4b.yaml
+    bench 150 --systems pstar,fsdp2,fsdp2-bf16 --models gpt-4b --batch 8 --steps 5 --warmup 2 --gpus "$gpus" \
+        --config configs/gpt-4b.yaml
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh one|multi" >&2
+    echo "usage: bash benchmarks/gpu_session.sh one|large|multi" >&2
     exit 2
     ;;
 esac

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, of: {', '.join(SYSTEMS)}")
     add("--models", type=comma_list, default=None,
         help=f"comma-separated GPT sizes (default {DEFAULT_CUDA_MODEL}; {DEFAULT_CPU_MODEL} with --device cpu)")
-    add("--batch", type=comma_list, default=["8"], help="sequences per GPU per step; a comma list runs each")
+    add("--batch", type=comma_list, default=None,
+        help="sequences per GPU per step; a comma list runs each (default 8, or the config's)")
     add("--seq", type=int, default=None, help=f"sequence length (default {DEFAULT_CUDA_SEQ}; the model's own on CPU)")
     add("--steps", type=int, default=6, help="timed steps; the step time is their median")
     add("--warmup", type=int, default=3, help="untimed steps first (pstar traces its schedule in the first)")
@@ -62,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--machine", default=None, help="machine name recorded in each row (default: the host name)")
     add("--gpus", type=int, default=1, help="GPUs (processes) per case; > 1 launches torch.distributed.run")
     add("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available")
-    add("--activation-checkpointing", action="store_true", help="recompute activations (all systems)")
+    add("--activation-checkpointing", action="store_true",
+        help="recompute activations (all systems; pstar with --config follows the config)")
+    add("--clip", type=float, default=1.0, help="global gradient-norm clipping in every system (0: off)")
+    add("--config", type=Path, default=None,
+        help="a shipped pstar config (e.g. configs/gpt-12b.yaml): pstar runs its engine and model settings, "
+             "as `pstar train` would; --models, --batch and --seq default to its own")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a dotted override of the --config, as on the `pstar train` command line (repeatable)")
     add("--chunk-size", type=int, default=None, help="pstar default_chunk_size in elements (engine default if unset)")
     add("--device-memory-limit", type=parse_bytes, default=None, help="pstar device_memory_limit, e.g. 120GiB")
     add("--host-memory-limit", type=parse_bytes, default=None, help="pstar host_memory_limit, e.g. 100GiB")
@@ -95,7 +103,28 @@ def model_shapes(names: list[str], seq: int | None) -> dict[str, dict]:
             for name in names}
 
 
-def build_specs(args: argparse.Namespace, device: str, shapes: dict[str, dict]) -> list[CaseSpec]:
+def shipped_config(path: Path | None, gpus: int, overrides: list[str] = ()) -> dict | None:
+    """What a pstar row takes from a shipped config: its engine section exactly as `pstar train` hands
+    it to the engine, the recompute setting, and the size, per-GPU batch and sequence length."""
+    if path is None:
+        return None
+    from pstar_cli.config import load_config
+    from pstar_cli.errors import PstarError
+
+    try:
+        cfg = load_config(path, [*overrides, f"distributed.nproc_per_node={gpus}"])
+    except (PstarError, OSError) as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    if cfg.model.family not in (None, "gpt"):
+        raise UsageError(f"--config {path}: the harness runs GPT sizes; this config's model is {cfg.model.family}")
+    label = " ".join([str(path), *overrides])
+    return {"path": label, "engine": cfg.engine_dict(), "model": cfg.model.size,
+            "activation_checkpointing": cfg.model.activation_checkpointing,
+            "batch": cfg.micro_batch_size, "seq": cfg.train.seq_len}
+
+
+def build_specs(args: argparse.Namespace, device: str, shapes: dict[str, dict],
+                shipped: dict | None = None) -> list[CaseSpec]:
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown:
         raise UsageError(f"--systems: unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -108,13 +137,22 @@ def build_specs(args: argparse.Namespace, device: str, shapes: dict[str, dict]) 
             raise UsageError(f"{flag} must be at least 1")
     if args.warmup < 0:
         raise UsageError("--warmup must be 0 or more")
-    return [
-        CaseSpec(system=system, model=model, batch=batch, seq=args.seq or shapes[model]["seq_len"],
-                 num_steps=args.steps, num_warmup=args.warmup, device=device, gpus=args.gpus,
-                 activation_checkpointing=args.activation_checkpointing, chunk_size=args.chunk_size,
-                 device_memory_limit=args.device_memory_limit, host_memory_limit=args.host_memory_limit)
-        for model in shapes for batch in batches for system in args.systems
-    ]
+    if args.clip < 0:
+        raise UsageError("--clip must be 0 (off) or more")
+    specs = []
+    for model in shapes:
+        for batch in batches:
+            for system in args.systems:
+                from_config = shipped if system == "pstar" and shipped else None
+                recompute = from_config["activation_checkpointing"] if from_config else args.activation_checkpointing
+                specs.append(CaseSpec(
+                    system=system, model=model, batch=batch, seq=args.seq or shapes[model]["seq_len"],
+                    num_steps=args.steps, num_warmup=args.warmup, device=device, gpus=args.gpus,
+                    activation_checkpointing=recompute, chunk_size=args.chunk_size,
+                    device_memory_limit=args.device_memory_limit, host_memory_limit=args.host_memory_limit,
+                    clip=args.clip, config=from_config["path"] if from_config else None,
+                    engine=from_config["engine"] if from_config else None))
+    return specs
 
 
 def check_gpu_count(device: str, gpus: int) -> None:
@@ -169,9 +207,10 @@ def run_cases(specs: list[CaseSpec], shapes: dict, args: argparse.Namespace, mac
 
 def progress_line(row: dict, outcome: CaseOutcome) -> str:
     if row["status"] == "ok":
-        summary = f"{row['step_s']:.4g} s/step, {row['tflops']:.4g} TFLOPS, init {row['init_s']:.1f} s"
-        if row["ratio_to_pytorch"] is not None:
-            summary += f", {row['ratio_to_pytorch']:.2f}x pytorch"
+        summary = (f"{row['step_s']:.4g} s/step, {row['model_tflops']:.4g} model TFLOPS "
+                   f"({row['hardware_tflops']:.4g} hardware), init {row['init_s']:.1f} s")
+        if row["ratio_to_best_pytorch"] is not None:
+            summary += f", {row['ratio_to_best_pytorch']:.2f}x the best plain PyTorch ({row['best_pytorch']})"
     else:
         summary = row["status"]
     return f"    {summary}  (log: {outcome.log_path})"
@@ -183,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_gpu_count(device, args.gpus)
+        if args.overrides and not args.config:
+            raise UsageError("--set overrides a --config; give the config too")
+        shipped = shipped_config(args.config, args.gpus, args.overrides)
+        if shipped:
+            args.models = args.models or [shipped["model"]]
+            args.batch = args.batch or [str(shipped["batch"])]
+            args.seq = args.seq or shipped["seq"]
         shapes = model_shapes(args.models or [DEFAULT_CUDA_MODEL if device == "cuda" else DEFAULT_CPU_MODEL],
                               args.seq or (DEFAULT_CUDA_SEQ if device == "cuda" else None))
-        specs = build_specs(args, device, shapes)
+        args.batch = args.batch or ["8"]
+        specs = build_specs(args, device, shapes, shipped)
         previous_rows = read_rows(args.out)
     except (UsageError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

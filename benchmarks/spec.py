@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-SYSTEMS = ("pytorch", "fsdp2-offload", "fsdp2", "pstar")
+# The plain-PyTorch recipes a ratio is taken against (the best of them measured in the same run):
+# AMP with fp32 weights; bf16 weights and grads with fp32 masters (pstar's numerics without chunks);
+# AMP with each block compiled.
+PYTORCH_RECIPES = ("pytorch", "pytorch-bf16", "pytorch-compile")
+# fsdp2: bf16 params, fp32 reduction, reshard after forward (FSDP2's defaults); fsdp2-bf16: bf16
+# reduction and gathered blocks kept from forward to backward, as pstar does.
+SYSTEMS = PYTORCH_RECIPES + ("fsdp2-offload", "fsdp2", "fsdp2-bf16", "pstar")
 
 # Set in a case process's environment to rehearse a failure (tests only): oom, host-oom, crash,
 # abort (dies without writing a result) or hang, optionally @steps to fail after init.
@@ -34,6 +40,9 @@ class CaseSpec:
     device_memory_limit: int | None = None  # pstar only, bytes
     host_memory_limit: int | None = None  # pstar only, bytes
     lr: float = 1e-4
+    clip: float = 1.0  # global gradient-norm clipping in every system; 0 turns it off
+    config: str | None = None  # pstar: the shipped config whose engine and model settings it runs
+    engine: dict | None = None  # pstar: that config's engine section, as `pstar train` hands it over
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -53,4 +62,5 @@ class CaseSpec:
 
     def label(self) -> str:
         gpus = f" x{self.gpus}" if self.gpus > 1 else ""
-        return f"{self.system} {self.model} b{self.batch} s{self.seq}{gpus}"
+        clip = "" if self.clip else " clip 0"
+        return f"{self.system} {self.model} b{self.batch} s{self.seq}{gpus}{clip}"

@@ -6,6 +6,7 @@ Every builder returns a `Trainer` whose `step(x, y)` runs one full optimizer ste
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,7 +44,10 @@ class Trainer:
 def build_trainer(spec: CaseSpec, runtime: Runtime) -> Trainer:
     builders = {
         "pytorch": build_pytorch,
+        "pytorch-bf16": build_pytorch_bf16,
+        "pytorch-compile": lambda s, r: build_pytorch(s, r, compile_blocks=True),
         "fsdp2": lambda s, r: build_fsdp2(s, r, offload=False),
+        "fsdp2-bf16": lambda s, r: build_fsdp2(s, r, offload=False, like_pstar=True),
         "fsdp2-offload": lambda s, r: build_fsdp2(s, r, offload=True),
         "pstar": build_pstar,
     }
@@ -57,11 +61,14 @@ def synchronize(device: torch.device) -> None:
 
 # ---- plain PyTorch: fp32 weights on the device, bf16 autocast, fused AdamW (DDP over several GPUs) ----
 
-def build_pytorch(spec: CaseSpec, runtime: Runtime) -> Trainer:
+def build_pytorch(spec: CaseSpec, runtime: Runtime, compile_blocks: bool = False) -> Trainer:
     start = time.perf_counter()
     # The model builds on meta and materialises on the default device: straight onto the GPU.
     with runtime.device:
         model = models.build_model(spec.model_config())
+    if compile_blocks:  # each block on its own, as users compile a model too large to trace whole
+        for block in find_transformer_blocks(model):
+            block.compile()
     if runtime.world_size > 1:
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -69,11 +76,14 @@ def build_pytorch(spec: CaseSpec, runtime: Runtime) -> Trainer:
         model.parameters(), lr=spec.lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True
     )
     synchronize(runtime.device)
-    step = _plain_step(model, optimizer, autocast_device=runtime.device.type)
-    return Trainer(step=step, init_s=time.perf_counter() - start, details=lambda: {"optimizer": "AdamW(fused)"})
+    step = _plain_step(model, optimizer, autocast_device=runtime.device.type, clip=spec.clip)
+    details = {"optimizer": "AdamW(fused)", "compiled_blocks": compile_blocks}
+    return Trainer(step=step, init_s=time.perf_counter() - start, details=lambda: dict(details))
 
 
-def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, autocast_device: str | None):
+def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, autocast_device: str | None, clip: float):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if autocast_device is None:
             loss = model(x, y)
@@ -81,6 +91,8 @@ def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, autocast_dev
             with torch.autocast(device_type=autocast_device, dtype=torch.bfloat16):
                 loss = model(x, y)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -88,9 +100,45 @@ def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, autocast_dev
     return step
 
 
+# ---- plain PyTorch, pstar's numerics without chunks: bf16 weights and grads, fp32 masters ----
+
+def build_pytorch_bf16(spec: CaseSpec, runtime: Runtime) -> Trainer:
+    """What a user writes for bf16 training in plain PyTorch: the model in bf16 end to end, fp32
+    master weights stepped by fused AdamW, the new weights rounded back into the model."""
+    if runtime.world_size > 1:
+        raise BenchmarkSetupError("pytorch-bf16 runs on one GPU; use fsdp2-bf16 for several")
+    start = time.perf_counter()
+    with runtime.device:
+        model = models.build_model(spec.model_config()).to(torch.bfloat16)
+    params = list(model.parameters())
+    masters = [nn.Parameter(p.detach().float()) for p in params]
+    optimizer = torch.optim.AdamW(masters, lr=spec.lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
+    synchronize(runtime.device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = model(x, y)
+        loss.backward()
+        grads = [p.grad for p in params]
+        for master, grad in zip(masters, grads):
+            master.grad = grad.float()  # fp32 gradients for the fp32 step, as pstar's masters get
+        if spec.clip > 0:
+            torch.nn.utils.clip_grad_norm_(masters, spec.clip)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_copy_(params, masters)  # round the new weights into the bf16 model
+        for p, master in zip(params, masters):
+            p.grad = master.grad = None
+        return loss.detach()
+
+    details = {"optimizer": "AdamW(fused) on fp32 masters", "param_dtype": "bfloat16"}
+    return Trainer(step=step, init_s=time.perf_counter() - start, details=lambda: dict(details))
+
+
 # ---- PyTorch FSDP2: fully_shard per block and root, bf16 params / fp32 reduce, optional CPU offload ----
 
-def build_fsdp2(spec: CaseSpec, runtime: Runtime, offload: bool) -> Trainer:
+def build_fsdp2(spec: CaseSpec, runtime: Runtime, offload: bool, like_pstar: bool = False) -> Trainer:
+    """FSDP2 as its users set it up; `like_pstar` reduces in bf16 and keeps each block gathered from
+    its forward to its backward (no re-gather), which is what pstar does with its chunks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -98,11 +146,13 @@ def build_fsdp2(spec: CaseSpec, runtime: Runtime, offload: bool) -> Trainer:
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     with torch.device("meta"):
         model = models.build_model(spec.model_config())
-    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    reduce_dtype = torch.bfloat16 if like_pstar else torch.float32
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
     # Pinned host shards are what make FSDP2's offload copies asynchronous; pinning needs CUDA.
     policy = CPUOffloadPolicy(pin_memory=runtime.device.type == "cuda") if offload else OffloadPolicy()
     for block in find_transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=policy,
+                    reshard_after_forward=not like_pstar)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
     # Offloaded shards live on the host, so that is where they get their storage and initial values.
     model.to_empty(device="cpu" if offload else runtime.device)
@@ -112,10 +162,11 @@ def build_fsdp2(spec: CaseSpec, runtime: Runtime, offload: bool) -> Trainer:
     synchronize(runtime.device)
     init_s = time.perf_counter() - start
 
-    details = {"optimizer": f"AdamW({impl})", "fsdp_units": len(find_transformer_blocks(model)) + 1}
+    details = {"optimizer": f"AdamW({impl})", "fsdp_units": len(find_transformer_blocks(model)) + 1,
+               "reduce_dtype": str(reduce_dtype).removeprefix("torch."), "reshard_after_forward": not like_pstar}
     if init_note:
         details["init_note"] = init_note
-    step = _plain_step(model, optimizer, autocast_device=None)  # MixedPrecisionPolicy casts instead
+    step = _plain_step(model, optimizer, autocast_device=None, clip=spec.clip)  # MixedPrecisionPolicy casts instead
     return Trainer(step=step, init_s=init_s, details=lambda: dict(details))
 
 
@@ -182,6 +233,13 @@ def _fused_adamw_works(params: list[nn.Parameter]) -> bool:
 # ---- pstar: the seed API, bf16, AdamW with hybrid placement ----
 
 def pstar_engine_config(spec: CaseSpec) -> dict:
+    """The engine section of the shipped config the row runs (`--config`), else the harness's own;
+    either way with this run's clipping."""
+    if spec.engine is not None:
+        config = copy.deepcopy(spec.engine)
+        config["gradient_clipping"] = spec.clip
+        config["gradient_accumulation_steps"] = 1  # the harness runs one micro-batch a step
+        return config
     config = {
         "optimizer": {
             "type": "AdamW",
@@ -190,6 +248,7 @@ def pstar_engine_config(spec: CaseSpec) -> dict:
         },
         "fp16": {"enabled": False},
         "bf16": {"enabled": True},
+        "gradient_clipping": spec.clip,
     }
     optional = {
         "default_chunk_size": spec.chunk_size,

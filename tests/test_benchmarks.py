@@ -21,7 +21,8 @@ from benchmarks.launch import REPO_ROOT, CaseOutcome, classify, run_case_process
 from benchmarks.report import build_row, fill_ratios, format_table, read_rows
 from benchmarks.spec import SIMULATE_ENV, CaseSpec
 
-ISSUE_FIELDS = ("system", "model", "batch", "seq", "step_s", "tflops", "gpu_peak_gib", "host_peak_gib", "machine")
+ISSUE_FIELDS = ("system", "model", "batch", "seq", "step_s", "model_tflops", "hardware_tflops", "clip", "config",
+                "gpus", "gpu_peak_gib", "host_peak_gib", "machine")
 TINY_SHAPE = {"hidden": 64, "layers": 2, "vocab_size": 256, "seq_len": 64}
 
 
@@ -70,17 +71,28 @@ def ok_outcome(step_s: float, host_bytes: int = 2**30) -> CaseOutcome:
     return CaseOutcome(status="ok", rank_results=[rank0])
 
 
-def test_rows_get_ratio_to_pytorch_of_the_same_model_and_batch():
-    rows = [build_row(tiny_spec("pytorch"), TINY_SHAPE, ok_outcome(0.2), "m"),
+def test_rows_get_the_ratio_to_the_best_plain_pytorch_recipe_of_the_same_case():
+    rows = [build_row(tiny_spec("pytorch"), TINY_SHAPE, ok_outcome(0.25), "m"),
+            build_row(tiny_spec("pytorch-bf16"), TINY_SHAPE, ok_outcome(0.2), "m"),  # the best recipe
+            build_row(tiny_spec("pytorch-compile"), TINY_SHAPE, CaseOutcome(status="out of memory"), "m"),
             build_row(tiny_spec("pstar"), TINY_SHAPE, ok_outcome(0.4), "m"),
-            build_row(tiny_spec("pstar", batch=4), TINY_SHAPE, ok_outcome(0.4), "m"),
-            build_row(tiny_spec("fsdp2-offload"), TINY_SHAPE, CaseOutcome(status="out of memory"), "m")]
+            build_row(tiny_spec("pstar", batch=4), TINY_SHAPE, ok_outcome(0.4), "m"),  # no baseline
+            build_row(tiny_spec("pstar", clip=0.0), TINY_SHAPE, ok_outcome(0.1), "m")]  # clip 0: none either
     fill_ratios(rows)
-    assert [r["ratio_to_pytorch"] for r in rows] == [1.0, 0.5, None, None]
-    assert rows[3]["step_s"] is None and rows[3]["tflops"] is None
+    assert [r["ratio_to_best_pytorch"] for r in rows] == [0.8, 1.0, None, 0.5, None, None]
+    assert rows[3]["best_pytorch"] == "pytorch-bf16"
+    assert rows[2]["step_s"] is None and rows[2]["model_tflops"] is None
     flops = train_flops_per_step(64, 2, 64, 2 * 64, vocab_size=256)
-    assert rows[1]["tflops"] == pytest.approx(flops / 0.4 / 1e12, rel=1e-3)
-    assert rows[1]["host_peak_gib"] == 1.0
+    assert rows[3]["model_tflops"] == pytest.approx(flops / 0.4 / 1e12, rel=1e-3)
+    assert rows[3]["hardware_tflops"] == rows[3]["model_tflops"]  # nothing recomputed
+    assert rows[3]["host_peak_gib"] == 1.0 and rows[3]["clip"] == 1.0 and rows[5]["clip"] == 0.0
+
+
+def test_recompute_counts_in_hardware_flops_only():
+    row = build_row(tiny_spec("pstar", activation_checkpointing=True), TINY_SHAPE, ok_outcome(0.4), "m")
+    flops = train_flops_per_step(64, 2, 64, 2 * 64, vocab_size=256)
+    assert row["model_tflops"] == pytest.approx(flops / 0.4 / 1e12, rel=1e-3)
+    assert row["hardware_tflops"] == pytest.approx(flops * 4 / 3 / 0.4 / 1e12, rel=1e-3)
 
 
 def test_multi_gpu_row_sums_host_memory_and_takes_largest_gpu_peak():
@@ -160,24 +172,31 @@ def test_cases_beyond_the_time_budget_are_skipped_not_started(tmp_path):
 
 # ---- the real thing on CPU ----
 
-def test_cpu_smoke_pytorch_and_fsdp2_offload(tmp_path):
-    done = run_harness(tmp_path, "--systems", "pytorch,fsdp2-offload")
+@pytest.mark.parametrize("systems", [
+    "pytorch,pytorch-bf16",
+    pytest.param("pytorch,pytorch-bf16,fsdp2-offload", marks=pytest.mark.slow),
+])
+def test_cpu_smoke_pytorch_recipes(tmp_path, systems):
+    done = run_harness(tmp_path, "--systems", systems)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert [r["system"] for r in rows] == ["pytorch", "fsdp2-offload"]
+    assert [r["system"] for r in rows] == systems.split(",")
     for row in rows:
         assert set(ISSUE_FIELDS) <= set(row)
         assert row["status"] == "ok", row
         assert row["machine"] == "test-box" and row["model"] == "gpt-tiny" and row["seq"] == 64
         assert row["step_s"] > 0 and len(row["step_times_s"]) == 2
         flops = train_flops_per_step(64, 2, 64, 2 * 64, vocab_size=256)
-        assert row["tflops"] == pytest.approx(flops / row["step_s"] / 1e12, rel=2e-3)
+        assert row["model_tflops"] == pytest.approx(flops / row["step_s"] / 1e12, rel=2e-3)
+        assert row["clip"] == 1.0 and row["gpus"] == 1
         assert 0.05 < row["host_peak_gib"] < 8
         assert abs(row["loss"] - math.log(256)) < 1.0  # random tokens: about ln(vocab)
         assert row["torch_version"] == torch.__version__
-    assert rows[0]["ratio_to_pytorch"] == 1.0 and rows[1]["ratio_to_pytorch"] > 0
-    table = done.stdout.rstrip().splitlines()[-4:]  # header, rule, one line per row
-    assert table[0].startswith("system") and table[3].startswith("fsdp2-offload")
+    best = max(rows[:2], key=lambda r: r["model_tflops"])
+    assert best["ratio_to_best_pytorch"] == 1.0 and all(r["best_pytorch"] == best["system"] for r in rows)
+    assert all(r["ratio_to_best_pytorch"] > 0 for r in rows)
+    table = done.stdout.rstrip().splitlines()[-(len(rows) + 2):]  # header, rule, one line per row
+    assert table[0].startswith("system") and table[-1].startswith(rows[-1]["system"])
 
 
 def test_cpu_smoke_pstar(tmp_path):
@@ -190,12 +209,41 @@ def test_cpu_smoke_pstar(tmp_path):
     assert abs(row["loss"] - math.log(256)) < 1.0
 
 
+def test_pstar_row_runs_the_shipped_config(tmp_path):
+    """--config: pstar's engine section, model size, batch and sequence come from the config, so the
+    row is what `pstar train` gets; clipping as the config sets it (1.0)."""
+    from pstar_cli.config import load_config
+
+    config = REPO_ROOT / "configs" / "tiny.yaml"
+    done = run_harness(tmp_path, "--systems", "pstar", "--config", str(config), "--batch", "2", "--seq", "32")
+    assert done.returncode == 0, done.stderr
+    row = json.loads((tmp_path / "results.json").read_text())[0]
+    assert row["status"] == "ok", row
+    assert row["config"] == str(config) and row["model"] == "gpt-mini" and row["clip"] == 1.0
+    shipped = load_config(config).engine_dict()
+    ran = row["details"]["engine_config"]
+    assert ran["default_chunk_size"] == shipped["default_chunk_size"]
+    assert ran["device_memory_limit"] == shipped["device_memory_limit"]
+    assert ran["gradient_clipping"] == 1.0
+
+
+@pytest.mark.slow
+def test_cpu_smoke_compiled_blocks(tmp_path):
+    """AMP with every block compiled (Inductor builds C++ kernels on the CPU: slow)."""
+    done = run_harness(tmp_path, "--systems", "pytorch-compile")
+    assert done.returncode == 0, done.stderr
+    row = json.loads((tmp_path / "results.json").read_text())[0]
+    assert row["status"] == "ok", row
+    assert row["details"]["compiled_blocks"] is True
+
+
 @pytest.mark.slow
 def test_cpu_smoke_two_processes(tmp_path):
-    done = run_harness(tmp_path, "--systems", "pytorch,fsdp2", "--gpus", "2")
+    done = run_harness(tmp_path, "--systems", "pytorch,fsdp2,fsdp2-bf16", "--gpus", "2")
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    assert rows[2]["details"]["reduce_dtype"] == "bfloat16" and rows[2]["details"]["reshard_after_forward"] is False
     assert all(r["gpus"] == 2 for r in rows)
 
 

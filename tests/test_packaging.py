@@ -75,7 +75,21 @@ def test_ci_runs_the_readme_test_command():
     ci = REPO / ".ci" / "run"
     assert os.access(ci, os.X_OK)
     text = ci.read_text()
-    assert "set -euo pipefail" in text and text.rstrip().endswith("make test")
+    commands = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert "set -euo pipefail" in commands
+    # the README's test command, then the clean-venv install check beside it
+    assert commands[-2:] == ["make test", "make test-install"]
+    assert "make test" in (REPO / "README.md").read_text()
+
+
+def test_clean_install_check_uses_no_system_packages():
+    """The install check builds its venv without --system-site-packages, installs pstar from a copy
+    (not editable) and runs outside the source tree, so only declared dependencies are importable."""
+    script = (REPO / "scripts" / "check_clean_install.sh").read_text()
+    assert "-m venv" in script
+    assert not any("--system-site-packages" in line for line in script.splitlines() if "venv" in line and "#" not in line)
+    assert "pip install -q ." in script and " -e " not in script
+    assert "--resume" in script and "checkpoint.interval" in script
 
 
 @pytest.mark.slow
