@@ -12,9 +12,10 @@ runs on scratch tensors whose values are kept until then; an init of a tied copy
 embedding, tied by HF only after its init drew) runs on scratch and is dropped. Scratch tensors are
 one module's size and live on the engine's init device, so its generator is the one consumed.
 
-Exact for models whose layers draw only in `reset_parameters` (torch's layers) and in `_init_weights`;
-a custom layer drawing in its own constructor is initialised correctly but from another point of the
-random stream.
+Exact for models whose layers draw only in `reset_parameters` (torch's layers), in a constructor
+listed in `_CONSTRUCTOR_DRAWS` (GPT-2's Conv1D) and in `_init_weights` (checked in tests for Llama,
+tied and untied, Qwen2, Mistral and GPT-2); another custom layer that draws in its own constructor is
+initialised correctly (by `_init_weights`) but from another point of the random stream.
 """
 
 from __future__ import annotations
@@ -106,25 +107,39 @@ class HFRandomInit:
 
     @torch.no_grad()
     def __call__(self, module: nn.Module) -> None:
-        if id(module) in self._kept:
+        if id(module) in self._kept:  # its init already ran, on stand-ins, when its turn came
+            values = self._kept.pop(id(module))
             for name, _, tensor in _direct_tensors(module):
-                tensor.data.copy_(self._kept[id(module)][name])
-            del self._kept[id(module)]
+                tensor.data.copy_(values[name])
             return
         while self._next < len(self._events):
             kind, target = self._events[self._next]
             self._next += 1
             if kind == "construct":
-                _on_scratch(target, _reset_parameters)
-            elif target is module and self._owns_all(module):
-                self._init(module)  # straight into the chunk storage the engine gave it
-                return
+                if _direct_tensors(target):
+                    _run_isolated(target, _reset_parameters, None, {}, fresh=True)  # drawn and dropped
             elif target is module:
-                _on_scratch(module, self._init)  # a tied copy: HF's draws for it are overwritten
+                if self._owns_all(module):
+                    _run_isolated(module, self._init, module, self._kept)  # into the chunk storage
+                else:  # a tied copy: HF draws its init, then ties it away
+                    _run_isolated(module, self._init, None, self._kept, fresh=True)
+                self._drain(module)
                 return
             elif _direct_tensors(target):
-                self._kept[id(target)] = _on_scratch(target, self._init)
+                self._kept[id(target)] = _run_isolated(target, self._init, None, self._kept, fresh=True)
+            else:
+                _run_isolated(target, self._init, None, self._kept)
         self._init(module)  # not in the event list (not reachable from the model): plain init
+
+    def _drain(self, module: nn.Module) -> None:
+        """Run the inits of tensor-less modules that come right after `module`'s: its ancestors
+        (GPT-2's attention and MLP re-draw their c_proj weight after c_proj's own init)."""
+        while self._next < len(self._events):
+            kind, target = self._events[self._next]
+            if kind != "init" or _direct_tensors(target):
+                return
+            _run_isolated(target, self._init, module, self._kept)
+            self._next += 1
 
     def _owns_all(self, module: nn.Module) -> bool:
         return not any((id(module), name) in self._tied_copies for name in module._parameters)
@@ -141,33 +156,56 @@ def _tied_copies(model: nn.Module) -> set[tuple[int, str]]:
     return copies
 
 
+# Layers that draw in their constructor without a reset_parameters(), by class name: what they draw.
+# transformers' Conv1D (GPT-2's projections) fills its weight with normal(0, 0.02) in __init__.
+_CONSTRUCTOR_DRAWS = {"Conv1D": lambda module: nn.init.normal_(module.weight, std=0.02)}
+
+
 def _reset_parameters(module: nn.Module) -> None:
-    """What a torch layer's constructor draws (modules without reset_parameters draw nothing)."""
+    """What a layer's constructor draws: torch's layers call reset_parameters(); the few others are
+    listed above; anything else is taken to draw nothing."""
     reset = getattr(module, "reset_parameters", None)
-    if callable(reset) and module._parameters:
+    if not module._parameters:
+        return
+    if callable(reset):
         reset()
+    elif type(module).__name__ in _CONSTRUCTOR_DRAWS:
+        _CONSTRUCTOR_DRAWS[type(module).__name__](module)
 
 
-def _on_scratch(module: nn.Module, run: Callable[[nn.Module], None]) -> dict[str, torch.Tensor]:
-    """Run `run(module)` with its direct tensors swapped for fresh ones (on the default device, the
-    engine's init device); returns those fresh tensors and puts the module's own back."""
-    own = _direct_tensors(module)
-    if not own:
-        return {}
-    scratch = {}
-    for name, is_param, tensor in own:
-        fresh = torch.empty(tensor.shape, dtype=torch.float32 if tensor.is_floating_point() else tensor.dtype)
-        if is_param:
-            module._parameters[name] = nn.Parameter(fresh, requires_grad=tensor.requires_grad)
-        else:
-            module._buffers[name] = fresh
-        scratch[name] = fresh
+def _run_isolated(root: nn.Module, run: Callable[[nn.Module], None], real: nn.Module | None,
+                  kept: dict[int, dict[str, torch.Tensor]], fresh: bool = False) -> dict[str, torch.Tensor]:
+    """Run `run(root)` with every direct tensor of root's subtree swapped for a stand-in, except
+    those of `real` (left as they are: the engine's chunk storage): modules in `kept` get their
+    kept values (and keep what `run` writes there), root gets fresh tensors on the default device
+    (the engine's init device) when `fresh`, and everything else a `meta` tensor, so a write meant
+    for a module that is done does not reach its chunks. Returns root's tensors after `run` when
+    `fresh`."""
+    swapped = []  # (owner, store, name, original)
+    for module in root.modules():
+        if module is real:
+            continue
+        for name, is_param, tensor in _direct_tensors(module):
+            if module is root and fresh:
+                dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+                stand_in = torch.empty(tensor.shape, dtype=dtype)
+            elif id(module) in kept:
+                stand_in = kept[id(module)][name]
+            else:
+                stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            store = module._parameters if is_param else module._buffers
+            store[name] = nn.Parameter(stand_in, requires_grad=tensor.requires_grad) if is_param else stand_in
+            swapped.append((module, store, name, tensor))
     try:
-        run(module)
+        run(root)
         # an init may replace a tensor instead of writing into it: keep what the module holds now
-        scratch = {name: (module._parameters.get(name) if is_param else module._buffers.get(name)).detach()
-                   for name, is_param, _ in own}
+        result = {}
+        for module, store, name, _ in swapped:
+            if module is root and fresh:
+                result[name] = store[name].detach()
+            elif id(module) in kept:
+                kept[id(module)][name] = store[name].detach()
     finally:
-        for name, is_param, tensor in own:
-            (module._parameters if is_param else module._buffers)[name] = tensor
-    return scratch
+        for _, store, name, tensor in swapped:
+            store[name] = tensor
+    return result

@@ -46,12 +46,24 @@ def engine_weights(model) -> dict[str, torch.Tensor]:
 # ---- init ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_random_init_through_the_engine_equals_from_config_with_the_same_seed(tie, tmp_path):
-    # from_config draws torch's default init in every layer's constructor, runs LlamaModel's own
-    # post_init before lm_head exists, and ties lm_head after drawing its init: pstar replays that
-    # order on meta, so the weights are bitwise equal (same CPU generator, same kernels)
-    config = tiny_llama_config(tie)
+def small_config(kind: str):
+    if kind.startswith("llama"):
+        return tiny_llama_config(tie=kind == "llama-tied")
+    if kind == "gpt2":  # learned positions, Conv1D layers, tied head, scaled residual init
+        return transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)
+    cls = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[kind]
+    return cls(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "qwen2", "mistral", "gpt2"])
+def test_random_init_through_the_engine_equals_from_config_with_the_same_seed(kind, tmp_path):
+    # from_config draws torch's default init in every layer's constructor, runs the inner model's
+    # post_init before the head exists, ties the head after drawing its init, and (GPT-2) lets the
+    # attention and MLP re-draw their c_proj after it: pstar replays that order on meta, so the
+    # weights are bitwise equal (same CPU generator, same kernels, same shapes)
+    config = small_config(kind)
     config.save_pretrained(tmp_path)
     torch.manual_seed(3)
     reference = transformers.AutoModelForCausalLM.from_config(config).state_dict()
@@ -61,7 +73,7 @@ def test_random_init_through_the_engine_equals_from_config_with_the_same_seed(ti
     assert set(weights) == set(reference)
     for name, value in reference.items():
         assert torch.equal(weights[name], value), name
-    if tie:
+    if kind == "llama-tied":
         assert model.module.hf.lm_head.weight is model.module.hf.model.embed_tokens.weight
 
 
