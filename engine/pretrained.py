@@ -21,6 +21,7 @@ from torch import nn
 from engine.errors import EngineError
 from engine.safetensors_io import DEFAULT_SHARD_BYTES, Entry, SafetensorsDir, write_safetensors
 
+
 # ---- loading into chunks -----------------------------------------------------------------------
 
 class PretrainedInit:
@@ -64,8 +65,8 @@ class PretrainedInit:
 
 def engine_entries(model, dtype: torch.dtype, rename: Callable[[str], str | None]) -> tuple[list[Entry], Callable]:
     """Entries and a fetch function for an `EngineModel`'s weights: each parameter once (under its
-    first name, tied ones included), read from its fp32 master chunk, in layout order.
-    `rename(name)` gives the saved name (None: leave the tensor out)."""
+    first name, tied ones included), read from its fp32 master chunk, in layout order, then the
+    persistent buffers. `rename(name)` gives the saved name (None: leave the tensor out)."""
     rt = model._rt
     if rt.comm is not None:
         raise EngineError("save_pretrained_weights runs in one process; with several ranks save a "
@@ -78,8 +79,15 @@ def engine_entries(model, dtype: torch.dtype, rename: Callable[[str], str | None
             if name is not None:
                 infos[name] = info
                 entries.append(Entry(name, tuple(info.shape), dtype))
+    param_ids = {id(info.param) for group in rt.groups for info in group.tensors}
+    buffers = {rename(key): value for key, value in model._own_entries().items()
+               if id(value) not in param_ids and rename(key) is not None}
+    for name, value in buffers.items():
+        entries.append(Entry(name, tuple(value.shape), dtype if value.is_floating_point() else value.dtype))
 
     def fetch(name: str) -> torch.Tensor:
+        if name in buffers:
+            return buffers[name]
         info = infos[name]
         with rt.manager.lock:
             return info.view_of(rt.copier.current_flat(info.group.master)).to("cpu", dtype, copy=True)

@@ -49,8 +49,9 @@ def export_hf(requested: str, out: Path, dtype: str = "float32", max_shard_bytes
         raise PstarError(f"{out} already exists and is not an empty directory; choose a new OUT")
     shards = [torch.load(source / name, map_location="cpu", mmap=True, weights_only=True)
               for name in metadata["files"]]
-    tensors, fetch = _weights(shards, hf_name)
-    entries = [Entry(name, shape, EXPORT_DTYPES[dtype]) for name, shape in tensors.items()]
+    tensors, dtypes, fetch = _weights(shards, hf_name)
+    entries = [Entry(name, shape, EXPORT_DTYPES[dtype] if dtypes[name].is_floating_point else dtypes[name])
+               for name, shape in tensors.items()]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         write_safetensors(tmp, entries, fetch, max_shard_bytes or DEFAULT_SHARD_BYTES)
@@ -78,8 +79,9 @@ def _source_dir(config: dict) -> Path:
 
 
 def _weights(shards: list[dict], rename):
-    """(HF name -> shape, fetch(name) -> the whole fp32 tensor) over the checkpoint's parameters and
-    saved buffers; assembling a tensor reads only its own pieces."""
+    """(HF name -> shape, HF name -> saved dtype, fetch(name) -> the whole tensor) over the
+    checkpoint's parameters (fp32 masters) and saved buffers; assembling a tensor reads only its
+    own pieces."""
     # the engine's reader of its own shard format: every saved piece, labelled with its tensor
     from engine.checkpoint import _copy_overlaps, _index_tensors
 
@@ -87,6 +89,7 @@ def _weights(shards: list[dict], rename):
     buffers = {rename(name): value for name, value in shards[0]["buffers"].items() if rename(name)}
     shapes = {name: tuple(value.shape) for name, value in saved.items()}
     shapes.update({name: tuple(value.shape) for name, value in buffers.items()})
+    dtypes = {name: torch.float32 for name in saved} | {name: value.dtype for name, value in buffers.items()}
 
     def fetch(name: str) -> torch.Tensor:
         if name in buffers:
@@ -97,4 +100,4 @@ def _weights(shards: list[dict], rename):
             raise PstarError(f"the checkpoint lacks part of '{name}': some ranks' files are missing")
         return whole.view(tensor.shape)
 
-    return shapes, fetch
+    return shapes, dtypes, fetch

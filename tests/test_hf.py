@@ -297,6 +297,8 @@ def test_train_export_from_pretrained_round_trip(tiny_dir, tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=1e-10, msg=name)
     assert (still / "tokenizer.json").is_file() and (still / "generation_config.json").is_file()
     assert json.loads((still / "config.json").read_text())["dtype"] == "float32"
+    again = runner.invoke(app, ["export", str(run / "checkpoints"), str(still), "--format", "hf"])
+    assert "already exists and is not an empty directory" in error_line(again)  # nothing overwritten
 
     _, trained = train_and_export(tiny_dir, tmp_path, lr=3e-3, steps=12)
     moved = transformers.AutoModelForCausalLM.from_pretrained(trained)
