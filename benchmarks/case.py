@@ -24,8 +24,10 @@ import torch.distributed as dist
 
 from benchmarks.launch import die_with_parent
 from benchmarks.memory import PeakSampler
-from benchmarks.spec import SIMULATE_ENV, CaseSpec
+from benchmarks.spec import CaseSpec
 from benchmarks.systems import Runtime, Trainer, build_trainer, needs_process_group, synchronize
+from pstar_cli.launch.process_group import TIMEOUT as PROCESS_GROUP_TIMEOUT
+from pstar_cli.launch.process_group import resolve_backend
 
 NUM_BATCH_SETS = 4  # distinct random batches, rotated through the steps
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 def runtime_from_env(spec: CaseSpec) -> Runtime:
     """Rank and device from torchrun's environment (a lone process is rank 0 of 1)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if spec.device == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if spec.device == "cuda" else torch.device("cpu")  # the spec's choice
     return Runtime(device=device, rank=int(os.environ.get("RANK", "0")), local_rank=local_rank,
                    world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -66,9 +68,9 @@ def start_process_group(spec: CaseSpec, runtime: Runtime) -> None:
         torch.cuda.set_device(runtime.device)
     if not needs_process_group(spec, runtime.world_size) or dist.is_initialized():
         return
-    backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    backend = resolve_backend("auto", runtime.device)
     if runtime.world_size > 1:
-        dist.init_process_group(backend)  # torchrun's environment
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)  # torchrun's environment
     else:
         # A one-member group through a private file store: no port to collide with.
         store_path = Path(tempfile.mkdtemp(prefix="pstar-bench-")) / "store"
@@ -84,10 +86,8 @@ def run_guarded(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:
     try:
         run_case(spec, runtime, sampler, found)
         return {"status": "ok", **found}
-    except torch.OutOfMemoryError as exc:
-        return {**found, "status": "out of memory", "error": first_line(exc)}
-    except MemoryError as exc:
-        return {**found, "status": "out of memory (host)", "error": first_line(exc) or "MemoryError"}
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        return {**found, "status": status_of_exception(exc), "error": first_line(exc) or type(exc).__name__}
     except NotImplementedError as exc:
         traceback.print_exc()
         return {**found, "status": f"not implemented: {first_line(exc)}", "error": first_line(exc)}
@@ -97,13 +97,14 @@ def run_guarded(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler) -> dict:
 
 
 def status_of_exception(exc: BaseException) -> str:
-    message = str(exc)
-    if type(exc).__name__ == "ModelTooLargeError":  # pstar refusing a model its budgets cannot hold
+    from engine.errors import ModelTooLargeError
+    from pstar_cli.training.failures import out_of_memory_kind
+
+    if isinstance(exc, ModelTooLargeError):  # pstar refusing a model its budgets cannot hold
         return "out of memory"
-    if "can't allocate memory" in message or "DefaultCPUAllocator" in message:
-        return "out of memory (host)"
-    if "out of memory" in message.lower():  # e.g. NCCL or cuBLAS failing to allocate workspace
-        return "out of memory"
+    kind = out_of_memory_kind(exc)  # the rule `pstar train` explains its failures by
+    if kind is not None:
+        return "out of memory" if kind == "gpu" else "out of memory (host)"
     return f"failed: {type(exc).__name__}: {first_line(exc)}"
 
 
@@ -113,11 +114,9 @@ def run_case(spec: CaseSpec, runtime: Runtime, sampler: PeakSampler, found: dict
     if runtime.device.type == "cuda":
         torch.zeros(1, device=runtime.device)  # the CUDA context's host memory belongs to the baseline
     found["host_base_bytes"] = psutil.Process().memory_info().rss
-    rehearse_failure(os.environ.get(SIMULATE_ENV, ""), "init")
     trainer = build_trainer(spec, runtime)
     found.update(phase="steps", init_s=trainer.init_s, host_init_peak_bytes=sampler.mark("init"))
     progress(runtime, f"init {trainer.init_s:.1f} s")
-    rehearse_failure(os.environ.get(SIMULATE_ENV, ""), "steps")
     batches = random_batches(spec, runtime)
     step_times_s, loss = time_steps(trainer, batches, spec, runtime)
     step_times_s = slowest_rank_times(step_times_s, runtime)
@@ -172,28 +171,6 @@ def slowest_rank_times(step_times_s: list[float], runtime: Runtime) -> list[floa
     times = torch.tensor(step_times_s, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     return times.tolist()
-
-
-def rehearse_failure(setting: str, phase: str) -> None:
-    """Fail on purpose, as a case can on a real machine (tests set SIMULATE_ENV).
-
-    `setting` is KIND or KIND@PHASE (phase "init", the default, or "steps"); KIND is oom, host-oom,
-    crash, abort (dies without writing a result) or hang.
-    """
-    kind, _, when = setting.partition("@")
-    if (when or "init") != phase:
-        return
-    if kind == "oom":
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-    if kind == "host-oom":
-        raise MemoryError("simulated host allocation failure")
-    if kind == "crash":
-        raise RuntimeError("simulated crash")
-    if kind == "abort":
-        print("simulated abort: the process dies without writing a result", file=sys.stderr, flush=True)
-        os.abort()
-    if kind == "hang":
-        time.sleep(3600)
 
 
 def memory_figures(device: torch.device, sampler: PeakSampler) -> dict:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.spec import MULTICAST_OFF_ENV, CaseSpec
+from pstar_cli.training.failures import out_of_memory_in_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 10  # after SIGTERM, how long a case gets to exit before SIGKILL
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory")
 
 
 @dataclass
@@ -33,12 +33,15 @@ class CaseOutcome:
     log_path: Path | None = None
 
 
+CASE_MODULE = "benchmarks.case"  # the module every case process runs
+
+
 def case_command(spec: CaseSpec, result_prefix: Path) -> list[str]:
     case_args = ["--spec", spec.to_json(), "--result", str(result_prefix)]
     if spec.gpus == 1:
-        return [sys.executable, "-m", "benchmarks.case", *case_args]
+        return [sys.executable, "-m", CASE_MODULE, *case_args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.gpus}"]
-    return [*launcher, "--module", "benchmarks.case", *case_args]
+    return [*launcher, "--module", CASE_MODULE, *case_args]
 
 
 def case_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -137,7 +140,7 @@ def classify(rank_results: list[dict], returncode: int | None, timed_out: bool, 
         return "ok"
     if timed_out:
         return f"timed out after {timeout_s:.0f} s"
-    if any(marker in line for line in tail for marker in OOM_MARKERS):
+    if any(out_of_memory_in_text(line) == "gpu" or "OutOfMemoryError" in line for line in tail):
         return "out of memory"
     if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or any("SIGKILL" in line for line in tail):
         return "out of memory (host): killed by SIGKILL, most likely the kernel's OOM killer"

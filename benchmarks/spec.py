@@ -13,10 +13,6 @@ PYTORCH_RECIPES = ("pytorch", "pytorch-bf16", "pytorch-compile")
 # reduction and gathered blocks kept from forward to backward, as pstar does.
 SYSTEMS = PYTORCH_RECIPES + ("fsdp2-offload", "fsdp2", "fsdp2-bf16", "pstar")
 
-# Set in a case process's environment to rehearse a failure (tests only): oom, host-oom, crash,
-# abort (dies without writing a result) or hang, optionally @steps to fail after init.
-SIMULATE_ENV = "PSTAR_BENCH_SIMULATE"
-
 # Kept in every case process: NVLink multicast (NVLS) is off limits on the lent multi-GPU machines.
 MULTICAST_OFF_ENV = {
     "NCCL_NVLS_ENABLE": "0",

@@ -11,20 +11,42 @@ ratios are fractions of the device / host memory, and the fp16 loss scaler is dy
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024  # elements, not bytes (as in PatrickStar)
 
+log = logging.getLogger("pstar.engine")
 
-class EngineConfigError(ValueError):
-    """An engine config with one or more problems; `problems` holds one line per problem."""
 
-    def __init__(self, problems: list[str]):
+class ConfigProblems(ValueError):
+    """A config with one or more problems; `problems` holds one line per problem, each naming its
+    dotted key and what is allowed. The engine's, the models' and the CLI's config errors are all
+    of this family, so a caller catches one type."""
+
+    def __init__(self, problems: list[str], title: str = "invalid config"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid engine config ({len(self.problems)} problem(s)):\n{lines}")
+        super().__init__(f"{title} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class EngineConfigError(ConfigProblems):
+    """An engine config with one or more problems."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems, "invalid engine config")
+
+
+def unknown_key_problem(dotted: str, key: str, allowed: Iterable[str], what: str = "key") -> str:
+    """`dotted: unknown key (did you mean 'x'?); allowed: ...`: the one wording of a misspelt key
+    for every config pstar reads."""
+    allowed = sorted(allowed)
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return f"{dotted}: unknown {what}{did_you_mean}; allowed: {', '.join(allowed)}"
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,7 @@ _SCHEMA: dict[str, Any] = {
     "default_chunk_size": _positive_int,
     "release_after_init": _is_bool,
     "use_cpu_embedding": _is_bool,
+    "use_fake_dist": _is_bool,  # PatrickStar's examples put it here as well as under mem_tracer
     "client": {
         "mem_tracer": {
             "use_async_mem_monitor": _is_bool,
@@ -169,7 +192,14 @@ _SCHEMA: dict[str, Any] = {
             "overall_gpu_mem_ratio": _ratio,
             "overall_cpu_mem_ratio": _ratio,
             "margin_use_ratio": _ratio,
-        }
+            "use_fake_dist": _is_bool,
+            "with_static_partition": _is_bool,
+        },
+        "opts": {
+            "with_mem_saving_comm": _is_bool,
+            "with_mem_cache": _is_bool,
+            "with_async_move": _is_bool,
+        },
     },
     "gradient_clipping": _non_negative_float,
     "device_memory_limit": _optional_bytes,
@@ -179,10 +209,61 @@ _SCHEMA: dict[str, Any] = {
 }
 
 
-def _unknown_key_problem(dotted: str, key: str, allowed: list[str]) -> str:
-    hint = difflib.get_close_matches(key, allowed, n=1)
-    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return f"{dotted}: unknown key{did_you_mean}; allowed keys here: {', '.join(sorted(allowed))}"
+# PatrickStar 0.4.6 reads these keys; pstar accepts them so that its configs run unchanged, and
+# says once why each has no effect here. (`client.mem_tracer.use_async_mem_monitor` and
+# `release_after_init` are pstar settings of the same meaning: see MemTracerConfig, EngineConfig.)
+PATRICKSTAR_ONLY_KEYS = {
+    ("use_fake_dist",): "pstar runs one process per rank through torch.distributed; a single process "
+                        "needs no stand-in process group",
+    ("client", "mem_tracer", "use_fake_dist"): "pstar runs one process per rank through torch.distributed; "
+                                               "a single process needs no stand-in process group",
+    ("client", "mem_tracer", "with_static_partition"): "pstar places optimizer state from the warm-up step's "
+                                                       "measured peak (engine/optimizer_placement.py)",
+    ("client", "opts", "with_mem_saving_comm"): "pstar all-gathers whole chunks into one reused buffer "
+                                                "and frees them by its eviction order",
+    ("client", "opts", "with_mem_cache"): "pstar reuses chunk buffers through the caching allocator and its "
+                                          "own pinned pool",
+    ("client", "opts", "with_async_move"): "pstar always copies chunks on a side stream, overlapping compute",
+}
+
+# Keys that decide only where model data lives or how init runs, never what a step computes:
+# a run may resume from a checkpoint written with other values (the shards are re-placed).
+PLACEMENT_KEYS = frozenset({
+    "device_memory_limit", "host_memory_limit", "default_chunk_size", "release_after_init",
+    "use_cpu_embedding", "init_device", "client", "use_fake_dist", "optimizer.params.use_hybrid_adam",
+})
+# Keys that change the numbers from the step they take effect, without changing the saved state's
+# meaning (one turns them to get a diverging run going again).
+TUNING_KEYS = frozenset({"gradient_clipping"})
+
+
+def engine_key_effect(dotted: str) -> str:
+    """What changing an engine key (dotted, within the engine section) between a checkpoint and
+    its resumed run does: "placement" (nothing to the numbers), "numbers" (the steps from then
+    on), or "state" (the saved state would mean something else)."""
+    prefixes = [".".join(dotted.split(".")[:n]) for n in range(1, dotted.count(".") + 2)]
+    if any(p in PLACEMENT_KEYS for p in prefixes):
+        return "placement"
+    return "numbers" if dotted in TUNING_KEYS else "state"
+
+
+def note_patrickstar_only_keys(cfg: dict) -> list[str]:
+    """Log one line per PatrickStar-only key the config sets; returns those lines."""
+    lines = []
+    for path, why in PATRICKSTAR_ONLY_KEYS.items():
+        if find_key(cfg, path)[0]:
+            lines.append(f"engine config: {'.'.join(path)} has no effect in pstar: {why}")
+            log.info(lines[-1])
+    return lines
+
+
+def find_key(tree: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    """(whether the nested dict `tree` has the key path, its value or None)."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False, None
+        tree = tree[key]
+    return True, tree
 
 
 def _section_problems(section: Any, schema: dict[str, Any], prefix: str) -> list[str]:
@@ -193,7 +274,7 @@ def _section_problems(section: Any, schema: dict[str, Any], prefix: str) -> list
     for key, value in section.items():
         dotted = f"{prefix}{key}"
         if key not in schema:
-            problems.append(_unknown_key_problem(dotted, str(key), list(schema)))
+            problems.append(unknown_key_problem(dotted, str(key), schema))
         elif isinstance(schema[key], dict):
             problems += _section_problems(value, schema[key], dotted + ".")
         elif (why := schema[key](value)) is not None:
@@ -233,18 +314,45 @@ def _build_optimizer(cfg: dict) -> OptimizerConfig:
     return OptimizerConfig(**values)
 
 
-def resolve_engine_config(cfg: dict | None) -> EngineConfig:
-    """The typed config with defaults filled; raises EngineConfigError listing every problem."""
+def resolve_engine_config(cfg: "dict | EngineConfig | None") -> EngineConfig:
+    """The typed config with defaults filled; raises EngineConfigError listing every problem.
+
+    An EngineConfig (what pstar's CLI builds once from its YAML) is returned as it is."""
+    if isinstance(cfg, EngineConfig):
+        return cfg
     cfg = {} if cfg is None else cfg
     problems = engine_config_problems(cfg)
     if problems:
         raise EngineConfigError(problems)
-    top_level = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
-                 "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device")
+    note_patrickstar_only_keys(cfg)
     return EngineConfig(
         optimizer=_build_optimizer(cfg),
         fp16=Fp16Config(**_sub(cfg, "fp16")),
         bf16_enabled=_sub(cfg, "bf16").get("enabled", False),
-        mem_tracer=MemTracerConfig(**_sub(cfg, "client", "mem_tracer")),
-        **{k: cfg[k] for k in top_level if k in cfg},
+        mem_tracer=MemTracerConfig(**{k: v for k, v in _sub(cfg, "client", "mem_tracer").items()
+                                       if k in _MEM_TRACER_FIELDS}),
+        **{k: cfg[k] for k in _TOP_LEVEL_KEYS if k in cfg},
     )
+
+
+_TOP_LEVEL_KEYS = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
+                   "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device")
+_MEM_TRACER_FIELDS = ("use_async_mem_monitor", "warmup_gpu_chunk_mem_ratio", "overall_gpu_mem_ratio",
+                      "overall_cpu_mem_ratio", "margin_use_ratio")
+
+
+def engine_config_tree(cfg: EngineConfig) -> dict:
+    """The seed's nested dict of a typed config, every key of pstar's own written out (the
+    inverse of `resolve_engine_config`); lists for tuples, so it survives JSON and YAML."""
+    opt, fp16 = cfg.optimizer, cfg.fp16
+    return {
+        "optimizer": {"type": opt.type, "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
+                                                   "weight_decay": opt.weight_decay,
+                                                   "use_hybrid_adam": opt.use_hybrid_adam}},
+        "fp16": {"enabled": fp16.enabled, "loss_scale": fp16.loss_scale,
+                 "initial_scale_power": fp16.initial_scale_power, "loss_scale_window": fp16.loss_scale_window,
+                 "hysteresis": fp16.hysteresis, "min_loss_scale": fp16.min_loss_scale},
+        "bf16": {"enabled": cfg.bf16_enabled},
+        "client": {"mem_tracer": dataclasses.asdict(cfg.mem_tracer)},
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k in _TOP_LEVEL_KEYS},
+    }

@@ -12,7 +12,7 @@ several ranks, all take the smallest rank's number of device groups, and when th
 does not all fit beside every gathered param chunk, the gathered chunks get a window of a few
 chunks instead (they are gathered again over NVLink, far cheaper than host Adam).
 
-`plan_placement` is the pure arithmetic; `settle_optimizer_placement` applies it to the engine's
+`plan_placement_of_sizes` is the pure arithmetic (the memory estimate runs it too); `settle_optimizer_placement` applies it to the engine's
 chunks at the first step(s). The Adam step over the placed groups is engine/optimizer.py.
 """
 
@@ -39,20 +39,45 @@ class Placement:
     allowance_bytes: int  # device bytes the optimizer groups could take
 
 
+@dataclass(frozen=True)
+class GroupSizes:
+    """What placement needs to know of one movable chunk group, in bytes on this rank."""
+
+    param_bytes: int  # its param chunk (and separate grad chunk): on the device while computing
+    gathered_bytes: int  # the whole param chunk gathered from every rank's shard; 0 with one rank
+    optimizer_bytes: int  # its fp32 master and Adam moments, which move together
+
+
+def group_sizes(group: ChunkGroup) -> GroupSizes:
+    return GroupSizes(
+        param_bytes=sum(c.nbytes for c in (group.param, group.grad) if c is not None),
+        gathered_bytes=group.gathered.nbytes if group.gathered is not None else 0,
+        optimizer_bytes=sum(c.nbytes for c in group.optimizer_chunks))
+
+
 def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_model_bytes: int,
                    margin_use_ratio: float, use_hybrid_adam: bool, scratch_bytes: int,
                    device_capacity: int | None = None) -> Placement:
+    """`plan_placement_of_sizes` for the engine's chunk groups (host-only groups never move)."""
+    sizes = [group_sizes(g) for g in groups if not g.host_only]
+    return plan_placement_of_sizes(sizes, device_budget_bytes, peak_non_model_bytes, margin_use_ratio,
+                                   use_hybrid_adam, scratch_bytes, device_capacity)
+
+
+def plan_placement_of_sizes(moving: list[GroupSizes], device_budget_bytes: int, peak_non_model_bytes: int,
+                            margin_use_ratio: float, use_hybrid_adam: bool, scratch_bytes: int,
+                            device_capacity: int | None = None) -> Placement:
     """Where the optimizer state (12 B/param) goes: the device holds every param chunk, the
     activations' peak plus (1 - margin_use_ratio) of it, and a step's scratch first; optimizer
     groups take the rest, leading groups first. `device_capacity` (CUDA: what is really free)
-    bounds the budget."""
-    moving = [g for g in groups if not g.host_only]
-    param_bytes = sum(c.nbytes for g in moving for c in (g.param, g.grad) if c is not None)
+    bounds the budget. A pure function of sizes: `pstar estimate-memory` runs it on a config's
+    numbers, so the estimate places what the engine would."""
+    param_bytes = sum(g.param_bytes for g in moving)
     # With several ranks a param chunk in use is the gathered whole chunk, next to the shards.
     # Gathered chunks are dropped and gathered again when the device needs the room, which over
     # NVLink costs far less than stepping optimizer state on the host: they get a window, not
     # room for all of them, unless the optimizer state fits beside all of them anyway.
-    gathered = sorted((g.gathered.nbytes for g in moving if g.gathered is not None), reverse=True)
+    gathered = sorted((g.gathered_bytes for g in moving if g.gathered_bytes), reverse=True)
     budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
     activations = peak_non_model_bytes + math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
     placement = _fill(moving, budget - param_bytes - sum(gathered) - activations, scratch_bytes, use_hybrid_adam)
@@ -65,15 +90,14 @@ def plan_placement(groups: list[ChunkGroup], device_budget_bytes: int, peak_non_
 GATHER_WINDOW = 4  # gathered chunks the device keeps room for when they cannot all stay
 
 
-def _fill(moving: list[ChunkGroup], spare: int, scratch_bytes: int, use_hybrid_adam: bool) -> Placement:
+def _fill(moving: list[GroupSizes], spare: int, scratch_bytes: int, use_hybrid_adam: bool) -> Placement:
     """Leading groups' optimizer state on the device while it fits in `spare` (less the scratch)."""
     allowance = spare - scratch_bytes if use_hybrid_adam else 0
     num_groups, used = 0, 0
     for group in moving:
-        need = sum(c.nbytes for c in group.optimizer_chunks)
-        if used + need > allowance:
+        if used + group.optimizer_bytes > allowance:
             break
-        used += need
+        used += group.optimizer_bytes
         num_groups += 1
     return Placement(num_groups, params_fit=spare >= 0, allowance_bytes=max(0, allowance))
 

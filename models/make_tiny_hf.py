@@ -25,7 +25,7 @@ EOS, BOS, PAD = "</s>", "<s>", "<pad>"
 
 def corpus_paragraphs() -> list[str]:
     """The shipped corpus's paragraphs (blank-line separated), each one document."""
-    from pstar_cli.data import default_corpus_path
+    from pstar_cli.training.data import default_corpus_path
 
     text = default_corpus_path().read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n\n") if p.strip()]

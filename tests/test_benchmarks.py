@@ -1,7 +1,7 @@
 """The benchmark harness: its FLOPs formula, its rows and table, and how it survives failing cases.
 
 The smoke tests run the real harness on CPU with gpt-tiny, each case in its own process as on the GPU
-machine; failures are rehearsed through PSTAR_BENCH_SIMULATE.
+machine; failures are rehearsed through the test entry point tests/bench_faults.py.
 """
 
 import json
@@ -19,7 +19,10 @@ from benchmarks import run as bench_run
 from benchmarks.flops import gpt_num_params, tflops, train_flops_per_step
 from benchmarks.launch import REPO_ROOT, CaseOutcome, classify, run_case_process
 from benchmarks.report import build_row, fill_ratios, format_table, read_rows
-from benchmarks.spec import SIMULATE_ENV, CaseSpec
+from benchmarks import launch as bench_launch
+from benchmarks.spec import CaseSpec
+from tests.bench_faults import CASE_MODULE as FAULTY_CASE_MODULE
+from tests.bench_faults import SIMULATE_ENV
 
 ISSUE_FIELDS = ("system", "model", "batch", "seq", "step_s", "model_tflops", "hardware_tflops", "clip", "config",
                 "gpus", "gpu_peak_gib", "host_peak_gib", "machine")
@@ -28,7 +31,9 @@ TINY_SHAPE = {"hidden": 64, "layers": 2, "vocab_size": 256, "seq_len": 64}
 
 def run_harness(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     out = tmp_path / "results.json"
-    command = [sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--steps", "2", "--warmup", "1",
+    # with a rehearsed failure in `env`, the harness whose cases rehearse it (tests/bench_faults.py)
+    harness = "tests.bench_faults" if env and SIMULATE_ENV in env else "benchmarks.run"
+    command = [sys.executable, "-m", harness, "--device", "cpu", "--steps", "2", "--warmup", "1",
                "--batch", "2", "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--machine", "test-box",
                *args]
     return subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})},
@@ -137,26 +142,32 @@ def test_simulated_gpu_oom_becomes_a_row_and_the_harness_goes_on(tmp_path):
     assert done.stdout.rstrip().splitlines()[-1].endswith("out of memory")  # the table comes last
 
 
-def test_oom_after_init_keeps_what_was_measured(tmp_path):
+@pytest.fixture
+def faulty_cases(monkeypatch):
+    """Case processes started by run_case_process rehearse the failure of PSTAR_BENCH_SIMULATE."""
+    monkeypatch.setattr(bench_launch, "CASE_MODULE", FAULTY_CASE_MODULE)
+
+
+def test_oom_after_init_keeps_what_was_measured(faulty_cases, tmp_path):
     outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=120, extra_env={SIMULATE_ENV: "oom@steps"})
     row = build_row(tiny_spec(), TINY_SHAPE, outcome, "m")
     assert row["status"] == "out of memory" and row["failed_in"] == "steps"
     assert row["init_s"] > 0 and row["host_init_peak_gib"] > 0 and row["step_s"] is None
 
 
-def test_case_that_dies_without_a_result_is_reported_with_its_last_line(tmp_path):
+def test_case_that_dies_without_a_result_is_reported_with_its_last_line(faulty_cases, tmp_path):
     outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=120, extra_env={SIMULATE_ENV: "abort"})
     assert outcome.status.startswith("failed: simulated abort")
     assert outcome.status.endswith("(killed by SIGABRT)")
 
 
-def test_case_exception_is_reported_by_the_case_itself(tmp_path):
+def test_case_exception_is_reported_by_the_case_itself(faulty_cases, tmp_path):
     outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=120, extra_env={SIMULATE_ENV: "crash"})
     assert outcome.status == "failed: RuntimeError: simulated crash"
     assert outcome.rank_results[0]["host_peak_bytes"] > 0
 
 
-def test_hanging_case_is_stopped_at_its_timeout(tmp_path):
+def test_hanging_case_is_stopped_at_its_timeout(faulty_cases, tmp_path):
     outcome = run_case_process(tiny_spec(), tmp_path / "case", timeout_s=3, extra_env={SIMULATE_ENV: "hang"})
     assert outcome.status == "timed out after 3 s"
     assert outcome.wall_s < 3 + 15

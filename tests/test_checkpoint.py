@@ -18,8 +18,8 @@ from engine.errors import EngineError
 from pstar_cli import checkpoint as ckpt
 from pstar_cli.config import load_config
 from pstar_cli.main import app
-from pstar_cli.metrics import read_metrics
-from pstar_cli.trainer import Trainer
+from pstar_cli.observe.metrics import read_metrics, trim_metrics
+from pstar_cli.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -310,7 +310,7 @@ def test_rng_states_round_trip_through_json():
 def test_trim_metrics_drops_steps_past_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
-    ckpt.trim_metrics(path, 5)
+    trim_metrics(path, 5)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
 
 

@@ -87,18 +87,43 @@ def test_estimate_memory_rejects_a_bad_size():
     assert_one_line_error(invoke("estimate-memory", "configs/tiny.yaml", "--gpu-mem", "0"), "--gpu-mem")
 
 
-def test_user_errors_exit_2_and_bugs_keep_their_traceback():
+def test_user_errors_exit_2_and_bugs_exit_1_with_their_traceback_in_a_file(tmp_path, capsys):
     def bad_input():
         raise PstarError("the data file is empty")
 
-    def bug():
+    def bug(output_dir=None):
         raise KeyError("oops")
 
     with pytest.raises(typer.Exit) as info:
         report_user_errors(bad_input)()
     assert info.value.exit_code == 2
-    with pytest.raises(KeyError):
-        report_user_errors(bug)()
+    assert capsys.readouterr().err == "error: the data file is empty\n"
+    with pytest.raises(typer.Exit) as info:
+        report_user_errors(bug, "train")(output_dir=tmp_path / "run")
+    assert info.value.exit_code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: `pstar train` failed unexpectedly (KeyError: 'oops')")
+    [written] = (tmp_path / "run").glob("traceback-train-*.txt")
+    assert line.endswith(str(written)) and "KeyError: 'oops'" in written.read_text()
+
+
+def test_an_unexpected_error_in_a_command_is_one_line_and_a_traceback_file(tmp_path, monkeypatch):
+    """A bug inside `pstar validate` (injected): one `error:` line naming the traceback file,
+    written under the default output directory, and a non-zero exit code."""
+    from pstar_cli.commands import validate
+
+    def broken_summary(cfg):
+        raise ZeroDivisionError("injected by the test")
+
+    monkeypatch.setattr(validate, "summary_lines", broken_summary)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["validate", str(REPO / "configs" / "tiny.yaml")])
+    assert result.exit_code != 0 and result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: `pstar validate` failed unexpectedly")
+    [written] = (tmp_path / "outputs" / "tiny").glob("traceback-validate-*.txt")
+    assert str(written.relative_to(tmp_path)) in lines[0]
+    assert "ZeroDivisionError: injected by the test" in written.read_text() and "Traceback" not in result.output
 
 
 def test_an_output_directory_that_is_a_file_is_a_user_mistake(tmp_path):

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from pstar_cli import data as data_mod
-from pstar_cli.data import DataError, build_data, default_corpus_path
+from pstar_cli.training import data as data_mod
+from pstar_cli.training.data import DataError, build_data, default_corpus_path
 from pstar_cli.errors import PstarError
 
 

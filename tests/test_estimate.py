@@ -2,22 +2,25 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from engine.optimizer_placement import plan_placement_of_sizes
 from pstar_cli.config import config_from_dict, load_config
 from pstar_cli.estimate import (GIB, Hardware, Workload, activation_bytes, estimate_report,
                                 estimate_systems, largest_layer_params, largest_trainable,
-                                layer_activation_bytes, llama_layer_activation_bytes, place_on_gpu,
+                                layer_activation_bytes, llama_layer_activation_bytes,
                                 pstar_bytes_per_param, workload_from_config)
+from pstar_cli.estimate.systems import pstar_chunk_groups
 from pstar_cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 H200 = Hardware(gpu_bytes=140 * GIB, host_bytes=128 * GIB, gpu_source="given", host_source="given")
 
-# gpt-1.3b, micro-batch 8, sequence 1024, bf16 (BENCHMARKS.md's T1 workload)
+# gpt-1.3b, micro-batch 8, sequence 1024, bf16 (the T1 workload of benchmarks/README.md)
 GPT_1_3B = Workload(
     family="gpt", size="gpt-1.3b", num_params=1_313_722_368, largest_layer_params=50304 * 2048,
     hidden=2048, layers=24, heads=16, ffn_hidden=4 * 2048, vocab_size=50304, seq_len=1024, micro_batch_size=8,
@@ -57,12 +60,29 @@ def test_bytes_per_param_by_precision():
     assert sum(pstar_bytes_per_param("fp32", grad_accum=1).values()) == 16
 
 
-def test_placement_gives_params_the_gpu_first_then_optimizer_groups_in_proportion():
-    data = {"param": 20, "grad": 0, "master": 40, "exp_avg": 40, "exp_avg_sq": 40}
-    gpu, host = place_on_gpu(data, room=50)
-    assert gpu == {"param": 20, "grad": 0, "master": 10, "exp_avg": 10, "exp_avg_sq": 10}
-    assert host == {"param": 0, "grad": 0, "master": 30, "exp_avg": 30, "exp_avg_sq": 30}
-    assert place_on_gpu(data, room=-5)[1] == data  # no room at all: everything on the host
+def test_placement_is_the_engines_plan_on_the_configs_numbers():
+    """The estimate runs engine/optimizer_placement.py's planning on chunk groups made from the
+    config's numbers: a change to the engine's placement changes the estimate."""
+    n = GPT_1_3B.num_params
+    groups = pstar_chunk_groups(GPT_1_3B)
+    assert len(groups) == -(-n // GPT_1_3B.chunk_size)
+    assert sum(g.param_bytes for g in groups) == 2 * n and sum(g.optimizer_bytes for g in groups) == 12 * n
+    small = Hardware(32 * GIB, 128 * GIB, "given", "given")
+    budget = int(32 * GIB * 0.9)
+    plan = plan_placement_of_sizes(groups, budget, activation_bytes(GPT_1_3B), 0.8, True, GPT_1_3B.chunk_size * 4)
+    assert 0 < plan.num_device_groups < len(groups)  # some groups on the GPU, the rest on the host
+    est = estimate_systems(GPT_1_3B, small)["pstar"]
+    on_gpu = sum(est.gpu.model_data[k] for k in ("master", "exp_avg", "exp_avg_sq"))
+    assert on_gpu == pytest.approx(sum(g.optimizer_bytes for g in groups[:plan.num_device_groups]), abs=3)
+    # a larger safety margin over the activations (a lower margin_use_ratio) leaves fewer groups there
+    careful = dataclasses.replace(GPT_1_3B, margin_use_ratio=0.3)
+    est_careful = estimate_systems(careful, small)["pstar"]
+    assert sum(est_careful.gpu.model_data[k] for k in ("master", "exp_avg", "exp_avg_sq")) < on_gpu
+    # without hybrid Adam every optimizer group steps on the host
+    host_adam = estimate_systems(dataclasses.replace(GPT_1_3B, use_hybrid_adam=False), H200)["pstar"]
+    assert sum(host_adam.host.model_data[k] for k in ("master", "exp_avg", "exp_avg_sq")) == 12 * n
+    nothing = estimate_systems(GPT_1_3B, Hardware(1, 128 * GIB, "given", "given"))["pstar"]
+    assert sum(nothing.gpu.model_data.values()) == 0  # no room at all: everything on the host
 
 
 def test_pstar_splits_model_data_between_gpu_and_host():
@@ -71,13 +91,14 @@ def test_pstar_splits_model_data_between_gpu_and_host():
     assert sum(est.gpu.model_data.values()) == 14 * n  # all of it on the GPU
     assert est.host.model_data["param"] == 0 and est.host.total == 6 * n  # init's params + masters
     assert est.gpu.activations == activation_bytes(GPT_1_3B)
-    assert est.gpu.other == 2 * 50304 * 2048 * 2  # two embedding-sized chunks in bf16
+    # the engine's margin over the activations (1 - margin_use_ratio of them) and a group's fp32 scratch
+    assert est.gpu.other == math.ceil(0.2 * activation_bytes(GPT_1_3B)) + GPT_1_3B.chunk_size * 4
     assert est.gpu.budget == int(140 * GIB * 0.9) and est.fits is True
-    # a 24 GiB GPU: the room left after activations and working chunks is all model data there
-    small = Hardware(24 * GIB, 128 * GIB, "given", "given")
+    # a 32 GiB GPU: the leading optimizer groups take the room left after activations and the margin
+    small = Hardware(32 * GIB, 128 * GIB, "given", "given")
     est = estimate_systems(GPT_1_3B, small)["pstar"]
-    room = int(24 * GIB * 0.9) - activation_bytes(GPT_1_3B) - est.gpu.other
-    assert sum(est.gpu.model_data.values()) == pytest.approx(room, abs=5)
+    room = int(32 * GIB * 0.9) - activation_bytes(GPT_1_3B) - est.gpu.other
+    assert room - GPT_1_3B.chunk_size * 12 < sum(est.gpu.model_data.values()) <= room  # whole groups only
     assert est.gpu.model_data["param"] == 2 * n  # params first
     optimizer_kinds = ("master", "exp_avg", "exp_avg_sq")
     host_optimizer = sum(est.host.model_data[k] for k in optimizer_kinds)
@@ -149,8 +170,10 @@ def test_largest_trainable_grows_with_memory():
     big = largest_trainable(GPT_1_3B, H200)
     assert small is not None and big is not None and small.num_params < big.num_params
     assert estimate_systems(big, H200)["pstar"].fits
-    # two 64 Mi-element working chunks alone need 256 MiB
-    assert largest_trainable(GPT_1_3B, Hardware(200 * 2**20, GIB, "given", "given")) is None
+    # chunks close at the size their tensors use (engine/chunk.py), so the smallest size fits 200 MiB;
+    # a micro-batch's activations of even that size do not fit 1 MiB
+    assert largest_trainable(GPT_1_3B, Hardware(200 * 2**20, GIB, "given", "given")).size == "gpt-tiny"
+    assert largest_trainable(GPT_1_3B, Hardware(2**20, GIB, "given", "given")) is None
 
 
 def test_workload_from_a_config():
@@ -178,16 +201,30 @@ def test_cli_json_output_for_the_12b_config():
     assert report["config"] == "configs/gpt-12b.yaml"
     assert report["model"]["num_params"] == 12_219_105_280
     fits = {name: s["fits"] for name, s in report["systems"].items()}
-    # BENCHMARKS.md: only pstar is meant to train gpt-12b on one H200 with 128 GB of host memory
+    # benchmarks/README.md: only pstar is meant to train gpt-12b on one H200 with 128 GB of host memory
     assert fits == {"pstar": True, "pytorch": False, "zero2_offload": False, "zero3_offload": False}
     assert report["largest_pstar_model"]["num_params"] >= 12_219_105_280
 
 
 def test_cli_table_output_without_a_gpu():
-    result = CliRunner().invoke(app, ["estimate-memory", "configs/tiny.yaml", "--host-mem", "8"])
+    result = CliRunner().invoke(app, ["estimate-memory", "configs/tiny.yaml", "--host-mem", "8", "--detail"])
     assert result.exit_code == 0, result.output
     for text in ("Per GPU", "Per host", "pstar", "DeepSpeed ZeRO-3 offload", "exp_avg_sq"):
         assert text in result.stdout
+
+
+def test_cli_default_output_is_compact_and_fits_80_columns():
+    result = CliRunner().invoke(app, ["estimate-memory", "configs/gpt-4b.yaml", "--gpu-mem", "141",
+                                      "--host-mem", "128"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = [line for line in lines if line.startswith("│")]
+    # one row per system and the available memory: no cell wrapped onto a second line
+    assert [row.split("│")[1].strip() for row in rows] == [
+        "pstar", "plain PyTorch (AMP)", "DeepSpeed ZeRO-2 offload", "DeepSpeed ZeRO-3 offload", "available"]
+    assert "GPU need" in result.stdout and "exp_avg_sq" not in result.stdout
+    assert "verdict: pstar trains this config here" in result.stdout
 
 
 def test_without_a_gpu_the_footer_asks_for_its_size_in_gib():
@@ -220,7 +257,7 @@ def test_estimates_match_peaks_measured_on_h200(size, batch, seq_len, recompute,
 
 
 def test_sizes_and_counts_read_well():
-    from pstar_cli.metrics import format_bytes, format_count
+    from pstar_cli.observe.metrics import format_bytes, format_count
 
     assert [format_bytes(b) for b in (None, 512, 1.5 * GIB, 140 * GIB, 2048 * GIB)] == [
         "-", "512 B", "1.50 GiB", "140.0 GiB", "2.00 TiB"]

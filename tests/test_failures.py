@@ -1,7 +1,7 @@
 """Failing well: every bad input or failure during training gives one clear message and a non-zero
 exit, and loses nothing (the last checkpoint stays intact). `pstar train` runs in-process here
 (Typer's CliRunner: the same boundary as the console script); failures that need a broken GPU or
-a diverging run are injected with PSTAR_TEST_FAULT."""
+a diverging run are injected through tests/faults.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from pstar_cli import checkpoint as ckpt
-from pstar_cli import resilience
+from pstar_cli.training import failures, guards
+from pstar_cli.training import run as run_module
+from pstar_cli.training.trainer import Trainer
+from tests.faults import with_faults
 from pstar_cli.main import app
-from pstar_cli.metrics import read_metrics
+from pstar_cli.observe.metrics import read_metrics
 
 CONFIG = {
     "model": {"family": "gpt", "size": "gpt-tiny"},
@@ -35,9 +38,13 @@ def config_path(tmp_path) -> Path:
     return path
 
 
-def train(config_path: Path, out: Path, *extra: str, env: dict | None = None):
+def train(config_path: Path, out: Path, *extra: str, fault: str | None = None):
+    """`pstar train` in this process; `fault` (KIND@STEP, tests/faults.py) is injected into the run."""
     args = ["train", str(config_path), *extra, "--output-dir", str(out)]
-    return CliRunner().invoke(app, args, env=env)
+    with pytest.MonkeyPatch.context() as patch:
+        if fault:
+            patch.setattr(run_module, "build_run", with_faults(run_module.build_run, fault))
+        return CliRunner().invoke(app, args)
 
 
 def assert_one_clear_error(result, exit_code: int, *phrases: str) -> list[str]:
@@ -133,7 +140,7 @@ def test_data_file_gone_on_resume_is_one_line_and_keeps_the_checkpoints(config_p
 ])
 def test_out_of_memory_says_needed_and_available_and_keeps_the_checkpoint(config_path, tmp_path, kind, says):
     out = tmp_path / "run"
-    result = train(config_path, out, env={resilience.FAULT_ENV: f"{kind}@5"})
+    result = train(config_path, out, fault=f"{kind}@5")
     assert_one_clear_error(result, 1, says, "pstar estimate-memory", "pstar's model data",
                            f"the last checkpoint, {out / 'checkpoints' / 'step-00000004'}, is intact")
     assert checkpoint_steps(out) == [2, 4]
@@ -150,14 +157,14 @@ def test_explains_the_allocators_own_messages():
     cuda = torch.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 139.81 GiB of which "
         "1.02 GiB is free. Including non-PyTorch memory, this process has 138.7 GiB memory in use.")
-    assert resilience.explain_failure(cuda, None)[0] == (
+    assert failures.explain_failure(cuda, None)[0] == (
         "out of GPU memory while building the model: needed 1.50 GiB more, 1.02 GiB was free of 139.81 GiB")
     host = RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
                         "you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
-    assert resilience.explain_failure(host, None)[0].startswith(
+    assert failures.explain_failure(host, None)[0].startswith(
         "out of host memory while building the model: needed 1.00 GiB more, ")
-    assert resilience.explain_failure(MemoryError(), None)[0].startswith("out of host memory")
-    assert resilience.explain_failure(RuntimeError("a bug"), None) is None  # keeps its traceback
+    assert failures.explain_failure(MemoryError(), None)[0].startswith("out of host memory")
+    assert failures.explain_failure(RuntimeError("a bug"), None) is None  # keeps its traceback
 
 
 # ---- non-finite loss, stuck loss scale ----
@@ -167,7 +174,7 @@ def test_explains_the_allocators_own_messages():
 def test_nan_loss_stops_with_the_step_and_never_saves_the_nan_state(config_path, tmp_path, precision):
     out = tmp_path / "run"
     bf16 = f"engine.bf16.enabled={'true' if precision == 'bf16' else 'false'}"
-    result = train(config_path, out, bf16, env={resilience.FAULT_ENV: "nan@5"})
+    result = train(config_path, out, bf16, fault="nan@5")
     # not a log step: found before the checkpoint of step 6, which is not written
     assert_one_clear_error(result, 1, f"the loss became NaN or infinite at step 5 ({precision}); stopped at step 6",
                            f"the last checkpoint, {out / 'checkpoints' / 'step-00000004'}, is intact")
@@ -179,7 +186,7 @@ def test_nan_loss_stops_with_the_step_and_never_saves_the_nan_state(config_path,
 
 def test_nan_loss_on_a_log_step_stops_right_there(config_path, tmp_path):
     out = tmp_path / "run"
-    result = train(config_path, out, "train.log_interval=1", env={resilience.FAULT_ENV: "nan@3"})
+    result = train(config_path, out, "train.log_interval=1", fault="nan@3")
     assert_one_clear_error(result, 1, "at step 3 (fp32); stopped at step 3")
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and math.isnan(records[-1]["loss"])
@@ -187,7 +194,7 @@ def test_nan_loss_on_a_log_step_stops_right_there(config_path, tmp_path):
 
 
 def test_fp16_loss_scale_stuck_at_its_minimum_is_reported(config_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(resilience, "STUCK_SCALE_STEPS", 4)
+    monkeypatch.setattr(guards, "STUCK_SCALE_STEPS", 4)
     # a scale so large that every step overflows: it halves each step down to the minimum, then stays
     fp16 = ["engine.bf16.enabled=false", "engine.fp16.enabled=true", "engine.fp16.initial_scale_power=112",
             "engine.fp16.min_loss_scale=1.0e33", "engine.fp16.hysteresis=1", "checkpoint.interval=0",
@@ -205,3 +212,25 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(config_path, 
     result = train(config_path, tmp_path / "run", f"checkpoint.dir={blocker / 'checkpoints'}")
     assert_one_clear_error(result, 1, "could not write the checkpoint of step 2", "Not a directory",
                            "no earlier checkpoint is intact")
+
+
+def test_an_unexpected_error_keeps_the_checkpoint_and_names_its_traceback_file(config_path, tmp_path, monkeypatch):
+    """A bug in the middle of training (injected): one `error:` line naming the traceback file in the
+    output directory, exit code 1, and the checkpoints written before it intact."""
+    original_step = Trainer.train_step
+
+    def buggy_step(self):
+        if self.state.step == 5:
+            raise IndexError("injected by the test")
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", buggy_step)
+    out = tmp_path / "run"
+    result = train(config_path, out)
+    assert result.exit_code == 1, result.output
+    [error] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    [written] = out.glob("traceback-train-*.txt")
+    assert "IndexError: injected by the test" in error and error.endswith(str(written))
+    assert "IndexError: injected by the test" in written.read_text() and "Traceback" not in result.output
+    assert checkpoint_steps(out) == [2, 4]
+    assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000004") == []

@@ -218,7 +218,7 @@ def test_without_the_extra_an_hf_config_names_the_install_command(tiny_dir, tmp_
 
 
 def test_jsonl_with_chinese_is_tokenized_once_joined_with_eos_and_cached(tiny_dir, tmp_path, monkeypatch):
-    from pstar_cli import hf_data
+    from pstar_cli.training import hf_data
     from tokenizers import Tokenizer
 
     docs = ["今天天气很好，我们去公园散步。", "The lantern was lit at dusk.", "小船在河上慢慢地漂。"]
@@ -250,8 +250,8 @@ def test_jsonl_with_chinese_is_tokenized_once_joined_with_eos_and_cached(tiny_di
 
 
 def test_bad_jsonl_lines_name_the_line_and_the_key(tiny_dir, tmp_path):
-    from pstar_cli import hf_data
-    from pstar_cli.data import DataError
+    from pstar_cli.training import hf_data
+    from pstar_cli.training.data import DataError
 
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"content": "elsewhere"}\n', encoding="utf-8")
@@ -394,7 +394,7 @@ def test_the_benchmark_writes_a_sharded_bf16_llama_that_from_pretrained_loads(tm
 def test_text_with_the_model_tokenizer_defaults_to_the_shipped_corpus_cached_outside_the_package(
         tiny_dir, tmp_path, monkeypatch):
     from pstar_cli.config import load_config
-    from pstar_cli.data import build_data, default_corpus_path
+    from pstar_cli.training.data import build_data, default_corpus_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = load_config(write_config(tmp_path, {"hf_path": str(tiny_dir)}, {"kind": "text"}))

@@ -14,11 +14,11 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import parse_args as parse_torchrun_args
 
-from pstar_cli import launch
+from pstar_cli.launch import launcher as launch
 from pstar_cli.config import load_config
-from pstar_cli.metrics import read_metrics
-from pstar_cli.worker import parse_args as parse_worker_args
-from pstar_cli.worker import resolve_backend
+from pstar_cli.observe.metrics import read_metrics
+from pstar_cli.launch.worker import parse_args as parse_worker_args
+from pstar_cli.launch.process_group import resolve_backend
 from tests.test_train import REPO, TINY, needs_engine
 
 
@@ -34,7 +34,7 @@ def test_single_node_arguments_are_valid_for_torchrun(tmp_path):
     assert parsed.log_dir == str(tmp_path / "logs")
     assert (parsed.redirects, parsed.tee) == ("3", "0:3")  # every rank to files, rank 0 also here
     assert parsed.max_restarts == 0 and parsed.module
-    assert parsed.training_script == "pstar_cli.worker"
+    assert parsed.training_script == "pstar_cli.launch.worker"
     worker = parse_worker_args(parsed.training_script_args)
     assert worker.config == TINY and worker.overrides == ["train.steps=3"] and worker.output_dir == tmp_path
 
@@ -100,7 +100,7 @@ def test_failure_report_uses_the_workers_error_file(tmp_path):
     failures = {1: failure_with_error_file(tmp_path, 1, "DataError: data.path: file not found: x.bin")}
     failures[0] = ProcessFailure(local_rank=0, pid=100, exitcode=-15, error_file=str(tmp_path / "missing.json"))
     failures[0].timestamp = failures[1].timestamp + 5  # stopped after rank 1 failed
-    error = launch.worker_failure(ChildFailedError("pstar_cli.worker", failures), tmp_path / "logs")
+    error = launch.worker_failure(ChildFailedError("pstar_cli.launch.worker", failures), tmp_path / "logs")
     assert error.exit_code == 2
     lines = error.message_lines()
     assert lines[0] == "worker rank 1 (local rank 1) failed with exit code 2"
@@ -132,7 +132,7 @@ def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
     log.parent.mkdir(parents=True)
     log.write_text("".join(f"line {i}\n" for i in range(40)) + "Segmentation fault\n")
     failure = ProcessFailure(local_rank=1, pid=7, exitcode=-11, error_file=str(log.parent / "error.json"))
-    error = launch.worker_failure(ChildFailedError("pstar_cli.worker", {3: failure}), tmp_path / "logs")
+    error = launch.worker_failure(ChildFailedError("pstar_cli.launch.worker", {3: failure}), tmp_path / "logs")
     lines = error.message_lines()
     assert lines[0] == "worker rank 3 (local rank 1) failed (ended by SIGSEGV)"
     assert error.exit_code == 1  # killed by a signal: still a failure
@@ -143,9 +143,11 @@ def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
 
 
 def run_pstar(args: list[str], extra_env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m pstar_cli ARGS` with the GPUs hidden: these are CPU (gloo) runs on any machine."""
+    """`python -m pstar_cli ARGS` with the GPUs hidden: these are CPU (gloo) runs on any machine.
+    With `extra_env`, the test entry point tests/faults.py injects the faults it names."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "pstar_cli", *args], cwd=REPO, capture_output=True, text=True,
+    entry = "tests.faults" if extra_env else "pstar_cli"
+    return subprocess.run([sys.executable, "-m", entry, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

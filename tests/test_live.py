@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from pstar_cli.live import LiveView, NullView, PlainLog, RunInfo, TeeView, choose_view, format_log_line
+from pstar_cli.observe.live import LiveView, NullView, PlainLog, RunInfo, TeeView, choose_view, format_log_line
 
 MIB = 2**20
 INFO = RunInfo(title="gpt-mini · fp32 · 1 rank · cpu", total_steps=100, device_label="device")

@@ -54,7 +54,7 @@ def test_setup_keeps_an_installed_torch_and_never_pulls_an_unpinned_one():
     # torch is installed only when the venv cannot import it, and then the pinned CPU build
     assert re.search(r'-c "import torch" 2>/dev/null \|\| \$\(VPY\) -m pip install "\$\(TORCH_SPEC\)"', setup)
     assert "TORCH_SPEC ?= torch==2.13.0" in (REPO / "Makefile").read_text()
-    assert "pip install --no-build-isolation -e '.[test,hf]'" in setup
+    assert "pip install --no-build-isolation -e '.[test,hf]'" in setup  # the Hugging Face path is tested too
     assert setup.rstrip().endswith("touch $(STAMP)")
 
 

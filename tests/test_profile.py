@@ -15,13 +15,9 @@ from rich.console import Console
 
 from pstar_cli.commands.profile import print_report
 from pstar_cli.config import load_config
-from pstar_cli.profiler import (
-    TIMING_KEYS,
-    memory_timeline_svg,
-    nice_ceiling,
-    run_profile,
-    single_process_config,
-)
+from pstar_cli.observe.metrics import TIMING_KEYS
+from pstar_cli.observe.profiler import run_profile, single_process_config
+from pstar_cli.observe.svg import memory_timeline_svg, nice_ceiling
 from tests.test_train import REPO, TINY, PlainEngineModel, needs_engine, plain_optimizer
 
 MIB = 2**20
@@ -50,7 +46,7 @@ def timed_plain_engine(monkeypatch):
         return TimedPlainEngineModel(module), plain_optimizer(module, config)
 
     monkeypatch.setattr(engine, "initialize_engine", initialize)
-    monkeypatch.setattr("pstar_cli.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
 
 
 def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
@@ -99,7 +95,7 @@ def test_an_engine_refusal_is_one_clear_message(monkeypatch, tmp_path):
         raise ModelTooLargeError("the model's data needs 9 bytes but the budgets allow 2")
 
     monkeypatch.setattr(engine, "initialize_engine", refuse)
-    monkeypatch.setattr("pstar_cli.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
     result = CliRunner().invoke(app, ["profile", str(TINY), "model.size=gpt-tiny", "train.seq_len=32",
                                       "--output-dir", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output

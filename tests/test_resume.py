@@ -18,8 +18,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pstar_cli import checkpoint as ckpt
+from tests.faults import PAUSE_ENV
 from pstar_cli.main import app
-from pstar_cli.metrics import read_metrics
+from pstar_cli.observe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 40
@@ -44,7 +45,8 @@ def config_path(tmp_path_factory) -> Path:
 
 
 def train_args(config_path: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pstar_cli", "train", str(config_path), *extra, "--output-dir", str(out)]
+    # tests.faults: pstar's app, with the faults that the environment asks for (none by default)
+    return [sys.executable, "-m", "tests.faults", "train", str(config_path), *extra, "--output-dir", str(out)]
 
 
 def environment(**extra: str) -> dict:
@@ -125,7 +127,7 @@ def test_kill_9_at_a_random_moment_then_resume_continues_bitwise(config_path, re
 
 def test_kill_9_inside_a_checkpoint_write_leaves_the_previous_one_valid(config_path, reference, tmp_path):
     out = tmp_path / "run"
-    process = start(config_path, out, **{ckpt.PAUSE_ENV: str(2 * INTERVAL)})
+    process = start(config_path, out, **{PAUSE_ENV: str(2 * INTERVAL)})
     wait_for(lambda: "test pause inside the checkpoint write" in output_of(out), "the paused write", process)
     process.send_signal(signal.SIGKILL)
     assert process.wait(TIMEOUT_S) == -signal.SIGKILL
@@ -168,7 +170,7 @@ def test_ctrl_c_twice_quickly_is_one_request(config_path, tmp_path):
 
 def test_a_second_ctrl_c_stops_at_once(config_path, tmp_path):
     out = tmp_path / "run"
-    process = start(config_path, out, "checkpoint.interval=0", **{ckpt.PAUSE_ENV: "0"})
+    process = start(config_path, out, "checkpoint.interval=0", **{PAUSE_ENV: "0"})
     wait_for(lambda: num_logged(out) >= 2, "step 2", process)
     process.send_signal(signal.SIGINT)
     wait_for(lambda: "test pause inside the checkpoint write" in output_of(out), "the stop's write", process)

@@ -16,11 +16,13 @@ import yaml
 
 import models
 from pstar_cli.config import load_config
-from pstar_cli.data import build_data
+from pstar_cli.training.data import build_data
 from pstar_cli.errors import PstarError
-from pstar_cli.metrics import MetricsWriter, measure_throughput, read_metrics
-from pstar_cli.schedule import LRSchedule
-from pstar_cli.trainer import CHUNK_STAT_KEYS, BatchSplit, Ranks, Trainer, TrainState
+from pstar_cli.observe.metrics import MetricsWriter, measure_throughput, read_metrics
+from pstar_cli.training.lr_schedule import LRSchedule
+from pstar_cli.config import BatchSplit
+from pstar_cli.observe.metrics import CHUNK_STAT_KEYS
+from pstar_cli.training.trainer import Ranks, Trainer, TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -122,11 +124,13 @@ class PlainEngineModel(torch.nn.Module):
         return {key: 0 for key in CHUNK_STAT_KEYS}
 
 
-def plain_optimizer(module: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
-    params = config["optimizer"]["params"]
+def plain_optimizer(module: torch.nn.Module, config) -> torch.optim.Optimizer:
+    """torch's AdamW with the engine config's settings (the typed config the CLI hands the engine)."""
+    from engine.config import resolve_engine_config
+
+    params = resolve_engine_config(config).optimizer
     optimizer = torch.optim.AdamW(
-        module.parameters(), lr=params["lr"], betas=tuple(params.get("betas", (0.9, 0.999))),
-        eps=params.get("eps", 1e-8), weight_decay=params.get("weight_decay", 0.0),
+        module.parameters(), lr=params.lr, betas=params.betas, eps=params.eps, weight_decay=params.weight_decay,
     )
     optimizer.loss_scale = 1.0
     optimizer.last_step_skipped = False
@@ -144,7 +148,7 @@ def plain_engine(monkeypatch):
 
     monkeypatch.setattr(engine, "initialize_engine", plain_initialize_engine)
     # the stand-in and the hand-written loop compute on the CPU, also on a machine with a GPU
-    monkeypatch.setattr("pstar_cli.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
 
 
 def tiny_config(**train):
@@ -216,19 +220,39 @@ def test_metrics_records_hold_every_field(plain_engine, tmp_path):
     assert records[-1]["tflops"] == pytest.approx(records[-1]["tokens_per_s"] * flops / 1e12)
 
 
-def test_hooks_stop_and_resume_state(plain_engine, tmp_path):
+class StopAfter:
+    """A stand-in for the run's agreed stop (a signal): asked after every step, stops after `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.seen = step, []
+
+    def agreed(self, ranks) -> bool:
+        self.seen.append(self.trainer.state.step)
+        return self.trainer.state.step == self.step
+
+
+class EndRecorder:
+    """A stand-in checkpointer: records the state it is asked to save at the end of the loop."""
+
+    def __init__(self) -> None:
+        self.ended = []
+
+    def after_step(self, trainer) -> None:
+        pass
+
+    def at_end(self, trainer, stopped: bool) -> None:
+        self.ended.append((trainer.state.state_dict(), stopped))
+
+
+def test_stop_ends_the_loop_and_the_state_resumes(plain_engine, tmp_path):
     cfg = tiny_config(steps=6)
     trainer = Trainer(cfg, tmp_path)
-    seen, ended = [], []
-
-    def stop_after_three(t, record):
-        seen.append(record["step"])
-        if record["step"] == 3:
-            t.request_stop()  # what a SIGTERM handler does
-
-    trainer.hooks.step_end.append(stop_after_three)
-    trainer.hooks.train_end.append(lambda t: ended.append(t.state.state_dict()))
+    trainer.stop = stop = StopAfter(3)
+    stop.trainer = trainer
+    trainer.checkpointer = recorder = EndRecorder()
     state = trainer.train()
+    seen = stop.seen
+    ended = [saved for saved, stopped in recorder.ended if stopped]
     assert seen == [1, 2, 3]
     assert ended == [{"step": 3, "sequences_seen": 12}]
 

@@ -1,4 +1,7 @@
-"""`pstar estimate-memory CONFIG`: memory per GPU and per host for pstar and its peers, no GPU needed."""
+"""`pstar estimate-memory CONFIG`: memory per GPU and per host for pstar and its peers, no GPU needed.
+
+The default is one narrow table (per system: GPU need, host need, whether it fits) and the verdict,
+readable at 80 columns; `--detail` adds the breakdown by kind of model data."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from pstar_cli.errors import PstarError
-from pstar_cli.metrics import format_bytes, format_count
+from pstar_cli.observe.metrics import format_bytes, format_count
 
 SYSTEM_TITLES = {
     "pstar": "pstar",
@@ -43,6 +46,40 @@ def side_table(title: str, report: dict, side: str, kinds: tuple[str, ...]):
     return table
 
 
+def summary_table(report: dict):
+    """Per system: what one GPU and one host need (with what is available) and whether it fits."""
+    from rich.table import Table
+
+    table = Table(title="Memory per GPU and per host", title_justify="left")
+    table.add_column("system")
+    table.add_column("GPU need", justify="right")
+    table.add_column("host need", justify="right")
+    table.add_column("fits", justify="center")
+    for system, estimate in report["systems"].items():
+        gpu, host = estimate["gpu"], estimate["host"]
+        table.add_row(SYSTEM_TITLES[system], format_bytes(gpu["total"]), format_bytes(host["total"]),
+                      format_fits(estimate["fits"]))
+    hw = report["hardware"]
+    table.add_row("[dim]available[/]", f"[dim]{format_bytes(hw['gpu_bytes'])}[/]",
+                  f"[dim]{format_bytes(hw['host_bytes'])}[/]", "")
+    return table
+
+
+def verdict_line(report: dict) -> str:
+    """Whether pstar trains this config here, and which of the others would."""
+    systems = report["systems"]
+    others = [SYSTEM_TITLES[name] for name, e in systems.items() if name != "pstar" and e["fits"]]
+    also = f" (so would: {', '.join(others)})" if others else " (none of the others would)"
+    pstar = systems["pstar"]
+    if pstar["fits"] is None:
+        return "verdict: unknown without the GPU's size: give it in GiB with --gpu-mem"
+    if pstar["fits"]:
+        return "verdict: pstar trains this config here" + also
+    short = [f"{where} needs {format_bytes(pstar[side]['total'])} of {format_bytes(pstar[side]['budget'])}"
+             for side, where in (("gpu", "a GPU"), ("host", "the host")) if pstar[side]["fits"] is False]
+    return f"verdict: pstar does not fit: {'; '.join(short)}" + also
+
+
 def footer_lines(report: dict) -> list[str]:
     model, work, hw = report["model"], report["workload"], report["hardware"]
     gpu = (f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})" if hw["gpu_bytes"]
@@ -64,16 +101,23 @@ def footer_lines(report: dict) -> list[str]:
     return lines + ([] if model["family"] == "hf" else [best_line])  # a Hugging Face model has no size table
 
 
-def render(report: dict) -> None:
+def render(report: dict, detail: bool) -> None:
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # logs and pipes: do not squeeze the tables into 80 columns
-    console.print(side_table("Per GPU", report, "gpu", GPU_COLUMNS))
-    console.print(side_table("Per host (all ranks of a node)", report, "host", HOST_COLUMNS))
-    for line in footer_lines(report):
-        console.print(line, highlight=False)
+    if detail and not console.is_terminal:
+        console = Console(width=160)  # logs and pipes: do not squeeze the wide tables into 80 columns
+    if detail:
+        console.print(side_table("Per GPU", report, "gpu", GPU_COLUMNS))
+        console.print(side_table("Per host (all ranks of a node)", report, "host", HOST_COLUMNS))
+        for line in footer_lines(report):
+            console.print(line, highlight=False)
+    else:
+        console.print(summary_table(report))
+        lines = footer_lines(report)
+        for line in (lines[0], lines[-1]):  # the workload and the largest size pstar trains
+            console.print(line, highlight=False)
+    console.print(verdict_line(report), highlight=False)
 
 
 def command(
@@ -87,6 +131,8 @@ def command(
     host_mem: Annotated[Optional[float], typer.Option(
         "--host-mem", help="Host memory of one node in GiB (default: detected).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
+    detail: Annotated[bool, typer.Option("--detail", help="Break the memory down by kind of model data "
+                                         "(wide tables: 120 columns or more).")] = False,
 ) -> None:
     """Estimate memory per GPU and per host for pstar, plain PyTorch and DeepSpeed ZeRO offload."""
     from pstar_cli.config import load_config
@@ -100,4 +146,4 @@ def command(
     if as_json:
         typer.echo(json.dumps({"config": config, **report}, indent=2))
     else:
-        render(report)
+        render(report, detail)

@@ -26,7 +26,7 @@ def command(
 ) -> None:
     """Write a checkpoint's weights (any number of ranks) for the plain model, or as a Hugging Face directory."""
     # pstar_cli.checkpoint loads torch: imported here so `pstar --help` stays fast.
-    from pstar_cli.checkpoint import EXPORT_DTYPES, export_checkpoint
+    from pstar_cli.checkpoint.export import EXPORT_DTYPES, export_checkpoint
     from pstar_cli.errors import PstarError
 
     if dtype not in EXPORT_DTYPES:
@@ -34,7 +34,7 @@ def command(
     if fmt not in FORMATS:
         raise PstarError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
     if fmt == "hf":
-        from pstar_cli.hf_export import export_hf
+        from pstar_cli.checkpoint.hf_export import export_hf
 
         done = export_hf(checkpoint, out, dtype, shard_mib << 20)
         typer.echo(f"wrote {done.out}: {done.num_tensors} tensors, {done.num_params:,} parameters ({dtype}), "

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pstar_cli.config import load_config
-from pstar_cli.metrics import format_bytes
+from pstar_cli.observe.metrics import format_bytes
 
 TIMING_LABELS = {
     "forward": "forward",
@@ -35,7 +35,7 @@ def command(
     ] = None,
 ) -> None:
     """Warm up, time a few steps, trace one: time split, TFLOPS, chunk traffic, memory vs estimate."""
-    from pstar_cli.profiler import run_profile
+    from pstar_cli.observe.profiler import run_profile
 
     cfg = load_config(config, overrides or [])
     output_dir = output_dir or Path("outputs") / Path(config).stem / "profile"

@@ -40,7 +40,7 @@ def command(
     signal's number (143 for SIGTERM, 130 for Ctrl-C); a second Ctrl-C stops at once."""
     from pstar_cli.checkpoint import checkpoint_root, find_resume_point
     from pstar_cli.launch import launch
-    from pstar_cli.resilience import StoppedBySignal
+    from pstar_cli.training.failures import StoppedBySignal
 
     overrides, resume_path = split_resume_path(overrides or [], resume)
     cfg = load_config(config, overrides)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from pstar_cli.config import Config, config_hash, load_config
-from pstar_cli.metrics import format_count
+from pstar_cli.observe.metrics import format_count
 
 
 def summary_lines(cfg: Config) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 
 from pstar_cli.errors import PstarError
 
-KINDS = ("synthetic", "text", "tokens", "jsonl")  # jsonl, and text with data.tokenizer: pstar_cli/hf_data.py
+KINDS = ("synthetic", "text", "tokens", "jsonl")  # jsonl, and text with data.tokenizer: training/hf_data.py
 BYTE_VOCAB_SIZE = 256
 # signed dtype read from disk (torch.from_file) and the mask that restores the unsigned id
 _TOKEN_DTYPES = {"uint16": (torch.int16, 0xFFFF), "uint32": (torch.int32, 0xFFFFFFFF)}
@@ -36,7 +36,7 @@ class DataError(PstarError):
 
 def default_corpus_path() -> Path:
     """The text corpus shipped with pstar (English and Chinese prose, ~300 KB)."""
-    return Path(__file__).resolve().parent / "corpus" / "prose.txt"
+    return Path(__file__).resolve().parents[1] / "corpus" / "prose.txt"
 
 
 class TokenSource:
@@ -133,7 +133,7 @@ def build_data(data_cfg: dict, seq_len: int, vocab_size: int, seed: int) -> Toke
     kind = data_cfg.get("kind") or "synthetic"
     if kind == "synthetic":
         return SyntheticTokens(seq_len, vocab_size, seed)
-    from pstar_cli import hf_data  # a Hugging Face tokenizer (jsonl, or text with data.tokenizer)
+    from pstar_cli.training import hf_data  # a Hugging Face tokenizer (jsonl, or text with data.tokenizer)
     if hf_data.uses_tokenizer(data_cfg):
         return hf_data.build_tokenized(data_cfg, seq_len, vocab_size, seed)
     path = Path(data_cfg.get("path") or default_corpus_path())
@@ -152,7 +152,7 @@ def data_problems(data_cfg: dict, seq_len: int) -> list[str]:
     dtype = data_cfg.get("dtype") or "uint16"
     if kind not in KINDS:
         return [f"data.kind: {kind!r} is not one of {', '.join(KINDS)}"]
-    from pstar_cli import hf_data  # a Hugging Face tokenizer (jsonl, or text with data.tokenizer)
+    from pstar_cli.training import hf_data  # a Hugging Face tokenizer (jsonl, or text with data.tokenizer)
     if hf_data.uses_tokenizer(data_cfg):
         return hf_data.tokenized_data_problems(data_cfg)
     if data_cfg.get("tokenizer") is not None:

@@ -12,7 +12,7 @@ into one stream of int32 ids written to `<data file>.<key>.tokens` next to the d
 `$XDG_CACHE_HOME/pstar/tokens` when that directory is read-only, and for the shipped corpus). The
 key hashes the data file's size and modification time, the tokenizer's files, the kind and the
 field, so a changed file or tokenizer is tokenized again and an unchanged one is reused. The stream is then read like a
-`tokens` file (pstar_cli/data.py): memory-mapped with torch.from_file, cut into windows.
+`tokens` file (pstar_cli/training/data.py): memory-mapped with torch.from_file, cut into windows.
 
 A text file is tokenized in blocks of whole lines (for the progress bar): a token never spans two
 blocks, which can differ from tokenizing the file in one piece only where a block ends.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pstar_cli.data import DataError, TokenStream, default_corpus_path
+from pstar_cli.training.data import DataError, TokenStream, default_corpus_path
 
 TOKENIZER_FILE = "tokenizer.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -1,19 +1,13 @@
 """The training loop: `Trainer.train()` → `train_step()` → `forward_backward_step()`.
 
-One Trainer runs in every process (rank). Each optimizer step takes the next `train.batch_size`
-sequences of the data order; rank r trains on its contiguous share of them, cut into
-`train.grad_accum` micro-batches. The loss of a micro-batch is divided by `grad_accum` before
-`model.backward`, so the gradient is that of the mean loss over the rank's share (the engine
-averages gradients over ranks).
+`Trainer.train()` is the whole loop, in the order it runs: a step, the loss guard, the checkpoint
+schedule, the agreed stop (a signal); after the loop the checkpoint of a stopped or finished run.
+The parts come from `pstar_cli.training.run.build_run`; a bare Trainer has none of them (no
+checkpoints, no guard, never stops early), which is what the tests of the loop itself use.
 
-Extension points for checkpoints, resume and signals:
-- `Trainer.state` (`TrainState`: optimizer steps done and the data position) is, together with the
-  engine's model and optimizer and the RNG states, everything a resumed run needs; the lr schedule is
-  a pure function of `state.step`. Load it before `train()` and the loop continues from there.
-- `Trainer.hooks.step_end` callbacks run after every step with the step's record (a checkpoint
-  every `checkpoint.interval` steps plugs in here); `hooks.train_end` after the loop, stopped or not.
-- `Trainer.request_stop()` is what a signal handler calls: the loop finishes the current step, runs
-  the train_end hooks and returns.
+`TrainState` (steps done and the data position) is, together with the engine's model and optimizer
+and the RNG states, everything a resumed run needs; the lr schedule is a pure function of
+`state.step`. Load it before `train()` and the loop continues from there.
 """
 
 from __future__ import annotations
@@ -21,29 +15,24 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import yaml
 
 import models
-from pstar_cli.config import Config
-from pstar_cli.errors import PstarError
-from pstar_cli.live import NullView, View
-from pstar_cli.metrics import MemoryProbe, MetricsWriter, measure_throughput
-from pstar_cli.schedule import build_lr_schedule
+from engine.device import pick_compute_device as compute_device
+from pstar_cli.config import BatchSplit, Config
+from pstar_cli.observe.live import NullView, View
+from pstar_cli.observe.metrics import CHUNK_STAT_KEYS, MemoryProbe, MetricsWriter, measure_throughput
+from pstar_cli.training.lr_schedule import build_lr_schedule
 
-CHUNK_STAT_KEYS = (
-    "param_chunks_device", "param_chunks_host", "param_bytes_device", "param_bytes_host",
-    "optim_chunks_device", "optim_chunks_host", "optim_bytes_device", "optim_bytes_host",
-    "step_h2d_bytes", "step_d2h_bytes", "step_h2d_moves", "step_d2h_moves",
-    "total_h2d_bytes", "total_d2h_bytes", "total_h2d_moves", "total_d2h_moves",
-    "step_gathers", "total_gathers",
-    "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
-)  # fmt: skip
+if TYPE_CHECKING:
+    from pstar_cli.checkpoint import Checkpointer
+    from pstar_cli.training.guards import LossGuard, StopSignal
 
 
 @dataclass(frozen=True)
@@ -82,37 +71,6 @@ class TrainState:
         self.sequences_seen = int(state["sequences_seen"])
 
 
-@dataclass
-class TrainerHooks:
-    step_end: list[Callable[["Trainer", dict[str, Any]], None]] = field(default_factory=list)
-    train_end: list[Callable[["Trainer"], None]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class BatchSplit:
-    """How one optimizer step's global batch is cut: per rank, then into micro-batches."""
-
-    global_batch: int
-    per_rank: int
-    micro_batch: int
-    num_micro_batches: int
-
-    @classmethod
-    def of(cls, global_batch: int, world_size: int, grad_accum: int) -> "BatchSplit":
-        if global_batch % (world_size * grad_accum):
-            raise PstarError(
-                f"train.batch_size {global_batch} does not split into {grad_accum} micro-batch(es) on each "
-                f"of {world_size} rank(s); use a multiple of {world_size * grad_accum}"
-            )
-        per_rank = global_batch // world_size
-        return cls(global_batch, per_rank, per_rank // grad_accum, grad_accum)
-
-
-def compute_device(local_rank: int) -> torch.device:
-    """The device the engine computes on: this rank's GPU, or the CPU on a machine without CUDA."""
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def write_run_config(cfg: Config, output_dir: Path) -> Path:
     """`OUTPUT_DIR/config.yaml`: the resolved config, defaults filled (atomic, so nodes sharing a
     directory never read half a file)."""
@@ -141,11 +99,14 @@ class Trainer:
         self.split = BatchSplit.of(cfg.train.batch_size, ranks.world_size, cfg.train.grad_accum)
         self.model_cfg = cfg.model_dict()
         self.schedule = build_lr_schedule(cfg.train)
-        recompute = bool(self.model_cfg.get("activation_checkpointing"))
+        recompute = cfg.model_spec["activation_checkpointing"]
         self.flops_per_token = models.flops_per_token(self.model_cfg, cfg.train.seq_len, recompute)
         self.state = TrainState()
-        self.hooks = TrainerHooks()
-        self._stop_requested = False
+        # the run's parts (pstar_cli.training.run.build_run sets them); a bare trainer has none
+        self.checkpointer: Checkpointer | None = None
+        self.loss_guard: LossGuard | None = None
+        self.stop: StopSignal | None = None
+        self.last_loss: torch.Tensor | None = None  # this rank's mean loss of the last step, on the device
 
         if ranks.is_main:
             # building a large model takes a while: say what is happening before the view starts
@@ -169,7 +130,7 @@ class Trainer:
         self.model, self.optimizer = initialize_engine(
             model_func=models.model_func(model_cfg),
             local_rank=self.ranks.local_rank,
-            config=self.cfg.engine_dict(),
+            config=self.cfg.engine_config,
         )
         # After init every rank holds the same weights; from here on each rank draws its own random
         # numbers (dropout masks), so ranks working on different samples do not share one mask.
@@ -179,27 +140,32 @@ class Trainer:
         return time.perf_counter() - started
 
     def _build_data(self):
-        from pstar_cli.data import build_data
+        from pstar_cli.training.data import build_data
 
         data_cfg = self.cfg.to_dict()["data"]
-        vocab_size = models.resolve_model_config(self.model_cfg)["vocab_size"]
-        return build_data(data_cfg, self.cfg.train.seq_len, vocab_size, self.cfg.train.seed)
+        return build_data(data_cfg, self.cfg.train.seq_len, self.cfg.model_spec["vocab_size"], self.cfg.train.seed)
 
     # ---- the loop ----
 
     def train(self) -> TrainState:
-        """Run steps until `train.steps` are done or a stop is requested; returns the final state."""
+        """Run steps until `train.steps` are done or the ranks agree to stop; returns the final state."""
+        stopped = False
         with contextlib.ExitStack() as stack:
             stack.callback(self.close)
             stack.enter_context(self.view)
             self.view.note(self.describe())
             self._interval_start, self._interval_steps = time.perf_counter(), 0
-            while self.state.step < self.cfg.train.steps and not self._stop_requested:
-                record = self.train_step()
-                for hook in self.hooks.step_end:
-                    hook(self, record)
-            for hook in self.hooks.train_end:
-                hook(self)
+            while self.state.step < self.cfg.train.steps:
+                self.train_step()
+                if self.loss_guard is not None:
+                    self.loss_guard.after_step(self)  # raises on a non-finite loss at log steps
+                if self.checkpointer is not None:
+                    self.checkpointer.after_step(self)  # every checkpoint.interval steps
+                if self.stop is not None and self.stop.agreed(self.ranks):
+                    stopped = True  # a signal on any rank: every rank stops after this step
+                    break
+            if self.checkpointer is not None:
+                self.checkpointer.at_end(self, stopped)
         return self.state
 
     def train_step(self) -> dict[str, Any]:
@@ -247,14 +213,6 @@ class Trainer:
         # pinned host memory lets the copy overlap the previous step's work
         return batch.pin_memory().to(self.device, non_blocking=True)
 
-    def request_stop(self) -> None:
-        """Ask the loop to stop after the current step (signal handlers call this)."""
-        self._stop_requested = True
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_requested
-
     def is_log_step(self, step: int) -> bool:
         """Step 1 (the engine's traced warm-up, slower than the rest), every log_interval, the last."""
         return step == 1 or step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps
@@ -272,12 +230,12 @@ class Trainer:
         if logged:
             loss_value = self.mean_over_ranks(loss)
             step_s = self._interval_seconds()  # exact: the device was synchronised by the reduction
-        elif getattr(self.view, "live", False):
+        elif self.view.live:
             # the live view shows every step; between log steps this is rank 0's own loss
             loss_value = loss.item()
         else:
             loss_value = None
-        if not logged and not getattr(self.view, "live", False):
+        if not logged and not self.view.live:
             # nothing will look at this record: skip the measurements
             return {"step": self.state.step, "loss": None, "lr": lr, "step_s": step_s}
         num_tokens = self.split.global_batch * self.cfg.train.seq_len
@@ -289,8 +247,8 @@ class Trainer:
             "lr": lr,
             "tokens_per_s": speed.tokens_per_s,
             "tflops": speed.tflops,
-            "loss_scale": float(getattr(self.optimizer, "loss_scale", 1.0)),
-            "skipped": bool(getattr(self.optimizer, "last_step_skipped", False)),
+            "loss_scale": float(self.optimizer.loss_scale),
+            "skipped": bool(self.optimizer.last_step_skipped),
             "step_s": step_s,
             "tokens": self.state.sequences_seen * self.cfg.train.seq_len,
             "gpu_mem_bytes": memory.gpu_used_bytes,
@@ -304,7 +262,7 @@ class Trainer:
         return record
 
     def chunk_stats(self) -> dict[str, int | None]:
-        stats = self.model.chunk_stats() if hasattr(self.model, "chunk_stats") else {}
+        stats = self.model.chunk_stats()
         return {key: stats.get(key) for key in CHUNK_STAT_KEYS}
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
@@ -337,7 +295,7 @@ class Trainer:
 
 def build_run_info(cfg: Config, world_size: int, device: torch.device, start_step: int = 0):
     """The run's title line and totals for the views."""
-    from pstar_cli.live import RunInfo
+    from pstar_cli.observe.live import RunInfo
 
     model = cfg.model.size or cfg.model.family or cfg.model.hf_path or "model"
     ranks = f"{world_size} rank" + ("s" if world_size > 1 else "")

@@ -9,6 +9,7 @@ every command, so torch is imported only where memory is read: importing this mo
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -20,6 +21,20 @@ import psutil
 
 if TYPE_CHECKING:
     import torch
+
+
+# What the engine's model reports (`chunk_stats()`, `step_timings()`), named once for the records
+# of `pstar train`, the profile and the benchmarks.
+CHUNK_STAT_KEYS = (
+    "param_chunks_device", "param_chunks_host", "param_bytes_device", "param_bytes_host",
+    "optim_chunks_device", "optim_chunks_host", "optim_bytes_device", "optim_bytes_host",
+    "step_h2d_bytes", "step_d2h_bytes", "step_h2d_moves", "step_d2h_moves",
+    "total_h2d_bytes", "total_d2h_bytes", "total_h2d_moves", "total_d2h_moves",
+    "step_gathers", "total_gathers",
+    "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
+)  # fmt: skip
+TIMING_KEYS = ("forward", "backward", "optimizer_device", "optimizer_host", "transfer", "wait")
+TRAFFIC_KEYS = ("step_h2d_moves", "step_h2d_bytes", "step_d2h_moves", "step_d2h_bytes", "step_gathers")
 
 
 class MetricsWriter:
@@ -42,6 +57,28 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop records past `step` from metrics.jsonl (a killed run logged steps that the resumed run
+    will redo) and a last line cut short by the kill, so that appending gives one record per
+    step; written atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _record_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.trim")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a record: drop it
+
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

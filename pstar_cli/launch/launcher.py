@@ -1,7 +1,7 @@
 """Starting a training job: in this process, or as workers under PyTorch's own launcher.
 
 One process (nproc_per_node 1, nnodes 1) trains right here. Anything larger starts
-`pstar_cli.worker` processes through `torch.distributed.run` (the engine behind `torchrun`), whose
+`pstar_cli.launch.worker` processes through `torch.distributed.run` (the engine behind `torchrun`), whose
 elastic agent does the rendezvous (also across machines), sets RANK/LOCAL_RANK/WORLD_SIZE, watches
 the workers and stops all of them when one fails.
 
@@ -22,10 +22,12 @@ from pathlib import Path
 from pstar_cli.config import Config
 from pstar_cli.errors import PstarError
 
-# NVLink SHARP / multicast are off on the multi-GPU machines pstar is measured on (BENCHMARKS.md)
+# NVLink SHARP / multicast stay off on multi-GPU machines: pstar is measured without them
+# (benchmarks/README.md says why)
 MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 NUM_ERROR_LOG_LINES = 15
-MAX_REDIRECT_MAP_RANKS = 10  # torchrun's per-rank redirect syntax takes one-digit local ranks
+MAX_REDIRECT_MAP_RANKS = 10
+WORKER_MODULE = "pstar_cli.launch.worker"  # what torchrun starts in every worker process  # torchrun's per-rank redirect syntax takes one-digit local ranks
 
 
 class WorkerFailed(PstarError):
@@ -39,7 +41,7 @@ class WorkerFailed(PstarError):
 def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Path, resume=None) -> None:
     """Train as the config says, from `resume` (a verified checkpoint.ResumePoint) if given;
     returns when training is done, raises PstarError on failure."""
-    from pstar_cli.trainer import write_run_config
+    from pstar_cli.training.trainer import write_run_config
 
     write_run_config(cfg, output_dir)
     if cfg.distributed.nproc_per_node == 1 and cfg.distributed.nnodes == 1:
@@ -49,13 +51,14 @@ def launch(cfg: Config, config_path: Path, overrides: list[str], output_dir: Pat
 
 
 def train_in_process(cfg: Config, output_dir: Path, resume=None) -> None:
-    from pstar_cli.live import choose_view
-    from pstar_cli.resilience import run_training
-    from pstar_cli.trainer import Ranks, build_run_info, compute_device
+    from engine.device import pick_compute_device
+    from pstar_cli.observe.live import choose_view
+    from pstar_cli.training.run import run_training
+    from pstar_cli.training.trainer import Ranks, build_run_info
 
     ranks = Ranks()
     start_step = resume.step if resume is not None else 0
-    info = build_run_info(cfg, ranks.world_size, compute_device(ranks.local_rank), start_step)
+    info = build_run_info(cfg, ranks.world_size, pick_compute_device(ranks.local_rank), start_step)
     view = choose_view(info, is_main=True, is_tty=sys.stdout.isatty())
     run_training(cfg, output_dir, ranks, view, resume)
 
@@ -79,9 +82,9 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
         raise worker_failure(exc, output_dir / "logs") from None
     except SignalException as exc:
         # the agent passed the signal on to the workers: they finished their step and wrote a
-        # checkpoint (pstar_cli/resilience.py), unless it took longer than the agent waits (30 s)
+        # checkpoint (pstar_cli/training/guards.py), unless it took longer than the agent waits (30 s)
         from pstar_cli.checkpoint import checkpoint_root, complete_checkpoints
-        from pstar_cli.resilience import StoppedBySignal
+        from pstar_cli.training.failures import StoppedBySignal
 
         found = complete_checkpoints(checkpoint_root(cfg, output_dir))
         raise StoppedBySignal(exc.sigval, [
@@ -115,7 +118,7 @@ def torchrun_args(
             args.append(f"--node_rank={dist_cfg.node_rank}")  # c10d assigns ranks itself
     args += [f"--log_dir={output_dir / 'logs'}", "--max_restarts=0"]
     args += log_stream_args(dist_cfg.nproc_per_node, dist_cfg.node_rank, console_is_tty)
-    args += ["-m", "pstar_cli.worker", str(config_path), *overrides, f"--output-dir={output_dir}"]
+    args += ["-m", WORKER_MODULE, str(config_path), *overrides, f"--output-dir={output_dir}"]
     return args
 
 

@@ -1,6 +1,6 @@
 """One training process of a multi-process job, as `torch.distributed.run` starts it:
 
-    python -m pstar_cli.worker CONFIG [key=value ...] --output-dir DIR
+    python -m pstar_cli.launch.worker CONFIG [key=value ...] --output-dir DIR
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; this module joins the process group
 (`nccl` on GPUs, `gloo` on CPU, or `distributed.backend`), picks the GPU of LOCAL_RANK and runs the
@@ -11,25 +11,13 @@ rank failed and why; a user mistake also prints one `error:` line and exits with
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import os
 import sys
 import traceback
-from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
-
-import torch
-import torch.distributed as dist
-
-# Test hook: the rank named here raises before training, so tests can check that one failing
-# worker stops the whole job and that its message reaches the user.
-FAIL_RANK_ENV = "PSTAR_TEST_FAIL_RANK"
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pstar_cli.worker")
+    parser = argparse.ArgumentParser(prog="python -m pstar_cli.launch.worker")
     parser.add_argument("config", type=Path)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -37,43 +25,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
-    if choice != "auto":
-        return choice
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-@contextlib.contextmanager
-def process_group(backend: str, device: torch.device) -> Iterator[None]:
-    """Join the job's process group (env:// rendezvous from torchrun's variables) for the block.
-
-    Only a block that succeeds tears the group down: after an error the worker leaves at once
-    (see `main`), as a teardown could wait for peers that are stuck in a collective."""
-    if device.type == "cuda":
-        # before any CUDA work, so every allocation and NCCL communicator lands on this rank's GPU
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    yield
-    dist.destroy_process_group()
-    # Collect now what still refers to the group's communication objects: left to interpreter
-    # shutdown, their destruction sometimes aborts the process (SIGABRT, "terminate called
-    # without an active exception"), seen with gloo in about 1 run in 6.
-    gc.collect()
-
-
 def run_worker(config_path: Path, overrides: list[str], output_dir: Path, resume_path: Path | None = None) -> None:
+    from engine.device import pick_compute_device
     from pstar_cli.checkpoint import ResumePoint, read_metadata
     from pstar_cli.config import load_config
-    from pstar_cli.live import choose_view
-    from pstar_cli.resilience import run_training
-    from pstar_cli.trainer import Ranks, build_run_info, compute_device
+    from pstar_cli.launch.process_group import process_group, resolve_backend
+    from pstar_cli.observe.live import choose_view
+    from pstar_cli.training.run import run_training
+    from pstar_cli.training.trainer import Ranks, build_run_info
 
     cfg = load_config(config_path, overrides)
     ranks = Ranks.from_env()
-    device = compute_device(ranks.local_rank)
+    device = pick_compute_device(ranks.local_rank)
     with process_group(resolve_backend(cfg.distributed.backend, device), device):
-        if os.environ.get(FAIL_RANK_ENV) == str(ranks.rank):
-            raise RuntimeError(f"injected failure on rank {ranks.rank} ({FAIL_RANK_ENV} is set)")
         resume = ResumePoint(resume_path, read_metadata(resume_path)) if resume_path is not None else None
         info = build_run_info(cfg, ranks.world_size, device, resume.step if resume is not None else 0)
         # rank 0 on a terminal is not redirected by the launcher: keep its log lines in a file too

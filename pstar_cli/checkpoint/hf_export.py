@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pstar_cli.checkpoint import (EXPORT_DTYPES, checkpoint_at, damaged_checkpoint_error, read_metadata,
-                                  verify_checkpoint)
+from pstar_cli.checkpoint.export import EXPORT_DTYPES
+from pstar_cli.checkpoint.layout import checkpoint_at, damaged_checkpoint_error, read_metadata, verify_checkpoint
 from pstar_cli.errors import PstarError
 
 

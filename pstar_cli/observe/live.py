@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pstar_cli.metrics import format_bytes
+from pstar_cli.observe.metrics import format_bytes
 
 
 class View(Protocol):

@@ -1,0 +1,42 @@
+"""The machine an estimate is for: sizes given on the command line win over detected ones."""
+
+from __future__ import annotations
+
+from pstar_cli.estimate.workload import GIB, Hardware
+
+
+def detect_gpu() -> tuple[int | None, str]:
+    """Memory and name of GPU 0 via NVML, else torch; (None, "no GPU detected") without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(handle)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), str(name)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library or no device: fall back to torch
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return int(props.total_memory), props.name
+    return None, "no GPU detected"
+
+
+def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None) -> Hardware:
+    """Given sizes (GiB) win over detected ones; host memory comes from psutil."""
+    if gpu_gib is not None:
+        gpu_bytes, gpu_source = int(gpu_gib * GIB), "given"
+    else:
+        gpu_bytes, gpu_source = detect_gpu()
+    if host_gib is not None:
+        host_bytes, host_source = int(host_gib * GIB), "given"
+    else:
+        import psutil
+
+        host_bytes, host_source = int(psutil.virtual_memory().total), "detected"
+    return Hardware(gpu_bytes, host_bytes, gpu_source, host_source)
