@@ -34,7 +34,9 @@ def test_configs_directory_has_the_promised_files():
     assert expected <= names
 
 
-@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+# hf-finetune.yaml names the directory `python -m models.make_tiny_hf` makes: tests/test_hf.py makes it
+# and validates and trains that config
+@pytest.mark.parametrize("path", [p for p in SHIPPED_CONFIGS if p.name != "hf-finetune.yaml"], ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     cfg = load_config(path, bf16_supported=False)
     resolve_engine_config(cfg.engine_dict())  # the engine accepts what the config hands it

@@ -166,7 +166,8 @@ def test_validate_and_estimate_read_shapes_from_config_json(tiny_dir, tmp_path):
     result = runner.invoke(app, ["validate", path])
     assert result.exit_code == 0, result.output
     num_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
-    assert "hf 2 layers x 32 hidden" in result.output and "vocab 400" in result.output
+    assert "hf LlamaForCausalLM in " in result.output and "2 layers x 32 hidden, its weights" in result.output
+    assert "vocab 400" in result.output and f"tokenizer {tiny_dir}" in result.output
     result = runner.invoke(app, ["estimate-memory", path, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["model"]["num_params"] == num_params
@@ -415,3 +416,34 @@ def test_a_config_json_that_is_not_a_causal_lm_or_not_json_is_named(tmp_path):
     (broken / "config.json").write_text('{"model_type": "llama", ')
     result = runner.invoke(app, ["validate", write_config(tmp_path, {"hf_path": str(broken), "pretrained": False})])
     assert "config.json cannot be read as JSON" in error_line(result)
+
+
+def test_the_shipped_config_validates_beside_the_directory_the_script_makes(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "outputs" / "tiny-hf-llama")  # where the script writes by default
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative to where pstar runs
+    result = runner.invoke(app, ["validate", str(Path(__file__).resolve().parents[1] / "configs" / "hf-finetune.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "LlamaForCausalLM in outputs/tiny-hf-llama" in result.output
+
+
+@pytest.mark.slow
+def test_the_shipped_recipe_runs_as_the_readme_says(tmp_path, monkeypatch):
+    # README: `python -m models.make_tiny_hf`, then `pstar train configs/hf-finetune.yaml`, then export
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    made = subprocess.run([sys.executable, "-m", "models.make_tiny_hf"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (tmp_path / "outputs" / "tiny-hf-llama" / "model.safetensors").is_file()
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative to where pstar runs
+    config = str(repo / "configs" / "hf-finetune.yaml")
+    assert runner.invoke(app, ["validate", config]).exit_code == 0
+    result = runner.invoke(app, ["train", config, "train.steps=4", "train.log_interval=2", "checkpoint.interval=4"])
+    assert result.exit_code == 0, result.output
+    exported = runner.invoke(app, ["export", "outputs/hf-finetune/checkpoints", "my-model", "--format", "hf"])
+    assert exported.exit_code == 0, exported.output
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "my-model", output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()

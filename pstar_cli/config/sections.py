@@ -53,7 +53,8 @@ class ModelConfig:
     dropout: float = _key(0.0, min=0.0, below=1.0)
     # a local Hugging Face model directory (config.json, safetensors, tokenizer): models/hf.py
     hf_path: str | None = None
-    pretrained: bool | None = None  # with hf_path: load its weights (default) or random init (false)
+    # with hf_path: load its weights (default) or random init (false); a resume loads the checkpoint's
+    pretrained: bool | None = _key(None, resume=ResumeEffect.NONE)
 
 
 @dataclass
