@@ -167,6 +167,9 @@ def estimate_systems(w: Workload, hw: Hardware) -> dict[str, SystemEstimate]:
     return {e.name: e for e in estimates}
 
 
+MAX_SEARCH_GROUPS = 4096
+
+
 def largest_trainable(w: Workload, hw: Hardware) -> Workload | None:
     """The largest size of the workload's family that pstar fits on this hardware (None: none fits)."""
     import models
@@ -178,7 +181,12 @@ def largest_trainable(w: Workload, hw: Hardware) -> Workload | None:
     for size in table:
         model = models.resolve_model_config({"family": w.family, "size": size, "seq_len": w.seq_len})
         candidate = dataclasses.replace(w, **model_fields(model))
-        fits = pstar_estimate(candidate, hw).fits
+        # The placement plan walks the chunk groups one by one: a small chunk size (the CPU demo's
+        # 64 Ki elements) would give millions of groups for the table's largest sizes. For this
+        # search the chunks are made large enough for at most MAX_SEARCH_GROUPS groups, which can
+        # only make the answer more careful (larger working chunks), by under 1/4096 of the model.
+        coarse = max(candidate.chunk_size, -(-candidate.num_params // MAX_SEARCH_GROUPS))
+        fits = pstar_estimate(dataclasses.replace(candidate, chunk_size=coarse), hw).fits
         if fits and (best is None or candidate.num_params > best.num_params):
             best = candidate
     return best
