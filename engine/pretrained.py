@@ -65,34 +65,22 @@ class PretrainedInit:
 
 def engine_entries(model, dtype: torch.dtype, rename: Callable[[str], str | None]) -> tuple[list[Entry], Callable]:
     """Entries and a fetch function for an `EngineModel`'s weights: each parameter once (under its
-    first name, tied ones included), read from its fp32 master chunk, in layout order, then the
-    persistent buffers. `rename(name)` gives the saved name (None: leave the tensor out)."""
+    first name, tied ones included), in layout order, then the persistent buffers. Values come from
+    `model.state_dict()`, which on one rank holds views of the fp32 master chunks (no copy), so each
+    tensor is copied to the host only when it is written. `rename(name)` gives the saved name
+    (None: leave the tensor out)."""
     rt = model._rt
     if rt.comm is not None:
         raise EngineError("save_pretrained_weights runs in one process; with several ranks save a "
                           "checkpoint and convert it with `pstar export CHECKPOINT OUT --format hf`")
-    infos = {}
-    entries = []
-    for group in rt.groups:
-        for info in group.tensors:
-            name = rename(info.names[0])
-            if name is not None:
-                infos[name] = info
-                entries.append(Entry(name, tuple(info.shape), dtype))
-    param_ids = {id(info.param) for group in rt.groups for info in group.tensors}
-    buffers = {rename(key): value for key, value in model._own_entries().items()
-               if id(value) not in param_ids and rename(key) is not None}
-    for name, value in buffers.items():
-        entries.append(Entry(name, tuple(value.shape), dtype if value.is_floating_point() else value.dtype))
-
-    def fetch(name: str) -> torch.Tensor:
-        if name in buffers:
-            return buffers[name]
-        info = infos[name]
-        with rt.manager.lock:
-            return info.view_of(rt.copier.current_flat(info.group.master)).to("cpu", dtype, copy=True)
-
-    return entries, fetch
+    state = model.state_dict()  # finishes pending optimizer updates first
+    param_names = [info.names[0] for group in rt.groups for info in group.tensors]
+    aliases = {name for group in rt.groups for info in group.tensors for name in info.names}
+    buffer_names = [key for key in state if key not in aliases]
+    values = {rename(key): state[key] for key in param_names + buffer_names if rename(key) is not None}
+    entries = [Entry(name, tuple(value.shape), dtype if value.is_floating_point() else value.dtype)
+               for name, value in values.items()]
+    return entries, values.__getitem__
 
 
 def save_pretrained_weights(model, out: str | Path, dtype: torch.dtype = torch.float32,
