@@ -20,18 +20,32 @@ from models.sizes import GPT_SIZES, LLAMA_SIZES
 
 __all__ = [
     "FAMILIES", "GPT_SIZES", "LLAMA_SIZES", "ModelConfigError", "build_model", "default_ffn_hidden",
-    "flops_per_token", "model_config_problems", "num_params", "resolve_model_config",
+    "flops_per_token", "model_config_problems", "model_func", "num_params", "resolve_model_config",
 ]
 
 
 def build_model(model_cfg: dict) -> nn.Module:
-    """Build the model a config describes (see the module docstring for the init contract)."""
+    """Build the model a config describes (see the module docstring for the init contract).
+    With `hf_path`: the Hugging Face model of that directory, on meta (models/hf.py)."""
+    if model_cfg.get("hf_path") is not None:
+        from models.hf import build_hf_model
+        return build_hf_model(model_cfg["hf_path"], model_cfg.get("pretrained", True),
+                              bool(model_cfg.get("activation_checkpointing")))
     cfg = resolve_model_config(model_cfg)
     if cfg["family"] == "gpt":
         from models.gpt import GPT, GPTConfig
         return GPT(_dataclass_from(GPTConfig, cfg))
     from models.llama import Llama, LlamaConfig
     return Llama(_dataclass_from(LlamaConfig, cfg))
+
+
+def model_func(model_cfg: dict):
+    """A `model_func` for `initialize_engine`. A Hugging Face model is built (on meta) right here, so
+    a directory that cannot be loaded fails with its own message, not inside the engine's build."""
+    if model_cfg.get("hf_path") is not None:
+        model = build_model(model_cfg)
+        return lambda: model
+    return lambda: build_model(model_cfg)
 
 
 def _dataclass_from(cls: type, cfg: dict):

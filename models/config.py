@@ -36,6 +36,11 @@ def model_config_problems(cfg) -> list[str]:
     """Every problem of a model config, each naming its dotted key; empty when valid."""
     if not isinstance(cfg, dict):
         return [f"model: expected a mapping of model keys, got {type(cfg).__name__}"]
+    if cfg.get("hf_path") is not None:  # a Hugging Face directory: its config.json is the model
+        from models.hf import hf_model_problems
+        return hf_model_problems(cfg)
+    if cfg.get("pretrained") is not None:
+        return ["model.pretrained: only used with model.hf_path (a local Hugging Face model directory)"]
     family, problems = _family_of(cfg)
     if family is None:
         return problems
@@ -53,9 +58,14 @@ def resolve_model_config(cfg: dict) -> dict:
 
     Raises ModelConfigError listing every problem when the config is not valid.
     """
+    if cfg.get("family") == "hf":
+        return dict(cfg)  # resolved already (models/hf.py)
     problems = model_config_problems(cfg)
     if problems:
         raise ModelConfigError(problems)
+    if cfg.get("hf_path") is not None:
+        from models.hf import resolve_hf_model_config
+        return resolve_hf_model_config(cfg)
     family, _ = _family_of(cfg)
     return _merge(cfg, family)
 

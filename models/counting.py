@@ -16,6 +16,8 @@ def num_params(model_cfg: dict) -> int:
     """Exact parameter count of the model that `build_model(model_cfg)` builds."""
     cfg = resolve_model_config(model_cfg)
     h, num_layers, vocab = cfg["hidden"], cfg["layers"], cfg["vocab_size"]
+    if cfg["family"] == "hf":
+        return cfg["num_params"]  # counted on the model built on meta (models/hf.py)
     if cfg["family"] == "gpt":
         # tied token embedding + learned positions + blocks + final LayerNorm (weight, bias)
         return vocab * h + cfg["seq_len"] * h + num_layers * _gpt_layer_params(h) + 2 * h
@@ -27,6 +29,9 @@ def num_params(model_cfg: dict) -> int:
 def flops_per_token(model_cfg: dict, seq_len: int, recompute: bool = False) -> int:
     """Training FLOPs (forward + backward) per token at sequence length seq_len."""
     cfg = resolve_model_config(model_cfg)
+    if cfg["family"] == "hf":
+        from models import hf
+        return hf.flops_per_token(cfg, seq_len, recompute)
     h, num_layers = cfg["hidden"], cfg["layers"]
     matmul_params = _matmul_params(cfg)
     # forward: 2 FLOPs per weight per token, plus QK^T and attention·V (2·2·s·h per layer);

@@ -78,7 +78,7 @@ def test_several_problems_give_a_header_and_one_line_each():
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
         "error: configs/tiny.yaml has 2 problems:",
-        "  data.kind: must be one of synthetic, text, tokens (got 'pictures')",
+        "  data.kind: must be one of synthetic, text, tokens, jsonl (got 'pictures')",
         "  train.steps: must be >= 1 (got 0)",
     ]
 

@@ -137,7 +137,7 @@ def test_unusable_files_raise_one_clear_error(tmp_path, make, cfg, fragment):
 
 
 @pytest.mark.parametrize("cfg, vocab, fragment", [
-    ({"kind": "jsonl"}, 256, "data.kind: 'jsonl' is not one of"),
+    ({"kind": "parquet"}, 256, "data.kind: 'parquet' is not one of"),
     ({"kind": "tokens"}, 256, "data.path: required"),
     ({"kind": "tokens", "path": "x.bin", "dtype": "int8"}, 256, "data.dtype"),
     ({"kind": "text"}, 100, "model.vocab_size"),

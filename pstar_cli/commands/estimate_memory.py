@@ -88,7 +88,7 @@ def footer_lines(report: dict) -> list[str]:
     best_line = (f"largest {model['family']} size pstar trains here: {best['size']} "
                  f"({format_count(best['num_params'])} parameters)" if best
                  else f"no {model['family']} size fits pstar on this hardware")
-    return [
+    lines = [
         f"{model['size'] or model['family']}: {format_count(model['num_params'])} parameters, "
         f"{work['precision']}, micro-batch {work['micro_batch_size']} x sequence {work['seq_len']}"
         + (", activation checkpointing" if work["activation_checkpointing"] else "")
@@ -97,8 +97,8 @@ def footer_lines(report: dict) -> list[str]:
         "activations: Korthikanti et al. 2022, fused attention (scores never stored), fp32 logits for the loss",
         "pstar's host 'other': init builds every param chunk and fp32 master on the host before the GPU's share "
         "moves there, so the host's peak is at least that",
-        best_line,
     ]
+    return lines + ([] if model["family"] == "hf" else [best_line])  # a Hugging Face model has no size table
 
 
 def render(report: dict, detail: bool) -> None:

@@ -17,6 +17,9 @@ def summary_lines(cfg: Config) -> list[str]:
     model = cfg.model_spec
     num_params = models.num_params(model)
     name = model.get("size") or f"{model['layers']} layers x {model['hidden']} hidden"
+    if model["family"] == "hf":  # a Hugging Face directory: say which model and which weights
+        name = (f"{model['architecture']} in {model['hf_path']}, {name}, "
+                + ("its weights" if model["pretrained"] else "random init"))
     dist = cfg.distributed
     data = cfg.data.path or ("the shipped corpus" if cfg.data.kind == "text" else "random tokens")
     return [
@@ -27,7 +30,8 @@ def summary_lines(cfg: Config) -> list[str]:
         f"world size {cfg.world_size} ({dist.nnodes} node(s) x {dist.nproc_per_node} process(es)); "
         f"micro-batch {cfg.micro_batch_size} x {cfg.train.grad_accum} accumulation per rank",
         f"train      {cfg.train.steps} steps of {cfg.train.batch_size} sequences, peak lr {cfg.train.lr:g}",
-        f"data       {cfg.data.kind}: {data}",
+        f"data       {cfg.data.kind}: {data}"
+        + (f", tokenizer {cfg.data.tokenizer}" if cfg.data.tokenizer else ""),
         f"hash       {config_hash(cfg)}",
     ]
 

@@ -39,7 +39,7 @@ def model_problems(cfg: Config) -> list[str]:
     if problems:
         return problems
     vocab_size = cfg.model_spec["vocab_size"]
-    if cfg.data.kind == "text" and vocab_size < BYTE_VOCAB_SIZE:
+    if cfg.data.kind == "text" and cfg.data.tokenizer is None and vocab_size < BYTE_VOCAB_SIZE:
         return [f"model.vocab_size: data.kind text needs at least {BYTE_VOCAB_SIZE} token ids "
                 f"(one per byte value), got {vocab_size}"]
     return []

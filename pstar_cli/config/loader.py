@@ -249,12 +249,14 @@ def config_from_dict(raw: dict, source: str | None = None, *, bf16_supported: bo
                 for name, cls in SECTION_TYPES.items()}
     engine = build_engine_section(raw.get("engine"), bf16_supported, problems)
     cfg = Config(**sections, engine=engine)
+    if cfg.model.hf_path and cfg.data.kind in ("text", "jsonl") and cfg.data.tokenizer is None:
+        cfg.data.tokenizer = cfg.model.hf_path  # a Hugging Face model's data goes through its tokenizer
     # checks across keys run only on sections without problems: a bad value has been replaced by
     # its default, and a problem about that default would name a number the user never wrote
     problems += cross_key_problems(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
-    if cfg.model.family is None:
+    if cfg.model.family is None and cfg.model.hf_path is None:  # hf: config.json is the model
         cfg.model.family = cfg.model_spec["family"]
     return cfg
 

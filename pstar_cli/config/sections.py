@@ -51,13 +51,20 @@ class ModelConfig:
     vocab_size: int | None = _key(None, min=1)
     activation_checkpointing: bool = _key(False, resume=ResumeEffect.NONE)  # recomputes the same numbers
     dropout: float = _key(0.0, min=0.0, below=1.0)
+    # a local Hugging Face model directory (config.json, safetensors, tokenizer): models/hf.py
+    hf_path: str | None = None
+    # with hf_path: load its weights (default) or random init (false); a resume loads the checkpoint's
+    pretrained: bool | None = _key(None, resume=ResumeEffect.NONE)
 
 
 @dataclass
 class DataConfig:
-    kind: str = _key("synthetic", choices=("synthetic", "text", "tokens"))
+    kind: str = _key("synthetic", choices=("synthetic", "text", "tokens", "jsonl"))
     path: str | None = None  # text: a UTF-8 file (omitted = the shipped corpus); tokens: a .bin of ids
     dtype: str = _key("uint16", choices=("uint16", "uint32"))  # element type of a tokens file
+    # jsonl / text through a Hugging Face tokenizer (pstar_cli/training/hf_data.py)
+    field: str = "text"  # jsonl: the key holding each document's text
+    tokenizer: str | None = None  # a local tokenizer directory; default: model.hf_path (text, jsonl)
 
 
 @dataclass

@@ -178,7 +178,9 @@ def largest_trainable(w: Workload, hw: Hardware) -> Workload | None:
     """The largest size of the workload's family that pstar fits on this hardware (None: none fits)."""
     import models
 
-    table = {"gpt": models.GPT_SIZES, "llama": models.LLAMA_SIZES}[w.family]
+    table = {"gpt": models.GPT_SIZES, "llama": models.LLAMA_SIZES}.get(w.family)
+    if table is None:  # a Hugging Face model has no size table
+        return None
     best = None
     for size in table:
         model = models.resolve_model_config({"family": w.family, "size": size, "seq_len": w.seq_len})

@@ -145,7 +145,7 @@ def llama_layer_activation_bytes(seq_len: int, batch: int, hidden: int, ffn_hidd
 def activation_bytes(w: Workload, materialised_scores: bool = False) -> int:
     """Peak activations of one rank's micro-batch: the layers' saved tensors plus the loss."""
     s, b, h = w.seq_len, w.micro_batch_size, w.hidden
-    if w.family == "llama":
+    if w.family in ("llama", "hf"):  # hf: Llama-style (SwiGLU) layers assumed
         full_layer = llama_layer_activation_bytes(s, b, h, w.ffn_hidden, w.compute_bytes)
     else:
         full_layer = layer_activation_bytes(s, b, h, w.heads, w.compute_bytes, materialised_scores)

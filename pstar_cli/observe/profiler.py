@@ -80,7 +80,7 @@ def run_profile(cfg: Config, output_dir: Path, num_steps: int) -> ProfileResult:
             trace_one_step(trainer, Path(files["trace.json"]))
         finally:
             trainer.close()
-    title = f"{cfg.model.size or cfg.model.family}: memory per moment of the traced warm-up"
+    title = f"{cfg.model.size or cfg.model.family or cfg.model.hf_path}: memory per moment of the traced warm-up"
     Path(files["memory_timeline.svg"]).write_text(memory_timeline_svg(timeline, title), encoding="utf-8")
     result = ProfileResult(summary, steps, timeline, memory_check, files, notes)
     Path(files["profile.json"]).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")

@@ -20,7 +20,7 @@ import torch
 
 from pstar_cli.errors import PstarError
 
-KINDS = ("synthetic", "text", "tokens")
+KINDS = ("synthetic", "text", "tokens", "jsonl")  # jsonl, and text with data.tokenizer: training/hf_data.py
 BYTE_VOCAB_SIZE = 256
 # signed dtype read from disk (torch.from_file) and the mask that restores the unsigned id
 _TOKEN_DTYPES = {"uint16": (torch.int16, 0xFFFF), "uint32": (torch.int32, 0xFFFFFFFF)}
@@ -133,6 +133,9 @@ def build_data(data_cfg: dict, seq_len: int, vocab_size: int, seed: int) -> Toke
     kind = data_cfg.get("kind") or "synthetic"
     if kind == "synthetic":
         return SyntheticTokens(seq_len, vocab_size, seed)
+    from pstar_cli.training import hf_data  # a Hugging Face tokenizer (jsonl, or text with data.tokenizer)
+    if hf_data.uses_tokenizer(data_cfg):
+        return hf_data.build_tokenized(data_cfg, seq_len, vocab_size, seed)
     path = Path(data_cfg.get("path") or default_corpus_path())
     if kind == "text":
         return _build_text(path, seq_len, vocab_size, seed)
@@ -149,6 +152,11 @@ def data_problems(data_cfg: dict, seq_len: int) -> list[str]:
     dtype = data_cfg.get("dtype") or "uint16"
     if kind not in KINDS:
         return [f"data.kind: {kind!r} is not one of {', '.join(KINDS)}"]
+    from pstar_cli.training import hf_data  # a Hugging Face tokenizer (jsonl, or text with data.tokenizer)
+    if hf_data.uses_tokenizer(data_cfg):
+        return hf_data.tokenized_data_problems(data_cfg)
+    if data_cfg.get("tokenizer") is not None:
+        return ["data.tokenizer: only used when data.kind is text or jsonl; remove it"]
     if kind == "synthetic":
         return [] if path_value is None else [
             "data.path: only used when data.kind is text or tokens; remove it or set data.kind"]

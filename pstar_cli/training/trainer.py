@@ -110,7 +110,7 @@ class Trainer:
 
         if ranks.is_main:
             # building a large model takes a while: say what is happening before the view starts
-            print(f"pstar: building {cfg.model.size or cfg.model.family} "
+            print(f"pstar: building {cfg.model.size or cfg.model.family or cfg.model.hf_path} "
                   f"({models.num_params(self.model_cfg) / 1e6:,.1f}M parameters) through the engine ...", flush=True)
         self.init_s = self._build_engine()
         self.data = self._build_data()
@@ -128,7 +128,7 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         model_cfg = self.model_cfg
         self.model, self.optimizer = initialize_engine(
-            model_func=lambda: models.build_model(model_cfg),
+            model_func=models.model_func(model_cfg),
             local_rank=self.ranks.local_rank,
             config=self.cfg.engine_config,
         )
@@ -297,7 +297,7 @@ def build_run_info(cfg: Config, world_size: int, device: torch.device, start_ste
     """The run's title line and totals for the views."""
     from pstar_cli.observe.live import RunInfo
 
-    model = cfg.model.size or cfg.model.family or "model"
+    model = cfg.model.size or cfg.model.family or cfg.model.hf_path or "model"
     ranks = f"{world_size} rank" + ("s" if world_size > 1 else "")
     return RunInfo(
         title=f"{model} · {cfg.precision} · {ranks} · {device.type}",
