@@ -222,7 +222,7 @@ class HostUpdates:
         if not start_in_backward:
             return
         for group in groups:
-            if group.optimizer_on_device or group.host_only or group.grad is not None:
+            if group.optimizer_on_device or group.host_only:
                 continue
             if all(info.has_grad for info in group.tensors):
                 self._expected[id(group)] = len(group.tensors)
@@ -241,7 +241,14 @@ class HostUpdates:
 
     def start_in_backward(self, group: ChunkGroup) -> bool:
         """Start the download of a complete group's gradients; False if its chunk was evicted
-        meanwhile (it goes down in step())."""
+        meanwhile (it goes down in step()). With gradient accumulation (called in the last
+        micro-batch's backward only) the fp32 grad chunk is evicted: its download starts now."""
+        if group.grad is not None:
+            if group.grad.location is not Location.DEVICE or not group.grad.movable:
+                return False
+            self.manager.move_to_host(group.grad)
+            self.num_started_in_backward += 1
+            return True
         if group.param.location is not Location.DEVICE or id(group) in self._in_place:
             return False
         self._download_in_place(group)

@@ -202,6 +202,8 @@ class HybridAdam(torch.optim.Optimizer):
         with rt.manager.lock:
             if not (self.overlap_backward and rt.optimizer_placed and rt.manager.in_fwd_bwd):
                 return
+            if rt.num_micro_steps + 1 < rt.config.gradient_accumulation_steps:
+                return  # accumulating: only the last micro-batch's backward makes gradients final
             group = self._host.on_gradient(info)
             if group is not None:
                 self._host.start_in_backward(group)

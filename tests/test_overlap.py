@@ -189,3 +189,35 @@ def test_a_parameter_read_outside_its_hooks_waits_for_its_update(monkeypatch, de
         assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
     assert model.chunk_stats()["step_host_groups_after_step"] > 0  # updates ran past step()
     assert [info.names[0] for info in model._hooks.read_outside] == ["head.weight", "head.bias"]
+
+
+def _accumulating_run(cfg: dict, overlap: bool, num_steps: int = 6):
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    optimizer.overlap_backward = overlap
+    data = list(batches("gpt", 2 * num_steps))
+    losses, downloaded = [], []
+    for step in range(num_steps):
+        optimizer.zero_grad()
+        for micro, (x, y) in enumerate(data[2 * step:2 * step + 2]):
+            loss = model(x, y)
+            model.backward(loss / 2)
+            losses.append(loss.item())
+            if micro == 0:
+                assert optimizer._host.num_started_in_backward == 0  # not final yet
+        downloaded.append(optimizer._host.num_started_in_backward)
+        optimizer.step()
+    return losses, snapshot(model, optimizer), downloaded, model.chunk_stats()
+
+
+def test_accumulation_sends_host_gradients_down_in_the_last_micro_batch(split_limit):
+    """With gradient accumulation the host groups' fp32 grad chunks go down during the last
+    micro-batch's backward (none during the first), and the run is bitwise the waited one."""
+    cfg = engine_config(device_memory_limit=split_limit, gradient_accumulation_steps=2, gradient_clipping=MAX_NORM)
+    losses, state, downloaded, stats = _accumulating_run(cfg, overlap=True)
+    ref_losses, ref_state, ref_downloaded, _ = _accumulating_run(cfg, overlap=False)
+    assert losses == ref_losses
+    _assert_bitwise(state, ref_state)
+    assert all(n > 0 for n in downloaded[2:]), downloaded
+    assert not any(ref_downloaded)
+    assert stats["optim_chunks_host"] > 0 and stats["step_host_groups_after_step"] > 0, stats
