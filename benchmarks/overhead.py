@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead                 # the default shapes, about a minute on 2 cores
     python -m benchmarks.overhead --steps 5 --shapes tiny
+    python -m benchmarks.overhead --threads 1        # steadier where other jobs share the cores
 
 Each shape is trained twice side by side from the same weights on the same batches, steps
 alternating (plain, pstar, plain, ...) so that both see the same machine state: plain PyTorch
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20, help="measured steps per shape (after warm-up)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="default")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = []
     print(f"{'shape':28s} {'clipping':>8s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} {'evictions':>10s}")
     for shape in SHAPES[args.shapes]:
