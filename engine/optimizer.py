@@ -47,7 +47,6 @@ touched and the compute weights are restored bitwise from the masters.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -61,7 +60,6 @@ from engine.optimizer_placement import allocate_host_moments, settle_optimizer_p
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
-log = logging.getLogger("pstar.engine")
 
 
 def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:

@@ -19,7 +19,7 @@ import engine.host_adam
 from engine import initialize_engine
 from tests.engine_models import TinyGPT, engine_config
 from tests.test_engine import DEVICE, batches, engine_step, snapshot
-from tests.test_engine_speed import FP16, _assert_bitwise, _install_poison, _split_limit, _train
+from tests.test_engine_speed import FP16, _assert_bitwise, _split_limit, _train
 
 
 @pytest.fixture(scope="module")
