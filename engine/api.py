@@ -1,8 +1,10 @@
 """`initialize_engine`: the seed's entry point, and the model wrapper it returns.
 
-    model, optimizer = initialize_engine(model_func=lambda: MyModel(...), local_rank=0, config=cfg)
+    model, optimizer = initialize_engine(model_func=lambda: MyModel(...), local_rank=0, config=cfg,
+                                         param_groups=lambda m: weight_decay_groups(m, 0.1))
     for step, (x, y) in enumerate(batches):
-        optimizer.param_groups[0]["lr"] = lr_at(step)   # any schedule: read at every step()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)   # any schedule, per group: read at every step()
         optimizer.zero_grad()
         loss = model(x, y)
         model.backward(loss)
@@ -24,13 +26,12 @@ Lifecycle:
    budget minus the moment's non-model peak, evictions are Belady's (farthest next use first) and the
    next chunk is prefetched (on CUDA on a side stream from pinned host memory).
 
-Learning rate: `optimizer.param_groups[0]["lr"]` is read for every step, so a schedule just sets it
-before the step's forward, as above (torch's lr_scheduler classes, stepped after `optimizer.step()`,
-work on the optimizer as well). `betas`, `eps` and `weight_decay` live in the same dict. When host
-optimizer groups are stepped during backward (engine/optimizer.py), they read these values when
-backward reaches them: values set between `model.backward()` and `optimizer.step()` are noticed
-(logged) and host steps then wait for `step()`; and a backward is then committed to its step
-(`zero_grad()` in place of `step()` completes it).
+Parameter groups: `param_groups` is `fn(module) -> list[dict]` in torch.optim's format, called on
+the model as built on meta (engine/param_groups.py; `weight_decay_groups` is nanoGPT's rule).
+`optimizer.param_groups` has one dict per group (lr, betas, eps, weight_decay), read at every
+`step()`: a schedule sets them any time before `step()`, and torch's lr_scheduler classes work.
+`zero_grad()` discards a backward, as in torch. Frozen parameters (requires_grad False) live in
+chunks of their own with no optimizer state (2 B/param in bf16); they move like any chunk.
 
 Gradients: with `gradient_accumulation_steps` 1, a gradient is written over its weight in the param
 chunk, so each `model.backward()` must be followed by `optimizer.step()` (which consumes the
@@ -72,6 +73,7 @@ from engine.hooks import EngineHooks
 from engine.init import BuiltModel, build_in_chunks
 from engine.memory_tracer import MemoryTracer
 from engine.optimizer import HybridAdam
+from engine.param_groups import ParamGroupsFn
 from engine.precision import LossScaler, compute_dtype
 from engine.runtime import EngineRuntime
 from engine.schedule import AccessSchedule
@@ -80,7 +82,8 @@ _OPTIMIZER_KINDS = (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ)
 
 
 def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | None = None,
-                      config: dict | None = None) -> tuple["EngineModel", HybridAdam]:
+                      config: dict | None = None,
+                      param_groups: ParamGroupsFn | None = None) -> tuple["EngineModel", HybridAdam]:
     cfg = resolve_engine_config(config or {})
     device = pick_compute_device(local_rank_from_env(local_rank))
     if device.type == "cuda":
@@ -97,7 +100,7 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | Non
                               budget_shared_with_others=cfg.device_memory_limit is None)
         return ChunkManager(copier, AccessSchedule(), tracer, device_budget, host_budget, comm)
 
-    built = build_in_chunks(model_func, cfg, dtype, device, new_manager)
+    built = build_in_chunks(model_func, cfg, dtype, device, new_manager, param_groups)
     built.manager.init_host_bytes = built.manager.host_allocated_bytes  # what init planned on the host
     built.manager.repoint_all()  # on CUDA: evicted-weight placeholders until the first fetch
     runtime = EngineRuntime(config=cfg, device=device, compute_dtype=dtype, copier=copier,
@@ -105,8 +108,7 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | Non
                             manager=built.manager, scaler=LossScaler(cfg.fp16), groups=built.groups,
                             infos=built.infos, param_order=built.param_order, comm=comm)
     model = EngineModel(built, runtime)
-    trainable = [info.param for info in built.infos if info.requires_grad]
-    return model, HybridAdam(trainable, runtime)
+    return model, HybridAdam(runtime, built.param_group_hypers)
 
 
 def _budgets(cfg: EngineConfig, device: torch.device, comm: Comm | None) -> tuple[int, int]:
@@ -145,8 +147,15 @@ class EngineModel(nn.Module):
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
         self._rt.begin_forward()
-        with self._hooks.saved_tensors_context():
-            output = self.module(*args, **kwargs)
+        self._hooks.hold_outside_reads()
+        try:
+            with self._hooks.saved_tensors_context(), self._hooks.outside_reads_context():
+                output = self.module(*args, **kwargs)
+        finally:
+            self._hooks.release_outside_reads()
+        if self._hooks.retrace:
+            self._hooks.retrace = False
+            self._rt.retrace_after_backward = True  # the next warm-up holds them from the start
         if not torch.is_grad_enabled():
             self._rt.end_forward_without_grad()
         self._rt.add_time("forward", start)
@@ -174,6 +183,7 @@ class EngineModel(nn.Module):
     def state_dict(self, *args, **kwargs) -> OrderedDict:
         """The plain model's keys: parameters as their fp32 masters (tied ones under each name).
         With several ranks: gathered from every rank's shards, on every rank (host tensors)."""
+        self._rt.finish_host_updates()
         masters = self._whole_masters()
         result = OrderedDict()
         for key, value in self._own_entries().items():
@@ -185,13 +195,21 @@ class EngineModel(nn.Module):
         return result
 
     def _whole_masters(self) -> dict[int, torch.Tensor]:
-        """id(group) -> its whole fp32 master chunk (gathered in group order with several ranks)."""
+        """id(group) -> its whole fp32 master chunk (gathered in group order with several ranks);
+        a frozen group's param chunk, cast to fp32."""
         rt = self._rt
+
+        def weights(group):
+            return group.master if group.trainable else (group.gathered or group.param)
+
+        def fp32(group, flat):
+            return flat if group.trainable else flat.float()
         if rt.comm is None:
-            return {id(group): rt.copier.current_flat(group.master) for group in rt.groups}
+            return {id(g): fp32(g, rt.copier.current_flat(weights(g))) for g in rt.groups}
         with rt.manager.lock:
-            return {id(group): gather_flat(rt.comm, group.master, rt.copier.current_flat)
-                    for group in rt.groups}
+            return {id(g): fp32(g, gather_flat(rt.comm, g.master if g.trainable else g.param,
+                                               rt.copier.current_flat))
+                    for g in rt.groups}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -200,6 +218,7 @@ class EngineModel(nn.Module):
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
             raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        self._rt.finish_host_updates()
         with self._rt.manager.lock:
             if self._rt.comm is not None:
                 self._rt.comm.wait_reductions()  # nothing may still read the shards being replaced
@@ -220,24 +239,28 @@ class EngineModel(nn.Module):
                                f"the model expects {tuple(info.shape)}")
         copier = self._rt.copier
         begin, tensor_begin, length = info.shard_piece()  # several ranks: this rank's part only
-        master = copier.current_flat(info.group.master).narrow(0, begin, length)
-        master.copy_(value.reshape(-1).narrow(0, tensor_begin, length))
-        copier.current_flat(info.group.param).narrow(0, begin, length).copy_(master)
+        source = value.reshape(-1).narrow(0, tensor_begin, length)
+        if info.group.master is not None:
+            master = copier.current_flat(info.group.master).narrow(0, begin, length)
+            source = master.copy_(source)
+        copier.current_flat(info.group.param).narrow(0, begin, length).copy_(source)
         info.has_grad = False
         for chunk in (info.group.master, info.group.param):
-            if chunk.location is Location.DEVICE and not chunk.pinned_forever:
+            if chunk is not None and chunk.location is Location.DEVICE and not chunk.pinned_forever:
                 chunk.dirty = True
 
     def shard_state(self, copy: bool = True) -> dict:
         """This rank's shards of every chunk group (fp32 masters, moments, step counts), the loss
         scaler and the buffers, without assembling the model (engine/checkpoint.py). `copy` False
         gives the live buffers, for an immediate torch.save that streams device chunks."""
+        self._rt.finish_host_updates()
         return checkpoint.shard_state(self._rt, self._own_entries(), set(self._infos_by_param), copy)
 
     def load_shard_state(self, shards: "dict | list[dict]") -> None:
         """Load `shard_state()` results: every saved rank's (a list), or the one of a single rank.
         Any layout, chunk size or number of ranks: each rank takes the pieces its shards hold."""
         shards = [shards] if isinstance(shards, dict) else list(shards)
+        self._rt.finish_host_updates()
         checkpoint.load_shard_state(self._rt, self._own_entries(), self._infos_by_param, shards)
 
     # ---- observability -----------------------------------------------------------------------
@@ -264,6 +287,13 @@ class EngineModel(nn.Module):
         stats["host_budget_bytes"] = manager.host_budget_bytes
         stats["model_data_bytes"] = manager.model_data_bytes
         stats["init_host_bytes"] = manager.init_host_bytes  # chunk buffers init built on the host
+        host = self._rt.host_updates
+        report = host.last_report if host is not None else None
+        # Host optimizer groups of the last step: gradients sent down during backward; updates
+        # still running when step() returned (finished during the next forward); updates redone.
+        stats["step_host_groups_downloaded_in_backward"] = report.num_downloaded_in_backward if report else 0
+        stats["step_host_groups_after_step"] = report.num_after_step if report else 0
+        stats["step_host_groups_redone"] = report.num_redone if report else 0
         return stats
 
     def step_timings(self) -> dict[str, float]:

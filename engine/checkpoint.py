@@ -3,8 +3,11 @@
 A shard state holds, for every chunk group, this rank's shard of the fp32 master, exp_avg and
 exp_avg_sq chunks as flat tensors, the group's layout (every tensor's name, offset and shape, and
 which elements of the whole chunk the shard covers), every tensor's Adam step count, plus the loss
-scaler and the model's buffers. The compute-dtype param chunks are not saved: after every
-optimizer step they are the masters cast, so loading recasts them.
+scaler and the model's buffers, and the optimizer's parameter groups (each tensor's group index and
+each group's hyper-parameters, restored into `optimizer.param_groups` on load). The compute-dtype
+param chunks are not saved: after every optimizer step they are the masters cast, so loading recasts
+them. A group of frozen tensors has no master: its weights are saved as "master" (the param chunk
+in fp32) and it has no moments.
 
 Because each saved piece is labelled with its tensor and position, loading does not need the same
 chunk layout, chunk size or number of ranks: every rank takes, from the shard states of all saved
@@ -49,18 +52,24 @@ def shard_state(rt: EngineRuntime, own_entries: OrderedDict, param_ids: set[int]
         groups = [_group_state(rt, group, copy) for group in rt.groups]
     buffers = {key: _host(value.detach(), copy) for key, value in own_entries.items()
                if id(value) not in param_ids}
+    hypers = [{k: v for k, v in group.items() if k != "params"} for group in (rt.param_groups or [])]
     return {"format": FORMAT, "rank": rank, "world_size": world_size, "groups": groups,
-            "buffers": buffers, "loss_scaler": rt.scaler.state_dict()}
+            "buffers": buffers, "loss_scaler": rt.scaler.state_dict(), "param_groups": hypers}
 
 
 def _group_state(rt: EngineRuntime, group: ChunkGroup, copy: bool) -> dict:
     shard = group.shard
     tensors = [{"name": info.names[0], "names": list(info.names), "offset": info.offset, "numel": info.numel,
-                "shape": list(info.shape), "steps": info.num_steps} for info in group.tensors]
+                "shape": list(info.shape), "steps": info.num_steps, "param_group": info.param_group}
+               for info in group.tensors]
     state = {"numel": group.numel, "shard_begin": shard.begin if shard else 0,
              "shard_numel": shard.numel if shard else group.numel, "tensors": tensors}
     for kind in STATE_KINDS:
         chunk = getattr(group, kind)
+        if chunk is None:  # frozen: the weights are the param chunk's; there are no moments
+            state[kind] = rt.copier.current_flat(group.param).to("cpu", torch.float32, copy=True) \
+                if kind == "master" else None
+            continue
         state[kind] = None if chunk.location is Location.NOWHERE else _host(rt.copier.current_flat(chunk), copy)
     return state
 
@@ -111,6 +120,19 @@ def load_shard_state(rt: EngineRuntime, own_entries: OrderedDict, infos_by_param
         rt.manager.drop_all_gathered()  # they hold the old weights
     _load_buffers(own_entries, infos_by_param, shards[0]["buffers"])
     rt.scaler.load_state_dict(shards[0]["loss_scaler"])
+    _load_param_groups(rt, shards[0].get("param_groups"))
+
+
+def _load_param_groups(rt: EngineRuntime, saved: list[dict] | None) -> None:
+    """The saved groups' hyper-parameters into `optimizer.param_groups` (as torch's
+    load_state_dict does); a checkpoint from before groups were saved leaves them as they are."""
+    if not saved or rt.param_groups is None:
+        return
+    if len(saved) != len(rt.param_groups):
+        raise EngineError(f"the checkpoint has {len(saved)} optimizer parameter group(s), the "
+                          f"optimizer {len(rt.param_groups)}: build the same groups as the saved run")
+    for group, hyper in zip(rt.param_groups, saved):
+        group.update(hyper)
 
 
 def full_state_dict(shards: list[dict], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -179,6 +201,9 @@ def _load_tensor(rt: EngineRuntime, info: TensorInfo, saved: list[_Piece]) -> No
     begin, tensor_begin, length = info.shard_piece()
     if length == 0:
         return  # wholly in other ranks' shards
+    if not info.group.trainable:
+        _load_frozen(rt, info, saved, begin, tensor_begin, length)
+        return
     for kind in STATE_KINDS:
         chunk = getattr(info.group, kind)
         sources = [p for p in saved if p.group[kind] is not None]
@@ -199,6 +224,18 @@ def _load_tensor(rt: EngineRuntime, info: TensorInfo, saved: list[_Piece]) -> No
     param = info.group.param
     master = rt.copier.current_flat(info.group.master).narrow(0, begin, length)
     rt.copier.current_flat(param).narrow(0, begin, length).copy_(master)  # cast, as a step does
+    _mark_changed(param)
+
+
+def _load_frozen(rt: EngineRuntime, info: TensorInfo, saved: list[_Piece], begin: int,
+                 tensor_begin: int, length: int) -> None:
+    """A frozen tensor: its saved weights straight into the param chunk (cast); no moments."""
+    staged = torch.empty(length, dtype=torch.float32)
+    if _copy_overlaps(staged, tensor_begin, saved, "master") != length:
+        raise EngineError(f"the checkpoint lacks part of '{info.names[0]}': some ranks' files are "
+                          "missing or damaged")
+    param = info.group.param
+    rt.copier.current_flat(param).narrow(0, begin, length).copy_(staged)
     _mark_changed(param)
 
 

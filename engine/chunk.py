@@ -70,6 +70,7 @@ class TensorInfo:
     num_users: int = 0  # modules currently computing with it (tied params, re-entrant calls)
     has_grad: bool = False  # a gradient has been written since the last step / zero_grad
     num_steps: int = 0  # Adam steps applied to this tensor (bias correction is per tensor)
+    param_group: int = 0  # index of its optimizer parameter group (lr, betas, eps, weight_decay)
 
     def view_of(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.narrow(0, self.offset, self.numel).view(self.shape)
@@ -180,9 +181,9 @@ class ChunkGroup:
     numel: int  # elements of the whole chunk (of every rank's shards together)
     tensors: list[TensorInfo]
     param: Chunk
-    master: Chunk
-    exp_avg: Chunk
-    exp_avg_sq: Chunk
+    master: Chunk | None  # None for a group of frozen tensors: no optimizer state at all
+    exp_avg: Chunk | None
+    exp_avg_sq: Chunk | None
     grad: Chunk | None = None  # only with gradient accumulation; else grads go into `param`
     host_only: bool = False  # use_cpu_embedding: lives and computes on the host
     optimizer_on_device: bool = False  # decided after warm-up from the device margin
@@ -208,8 +209,14 @@ class ChunkGroup:
         return self.grad if self.grad is not None else self.param
 
     @property
+    def trainable(self) -> bool:
+        """False for a group of frozen tensors (requires_grad False): it holds only the compute-dtype
+        param chunk, which moves as needed; no master, no moments, no gradients."""
+        return self.master is not None
+
+    @property
     def optimizer_chunks(self) -> list[Chunk]:
-        return [self.master, self.exp_avg, self.exp_avg_sq]
+        return [self.master, self.exp_avg, self.exp_avg_sq] if self.trainable else []
 
     @property
     def model_data_bytes(self) -> int:
@@ -244,12 +251,16 @@ def plan_chunk_layout(numels: list[int], chunk_numel: int) -> list[tuple[int, li
 
 def new_chunk_group(index: int, capacity: int, tensors: list[TensorInfo], compute_dtype: torch.dtype,
                     with_grad_chunk: bool, host_only: bool, first_chunk_id: int,
-                    rank_and_world: tuple[int, int] | None = None) -> ChunkGroup:
+                    rank_and_world: tuple[int, int] | None = None, trainable: bool = True) -> ChunkGroup:
     """A chunk group for `tensors` (their offsets already set) in a chunk of `capacity` elements.
 
     With `rank_and_world` (several ranks) `capacity` must split into equal shards: the group's
     storage chunks are this rank's shards, and a gathered chunk of the whole capacity comes first.
-    Chunk ids are consecutive from `first_chunk_id` in `ChunkGroup.chunks` order.
+    Chunk ids are consecutive from `first_chunk_id` in `ChunkGroup.chunks` order. A group that is
+    not `trainable` (frozen tensors only) gets neither a grad chunk nor optimizer chunks.
+
+    Gradient accumulation sums in an fp32 grad chunk whatever the compute dtype (as AMP's fp32
+    `.grad` does): summing micro-batches in bf16 would round every partial sum to 8 bits.
     """
     shard = None
     storage_numel = capacity
@@ -261,9 +272,13 @@ def new_chunk_group(index: int, capacity: int, tensors: list[TensorInfo], comput
     ids = iter(range(first_chunk_id, first_chunk_id + 6))
     gathered = Chunk(next(ids), ChunkKind.GATHERED, capacity, compute_dtype) if shard else None
     param = Chunk(next(ids), ChunkKind.PARAM, storage_numel, compute_dtype)
-    grad = Chunk(next(ids), ChunkKind.GRAD, storage_numel, compute_dtype) if with_grad_chunk else None
-    master, exp_avg, exp_avg_sq = (Chunk(next(ids), kind, storage_numel, torch.float32)
-                                   for kind in (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ))
+    grad = None
+    if with_grad_chunk and trainable:
+        grad = Chunk(next(ids), ChunkKind.GRAD, storage_numel, torch.float32)
+    master = exp_avg = exp_avg_sq = None
+    if trainable:
+        master, exp_avg, exp_avg_sq = (Chunk(next(ids), kind, storage_numel, torch.float32)
+                                       for kind in (ChunkKind.MASTER, ChunkKind.EXP_AVG, ChunkKind.EXP_AVG_SQ))
     return ChunkGroup(index=index, numel=capacity, tensors=tensors, param=param, master=master,
                       exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, grad=grad, host_only=host_only,
                       shard=shard, gathered=gathered)

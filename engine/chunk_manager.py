@@ -69,6 +69,10 @@ class ChunkManager:
         self._step_start = MoveCounters()
         self.num_over_budget = 0  # accesses where chunks in use alone exceeded the moment's budget
         self.in_fwd_bwd = False  # between a forward's start and the end of its backward
+        self._last_access: tuple | None = None  # (chunk id, moment, device bytes, in_fwd_bwd)
+        # The optimizer's host updates (engine/host_adam.py): a chunk group whose update is still
+        # running after step() is waited for before any of its chunks is used or moved.
+        self.host_updates = None
         # Autograd may run hooks on a device thread and a CPU thread at once (use_cpu_embedding).
         self.lock = threading.RLock()
 
@@ -143,6 +147,8 @@ class ChunkManager:
         activations grow the budget shrinks, so a moment may evict even when it fetches nothing."""
         if chunk.group.host_only:
             return
+        if self.host_updates is not None:
+            self.host_updates.wait_for(chunk.group)
         budget = self.current_budget_bytes() if budget_bytes is None else budget_bytes
         if chunk.location is Location.DEVICE:
             self._make_room(0, budget, keep=chunk)
@@ -324,12 +330,26 @@ class ChunkManager:
     def access(self, chunk: Chunk) -> torch.Tensor:
         """A moment: the chunk is about to be used on the compute device. Returns its buffer."""
         with self.lock:
-            if not chunk.group.host_only:
+            if self.host_updates is not None:
+                self.host_updates.wait_for(chunk.group)  # its weights are being written
+            if not chunk.group.host_only and not self._same_moment_again(chunk):
                 moment = self.schedule.on_access(chunk.chunk_id)
                 self.tracer.on_moment(moment, self.device_bytes)
                 self.ensure_on_device(chunk)
                 self._prefetch_next(accessed=chunk)
+                self._last_access = self._access_key(chunk)
             return self.copier.current_flat(chunk)
+
+    def _access_key(self, chunk: Chunk) -> tuple:
+        return (chunk.chunk_id, self.schedule.position, self.device_bytes, self.in_fwd_bwd)
+
+    def _same_moment_again(self, chunk: Chunk) -> bool:
+        """The chunk was the last one accessed and nothing moved since (the gradients of one chunk's
+        tensors, one after the other): the schedule stays at its moment, the chunk is resident,
+        the budget and the resident bytes are those the last access already settled and prefetched
+        for. After warm-up only (warm-up records every access)."""
+        return (chunk.location is Location.DEVICE and self.schedule.recorded and not self.schedule.recording
+                and self._last_access == self._access_key(chunk))
 
     def _prefetch_next(self, accessed: Chunk) -> None:
         if not self.schedule.recorded or not self.in_fwd_bwd:
@@ -338,6 +358,8 @@ class ChunkManager:
             chunk = self.chunks[chunk_id]
             if chunk.location is Location.DEVICE or chunk.group.host_only:
                 continue
+            if self.host_updates is not None and self.host_updates.pending(chunk.group):
+                return  # its host buffer is still being written: fetched at its use, after the wait
             self._prefetch(chunk, keep=accessed)
             return  # one chunk ahead is enough to overlap the copy with this moment's compute
 

@@ -16,15 +16,24 @@
   several ranks it is written over the weight in the gathered chunk, and the chunk manager reduces
   the chunk's gradients over ranks into this rank's shard once the chunk's backward is over.
 - A callback queued on the autograd engine marks the end of each backward.
+- Reads outside the owning module's hooks: the warm-up forward runs under a torch-function mode that
+  notices an engine parameter used while no module holding it is running (a parent calling
+  `F.linear(x, self.wte.weight)`). Such a parameter's chunk is made resident right then (waiting
+  for its upload or its host update), and from then on every forward makes it resident at its start
+  and holds it until the forward ends, so no read ever sees a buffer still being written or a
+  placeholder. The warm-up is then traced again in that order.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from engine.chunk import Chunk, Location, TensorInfo, TensorState
 from engine.chunk_manager import ChunkManager
@@ -61,6 +70,9 @@ class EngineHooks:
         self._pinned_node = None  # the autograd node the pinned chunks are pinned for
         self._backward_end_queued = False
         self._handles: list = []
+        self.read_outside: list[TensorInfo] = []  # parameters read outside their modules' hooks
+        self.retrace = False  # a read outside the hooks was found while the warm-up was traced
+        self._held: list[TensorInfo] = []
 
     # ---- installation --------------------------------------------------------------------
 
@@ -91,6 +103,44 @@ class EngineHooks:
 
     def saved_tensors_context(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    # ---- parameters read outside their modules' hooks --------------------------------------
+
+    def outside_reads_context(self):
+        """The warm-up forward's watch for parameters read outside their modules' hooks."""
+        if not self.manager.schedule.recording:
+            return contextlib.nullcontext()
+        return _OutsideReadWatch(self)
+
+    def hold_outside_reads(self) -> None:
+        """Forward start: the chunks of parameters read outside hooks, resident and held."""
+        with self.manager.lock:
+            for info in self.read_outside:
+                self._hold(info)
+
+    def release_outside_reads(self) -> None:
+        with self.manager.lock:
+            for info in self._held:
+                info.end_compute(TensorState.HOLD_AFTER_FWD)
+            self._held.clear()
+
+    def note_reads(self, tensors) -> None:
+        """Called by the watch with an op's tensor arguments."""
+        for tensor in tensors:
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            info = self.infos.get(id(tensor))
+            if info is None or info.num_users > 0 or info in self.read_outside:
+                continue
+            with self.manager.lock:
+                self.read_outside.append(info)
+                self.retrace = True
+                self._hold(info)
+
+    def _hold(self, info: TensorInfo) -> None:
+        self.manager.access(info.group.working)
+        info.start_compute()
+        self._held.append(info)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -232,3 +282,18 @@ def _unique_chunks(infos: list[TensorInfo]) -> list[Chunk]:
         if info.group.working not in chunks:
             chunks.append(info.group.working)
     return chunks
+
+
+class _OutsideReadWatch(TorchFunctionMode):
+    """Sees every torch function of the warm-up forward and reports its tensor arguments.
+    Attribute gets and sets (`.data`, `.grad`) are not reads of the values."""
+
+    def __init__(self, hooks: EngineHooks):
+        super().__init__()
+        self._hooks = hooks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in ("__get__", "__set__"):
+            self._hooks.note_reads(tree_leaves((args, kwargs)))
+        return func(*args, **kwargs)

@@ -1,24 +1,26 @@
 """Host Adam: the optimizer groups kept on the host, stepped by torch's fused CPU Adam/AdamW in a
 worker thread, pipelined with the copies that feed it.
 
-One job per host group: wait until the group's gradients are on the host (the D2H copy the caller
-started on the download stream), step its spans with the fused CPU kernel in pieces of a few million
-elements — the compute-dtype gradients cast into one reused fp32 scratch buffer (times the
-unscale/clip multiplier, if any), so nothing is allocated or page-faulted per chunk — cast the new
-masters into the param chunk's host buffer and, when the param chunk stays on the device, copy it
-back (H2D on the copy stream). One worker runs the jobs in order while the caller keeps starting
-the next groups' downloads and the GPU keeps computing, so D2H, CPU Adam and H2D of different chunks
-overlap each other and the rest of backward. torch ops release the GIL, so the worker runs beside
-autograd's threads.
+One job per host group: wait until the group's gradients are on the host (the D2H copy started on
+the download stream), step its spans with the fused CPU kernel in pieces of a few million elements
+— the compute-dtype gradients cast into one reused fp32 scratch buffer (times the unscale/clip
+multiplier, if any), so nothing is allocated or page-faulted per chunk — cast the new masters into
+the param chunk's host buffer and, when the param chunk stays on the device, copy it back (H2D on
+the copy stream). One worker runs the jobs in order while the caller goes on, so D2H, CPU Adam and
+H2D of different chunks overlap each other and the caller's work. torch ops release the GIL, so the
+worker runs beside autograd's threads.
 
-`HostUpdates` decides when a group's job starts. During backward (see engine/optimizer.py for when
-that is allowed), a group starts as soon as its last gradient is written: the post-accumulate-grad
-hooks count the gradients of each group that every tensor of it received in the traced backward.
-Every other host group starts in `step()`. The worker never touches the engine's books (tensor
-states, step counts, placement): a job's spans and step numbers are fixed when it is submitted, and
-the books are updated in `finish()`, on the caller's thread.
+When (`HostUpdates`): during backward a complete host group's gradients only start *down* (as soon
+as its last gradient is written: the post-accumulate-grad hooks count each group's gradients). No
+host master or moment changes before `optimizer.step()`, so `zero_grad()` discards a backward
+exactly as torch does, and the update knows the global decisions (clipping's norm, fp16's overflow)
+before it starts: every host result equals the non-overlapped path bit for bit, with nothing to
+validate or redo. `step()` submits every host job and returns; the jobs finish during the next
+forward, which waits for a group's job at the first use of its chunks (host groups hold the last
+layers, used last in forward) — or anything else that reads the group's state first (another step,
+a state dict, a checkpoint) waits for it. The worker never touches the engine's books (tensor
+states, step counts, placement): a job's spans and step numbers are fixed when it is submitted.
 """
-
 from __future__ import annotations
 
 import time
@@ -39,12 +41,13 @@ if TYPE_CHECKING:
 # param chunk right after the kernel wrote them. Results do not depend on it (Adam is elementwise).
 HOST_PIECE_ELEMENTS = 1 << 22
 
-Span = tuple[int, int, int]  # (begin, end, Adam step number) within a group's chunks
+# (begin, end, Adam step number[, the span's hyper-parameters]) within a group's chunks
+Span = tuple
 
 
 @dataclass(frozen=True)
 class AdamHyper:
-    """The hyper-parameters of one Adam step, as read from `param_groups[0]`."""
+    """The hyper-parameters of one Adam step of one parameter group, as read from its dict."""
 
     decoupled: bool  # AdamW: the decay shrinks the weight instead of joining the gradient
     lr: float
@@ -84,22 +87,29 @@ class HostScratch:
         return self._buf[:numel]
 
 
-def adam_on_spans(flats: GroupFlats, spans: list[Span], hyper: AdamHyper,
+def adam_on_spans(flats: GroupFlats, spans: list[Span], hyper: AdamHyper | None,
                   multiplier: torch.Tensor | None, scratch: HostScratch | None = None) -> None:
     """One Adam step of the span elements of a chunk group, then the new masters cast into the
-    param chunk. `multiplier` (unscale/clip) lives where the flats do. With `scratch` (host) the
-    spans go in pieces of its size; without (device) each span is one kernel call."""
+    param chunk. A span carrying its own hyper-parameters (its parameter group's) uses them, else
+    `hyper`. `multiplier` (unscale/clip) lives where the flats do. With `scratch` (host) the spans
+    go in pieces of its size; without (device) each span is one kernel call."""
+    for begin, end, step_number, *own in spans:
+        span_hyper = own[0] if own else hyper
+        _adam_span(flats, begin, end, step_number, span_hyper, multiplier, scratch)
+
+
+def _adam_span(flats: GroupFlats, begin: int, end: int, step_number: int, hyper: AdamHyper,
+               multiplier: torch.Tensor | None, scratch: HostScratch | None) -> None:
     kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
-    for begin, end, step_number in spans:
-        step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
-        piece = end - begin if scratch is None else scratch.numel
-        for lo in range(begin, end, piece):
-            hi = min(lo + piece, end)
-            grad = _fp32_gradient(flats.grad[lo:hi], multiplier, scratch)
-            kernel([flats.master[lo:hi]], [grad], [flats.exp_avg[lo:hi]], [flats.exp_avg_sq[lo:hi]],
-                   [], [step], lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
-                   weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=False)
-            flats.param[lo:hi].copy_(flats.master[lo:hi])  # the new compute weights (a cast)
+    step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
+    piece = end - begin if scratch is None else scratch.numel
+    for lo in range(begin, end, piece):
+        hi = min(lo + piece, end)
+        grad = _fp32_gradient(flats.grad[lo:hi], multiplier, scratch)
+        kernel([flats.master[lo:hi]], [grad], [flats.exp_avg[lo:hi]], [flats.exp_avg_sq[lo:hi]],
+               [], [step], lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2,
+               weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=False)
+        flats.param[lo:hi].copy_(flats.master[lo:hi])  # the new compute weights (a cast)
 
 
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,
@@ -125,7 +135,7 @@ class HostJob:
     group: ChunkGroup
     flats: GroupFlats  # host buffers
     spans: list[Span]
-    hyper: AdamHyper
+    hyper: AdamHyper | None  # None: every span carries its parameter group's
     multiplier: torch.Tensor | None  # on the host
     grads_ready: list  # CUDA events of the downloads bringing the gradients (empty on the CPU)
     upload: Chunk | None  # copy this chunk's host buffer into its device buffer afterwards
@@ -141,22 +151,12 @@ class HostAdamWorker:
         self._num_threads = num_threads
         self._scratch = HostScratch(piece_elements)
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[HostJob, Future]] = []
 
-    def submit(self, job: HostJob) -> None:
+    def submit(self, job: HostJob) -> Future:
         if self._executor is None:  # a thread only for engines that have host groups
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pstar-host-adam",
                                                 initializer=self._start_thread)
-        self._pending.append((job, self._executor.submit(self._run, job)))
-
-    def drain(self) -> list[HostJob]:
-        """Wait for every submitted job; re-raises the first failure once all have ended."""
-        pending, self._pending = self._pending, []
-        errors = [future.exception() for _, future in pending]
-        for error in errors:
-            if error is not None:
-                raise error
-        return [job for job, _ in pending]
+        return self._executor.submit(self._run, job)
 
     def _start_thread(self) -> None:
         if self._copier.is_cuda:
@@ -169,7 +169,7 @@ class HostAdamWorker:
         start = time.perf_counter()
         for event in job.grads_ready:
             event.synchronize()  # releases the GIL while the download finishes
-        adam_on_spans(job.flats, job.spans, job.hyper, job.multiplier, self._scratch)
+        adam_on_spans(job.flats, job.spans, None, job.multiplier, self._scratch)
         if job.upload is not None:
             self._copier.upload_into_place(job.upload, job.upload_after)
         job.seconds = time.perf_counter() - start
@@ -179,46 +179,50 @@ class HostAdamWorker:
 
 @dataclass
 class HostStepReport:
-    busy_s: float = 0.0  # the worker's seconds on this step's jobs (much of it during backward)
-    wait_s: float = 0.0  # seconds step() waited for the worker
-    num_started_in_backward: int = 0  # host groups whose update began during backward
+    """What the host updates of the last step did (chunk_stats)."""
+
+    num_downloaded_in_backward: int = 0  # host groups whose gradients started down in backward
+    num_after_step: int = 0  # host groups whose update was still running when step() returned
+    num_redone: int = 0  # host updates computed twice (none: nothing is speculated)
 
 
 @dataclass
 class HostUpdates:
-    """The host groups of one optimizer step: their transfers, their jobs and their books.
+    """The host groups of the optimizer steps: their transfers, their jobs and their books.
 
     In place (`keep_resident`, chosen at placement when every param chunk fits the device next to
     the activations and the device's optimizer groups): a host group's param chunk stays on the
     device; its gradients are copied down into its pinned host buffer and the new weights copied
     back up into the same device buffer, so the next forward finds it in place. The chunk is pinned
     meanwhile (never evicted, never handed to another use). Otherwise the param chunk is evicted
-    (its gradients go down with it) and the next forward fetches it as usual.
+    (its gradients go down with it) and the next forward fetches it once its job is done.
     """
 
     copier: Copier
     manager: "ChunkManager"
-    spans_of: Callable[[ChunkGroup], list[tuple[int, int, list[TensorInfo]]]]
+    spans_of: Callable[[ChunkGroup], list[Span]]
     worker: HostAdamWorker
     keep_resident: bool = False
     _expected: dict[int, int] = field(default_factory=dict)  # id(group) -> gradients completing it
     _arrived: dict[int, int] = field(default_factory=dict)
     _in_place: dict[int, ChunkGroup] = field(default_factory=dict)  # pinned, gradients going down
-    _submitted: dict[int, ChunkGroup] = field(default_factory=dict)
+    _jobs: dict[int, tuple[HostJob, Future]] = field(default_factory=dict)  # submitted, not waited for
     num_started_in_backward: int = 0
-    committed: bool = False  # a job began during backward: this step's masters are changing
+    last_report: HostStepReport = field(default_factory=HostStepReport)
+    busy_s: float = 0.0  # the worker's seconds on jobs waited for since the last take_seconds()
+    wait_s: float = 0.0  # seconds callers waited for the worker, likewise
 
     def plan(self, groups: list[ChunkGroup], keep_resident: bool, start_in_backward: bool) -> None:
-        """After placement: which host groups may start during backward, and after how many
-        gradients (every tensor of the group got one in the traced backward, so none of its weights
-        is read after its last gradient; a frozen or unused tensor would still be read, or never
-        complete the group)."""
+        """After placement: which host groups start their downloads during backward, and after how
+        many gradients (every tensor of the group got one in the traced backward, so none of its
+        weights is read after its last gradient; a frozen or unused tensor would still be read, or
+        never complete the group)."""
         self.keep_resident = keep_resident
         self._expected = {}
         if not start_in_backward:
             return
         for group in groups:
-            if group.optimizer_on_device or group.host_only or group.grad is not None:
+            if group.optimizer_on_device or group.host_only:
                 continue
             if all(info.has_grad for info in group.tensors):
                 self._expected[id(group)] = len(group.tensors)
@@ -237,8 +241,15 @@ class HostUpdates:
 
     def start_in_backward(self, group: ChunkGroup) -> bool:
         """Start the download of a complete group's gradients; False if its chunk was evicted
-        meanwhile (it is stepped in step(): nothing may upload it while the worker writes it)."""
-        if group.param.location is not Location.DEVICE:
+        meanwhile (it goes down in step()). With gradient accumulation (called in the last
+        micro-batch's backward only) the fp32 grad chunk is evicted: its download starts now."""
+        if group.grad is not None:
+            if group.grad.location is not Location.DEVICE or not group.grad.movable:
+                return False
+            self.manager.move_to_host(group.grad)
+            self.num_started_in_backward += 1
+            return True
+        if group.param.location is not Location.DEVICE or id(group) in self._in_place:
             return False
         self._download_in_place(group)
         self.num_started_in_backward += 1
@@ -257,74 +268,87 @@ class HostUpdates:
         for chunk in _unique((group.grad_chunk, group.param)):
             self.manager.move_to_host(chunk)  # evicted: an async download if it changed
 
-    def submit(self, group: ChunkGroup, hyper: AdamHyper, multiplier: torch.Tensor | None,
-               in_backward: bool = False) -> None:
-        if id(group) in self._submitted:
-            return
+    def submit(self, group: ChunkGroup, multiplier: torch.Tensor | None) -> None:
+        """Queue the group's update; its step counts advance now (the spans carry the numbers)."""
+        assert id(group) not in self._jobs, "a group's previous update must be waited for first"
         in_place = id(group) in self._in_place
         chunks = _unique((group.grad_chunk, group.param))
         job = HostJob(
             group=group,
             flats=GroupFlats(group.grad_chunk.host_flat, group.param.host_flat, group.master.host_flat,
                              group.exp_avg.host_flat, group.exp_avg_sq.host_flat),
-            spans=[(begin, end, infos[0].num_steps + 1) for begin, end, infos in self.spans_of(group)],
-            hyper=hyper, multiplier=multiplier,
+            spans=self.spans_of(group), hyper=None, multiplier=multiplier,
             grads_ready=[c.host_ready_event for c in chunks if c.host_ready_event is not None],
             upload=group.param if in_place else None,
             upload_after=self.copier.compute_point() if in_place else None)
-        self._submitted[id(group)] = group
-        self.committed |= in_backward
-        self.worker.submit(job)
+        for info in group.tensors:  # as the device path counts (several ranks: every tensor)
+            if info.has_grad:
+                info.num_steps += 1
+        self._jobs[id(group)] = (job, self.worker.submit(job))
 
-    def finish(self) -> HostStepReport:
-        """Wait for the worker, then update the books of every group it stepped."""
-        start = time.perf_counter()
-        jobs = self.worker.drain()
-        report = HostStepReport(wait_s=time.perf_counter() - start,
-                                num_started_in_backward=self.num_started_in_backward)
-        for job in jobs:
-            report.busy_s += job.seconds
-            group = job.group
-            for info in group.tensors:  # as the device path counts (several ranks: every tensor)
-                if info.has_grad:
-                    info.num_steps += 1
-            for chunk in _unique((group.grad_chunk, group.param)):
-                self.copier.wait_downloaded(chunk)  # long done: clears the event
-            if job.upload is not None:
-                self._release(job.upload)
-                job.upload.dirty = False  # device and host copies hold the same new weights
-                _count(self.manager, h2d=job.upload.nbytes)
+    def end_step(self, wait: bool) -> None:
+        """step() returns: what is still running finishes during the next forward (or is waited for
+        now, `wait`); downloads that began in backward are all in jobs by now."""
+        if wait:
+            self.finish()
+        self.last_report = HostStepReport(num_downloaded_in_backward=self.num_started_in_backward,
+                                          num_after_step=len(self._jobs))
         self._in_place.clear()
-        self._reset()
-        return report
+        self._arrived.clear()
+        self.num_started_in_backward = 0
+
+    def take_seconds(self) -> tuple[float, float]:
+        """(worker busy, callers waiting) seconds since the last call."""
+        seconds = (self.busy_s, self.wait_s)
+        self.busy_s = self.wait_s = 0.0
+        return seconds
+
+    def pending(self, group: ChunkGroup) -> bool:
+        return id(group) in self._jobs
+
+    def wait_for(self, group: ChunkGroup) -> None:
+        """The group's update is done and its books are settled (a no-op when none is running)."""
+        entry = self._jobs.pop(id(group), None)
+        if entry is None:
+            return
+        job, future = entry
+        start = time.perf_counter()
+        future.result()  # re-raises a failure of the worker
+        self.wait_s += time.perf_counter() - start
+        self.busy_s += job.seconds
+        for chunk in _unique((group.grad_chunk, group.param)):
+            self.copier.wait_downloaded(chunk)  # long done: clears the event
+        if job.upload is not None:
+            self._release(job.upload)
+            job.upload.dirty = False  # device and host copies hold the same new weights
+            _count(self.manager, h2d=job.upload.nbytes)
+
+    def finish(self) -> None:
+        """Wait for every submitted update (in submission order, as the worker runs them)."""
+        for job, _ in list(self._jobs.values()):
+            self.wait_for(job.group)
 
     def cancel(self) -> None:
-        """No update this step (fp16 overflow, zero_grad): gradients that went down in place are
-        waited for and their chunks released; the caller restores the weights."""
-        assert not self._submitted, "host jobs were submitted; finish() them"
+        """No update of this backward (fp16 overflow, zero_grad): gradients that went down in place
+        are waited for and their chunks released; the caller restores the weights."""
         for group in self._in_place.values():
             self.copier.wait_downloaded(group.param)
             self._release(group.param)
         self._in_place.clear()
-        self._reset()
+        self._arrived.clear()
+        self.num_started_in_backward = 0
 
     # ---- helpers -----------------------------------------------------------------------------
 
     def _download_in_place(self, group: ChunkGroup) -> None:
         chunk = group.param
         self.copier.download(chunk)
-        chunk.num_pins += 1  # owned by this update until finish()/cancel()
+        chunk.num_pins += 1  # owned by this update until its job is waited for, or cancel()
         self._in_place[id(group)] = group
         _count(self.manager, d2h=chunk.nbytes)
 
     def _release(self, chunk: Chunk) -> None:
         chunk.num_pins -= 1
-
-    def _reset(self) -> None:
-        self._arrived.clear()
-        self._submitted.clear()
-        self.num_started_in_backward = 0
-        self.committed = False
 
 
 def _unique(chunks) -> list[Chunk]:

@@ -4,29 +4,39 @@ Each chunk group's fp32 master, exp_avg and exp_avg_sq chunks share the param ch
 step is torch's fused Adam/AdamW kernel (`torch._fused_adam_` / `torch._fused_adamw_`, the kernels
 behind `torch.optim.AdamW(fused=True)`, on CUDA and CPU) over a few flat spans per chunk, followed by
 one cast-copy of the updated masters into the param chunk. A span is a run of neighbouring tensors
-that received a gradient and share a step count; a tensor without a gradient is not touched (no
-weight decay either), as in torch.
+that received a gradient, share a step count and belong to one parameter group; a tensor without a
+gradient is not touched (no weight decay either), as in torch. Frozen tensors live in chunk groups
+of their own, without any optimizer state.
+
+Parameter groups (torch.optim's format, engine/param_groups.py): `optimizer.param_groups` holds one
+dict per group, read at every `step()`, so a value changed there (an lr schedule per group) applies
+from the next step. Groups do not decide the packing: tensors of several groups share a chunk, and
+each span carries its group's hyper-parameters. Packing by group would split every module's weight
+and bias (decay / no decay) into different chunks, so each module would need two chunks resident
+and the fetches per forward would double; per-span hyper-parameters cost one more kernel call per
+group change inside a chunk, and the kernels are elementwise, so the result is the same.
 
 Placement: which groups keep their optimizer state on the device (as far as memory allows:
 the first groups in packing order) and which step on the host (engine/host_adam.py) is decided
 once after the warm-up iteration, in engine/optimizer_placement.py.
 
-Host groups and backward: when every param chunk stays on the device (they fit beside the
-activations and the device's optimizer groups), a host group's update starts during backward, as
-soon as its last gradient is written: its gradients go down to the pinned host copy on the download
-stream, a worker thread steps it with the fused CPU kernel and copies the new weights back up, while
-backward goes on. `step()` then only steps the device groups (fused CUDA kernel) and waits for the
-worker. With fp16 or clipping the update needs the global norm first, so only the downloads start
-during backward and the host steps begin in `step()` (still pipelined chunk by chunk); with
-gradient accumulation or several ranks every host group starts in `step()`. Consequences of starting
-during backward, for users of the overlapped path:
-- The hyper-parameters (lr, betas, eps, weight_decay) are read from `param_groups[0]` when backward
-  reaches the first host group, so a schedule sets the lr before `model.backward()` (before the
-  forward, as the loop in engine/api.py does). If they change between backward and `step()`, that
-  is logged, and host updates wait for `step()` from then on.
-- A backward is committed to its step: `zero_grad()` after such a backward, instead of `step()`,
-  completes the step (logged) rather than discarding gradients that already updated host groups.
-`overlap_backward = False` on the optimizer turns the overlap off (same numbers, bitwise).
+Host groups overlap the next forward, not backward. During backward a host group's gradients only
+go down (to its pinned host copy) once they are complete; `step()` computes the global decisions
+(clipping's norm, fp16's overflow), steps the device groups and hands every host group to the worker
+with them, then returns. The next forward waits for a host group's update at the first use of its
+chunks (the host groups are the last layers, used last), and anything else that needs it (another
+step, a state dict, a checkpoint) waits too. Why not speculate (step host groups during backward
+assuming no clip and no overflow, redo the rare step that clips): clipping is not rare. Measured on
+CPU with `python -m benchmarks.clip_rate --steps 300` (configs/tiny.yaml's model, data, schedule
+and clipping 1.0, plain PyTorch): clipping fired on 132 of 300 steps — 45 of the first 50, then
+7 to 33 in each further block of 50. A speculative host update would be redone (rolled back from
+a copy of its state, 12 B/param more host memory, then a second CPU Adam and H2D) on nearly half
+the steps and on most of the first ones. Consequences, all torch's semantics: hyper-parameters are read in `step()`; `zero_grad()` discards a backward (no host
+state changed before `step()`); clipped and fp16 steps equal the non-overlapped path bit for bit.
+`overlap_backward = False` on the optimizer makes `step()` wait for the host groups before it
+returns (same numbers, bitwise). `model.chunk_stats()` reports `step_host_groups_after_step` (updates
+still running when `step()` returned, finished during the next forward) and
+`step_host_groups_redone` (0: nothing is speculated).
 
 Precision: with clipping or fp16 the global gradient norm is computed on the devices holding the
 gradients (fp16 reads it once on the host: the step's one synchronisation, to decide on a skip);
@@ -37,7 +47,6 @@ touched and the compute weights are restored bitwise from the masters.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -45,17 +54,17 @@ import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
 from engine.device import host_adam_threads, to_device_without_sync
-from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, adam_on_spans
+from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_spans
 from engine.distributed import gather_flat, global_grad_norm
 from engine.optimizer_placement import allocate_host_moments, settle_optimizer_placement
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
-log = logging.getLogger("pstar.engine")
 
 
 def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
-    """Runs of neighbouring tensors with a gradient and equal step counts: (start, end, tensors),
+    """Runs of neighbouring tensors with a gradient, equal step counts and one parameter group:
+    (start, end, tensors),
     in the group's storage chunks (with several ranks: this rank's parts of them).
 
     Alignment gaps between neighbours are zero in every chunk of the group, so covering them keeps
@@ -70,7 +79,8 @@ def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
         if begin == end:
             continue  # wholly in another rank's shard (so not between two tensors of this one)
         last = spans[-1] if spans else None
-        if last is not None and last[2][-1].num_steps == info.num_steps:
+        previous = None if last is None else last[2][-1]
+        if previous is not None and (previous.num_steps, previous.param_group) == (info.num_steps, info.param_group):
             spans[-1] = (last[0], end, last[2] + [info])
         else:
             spans.append((begin, end, [info]))
@@ -78,24 +88,29 @@ def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
 
 
 class HybridAdam(torch.optim.Optimizer):
-    """The engine's optimizer. `param_groups[0]` holds lr, betas, eps, weight_decay; set
-    `param_groups[0]["lr"]` before the step's `model.backward()` to follow a schedule (host groups
-    may start stepping during backward; torch lr schedulers, stepped after `step()`, work too)."""
+    """The engine's optimizer: `param_groups` holds one dict per parameter group (lr, betas, eps,
+    weight_decay), read at every step(); torch's lr schedulers work on it as on any optimizer."""
 
-    def __init__(self, params: list[torch.nn.Parameter], runtime: EngineRuntime):
+    def __init__(self, runtime: EngineRuntime, group_hypers: list[dict] | None = None):
         opt = runtime.config.optimizer
         defaults = {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay}
-        # torch requires a non-empty list; a model without trainable params still gets steps.
-        super().__init__(params or [torch.nn.Parameter(torch.zeros(1))], defaults)
+        group_hypers = group_hypers or [{}]
+        members: list[list[torch.nn.Parameter]] = [[] for _ in group_hypers]
+        for info in runtime.param_order:
+            if info.requires_grad:
+                members[info.param_group].append(info.param)
+        groups = [{"params": params, **hyper} for params, hyper in zip(members, group_hypers)]
+        super().__init__(groups, defaults)
         self._rt = runtime
         self.last_step_skipped = False
-        self.overlap_backward = True  # host groups may start during backward (see the module doc)
-        self.last_step_overlapped_groups = 0  # host groups whose update began during backward
-        self._host = HostUpdates(runtime.copier, runtime.manager, _spans,
+        self.overlap_backward = True  # host updates may run after step() returns (module doc)
+        self.last_step_overlapped_groups = 0  # host groups whose gradients went down in backward
+        self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
                                  HostAdamWorker(runtime.copier, host_adam_threads()))
-        self._hyper_in_backward: AdamHyper | None = None
-        self._hyper_stable = True  # False once the hyper-parameters changed between backward and step
-        self._warned_zero_grad = False
+        runtime.manager.host_updates = self._host  # chunk accesses wait for a group's update
+        runtime.host_updates = self._host
+        runtime.param_groups = self.param_groups
+        self._step_hypers: list[AdamHyper] = []
         self._info_of = {id(info.param): info for info in runtime.infos}
         # Registered after the model wrapper's own hooks (it is built first), so each of these runs
         # once the gradient is in its chunk.
@@ -111,17 +126,14 @@ class HybridAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Discard the gradients since the last step, as torch does: nothing was applied yet."""
         with self._rt.manager.lock:
-            if self._host.committed:
-                self._complete_committed_step()
-                return
-            self._host.cancel()
             groups = self._groups_with_grads()
+            self._host.cancel()  # gradients that went down during backward are not used
             if not self._rt.grad_accumulation:
                 self._restore_weights(groups)  # the grads sit where the weights belong
             self._clear_grads(groups)
             self._rt.num_micro_steps = 0
-            self._hyper_in_backward = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -129,108 +141,70 @@ class HybridAdam(torch.optim.Optimizer):
             raise NotImplementedError("HybridAdam.step does not take a closure")
         rt = self._rt
         with rt.manager.lock:
+            self._host.finish()  # the last step's host updates (the forward waited for most)
             if not rt.optimizer_placed:
                 settle_optimizer_placement(rt, self._host)
-            self._check_hyper_unchanged()
+            self._step_hypers = [AdamHyper.read(rt.config.optimizer.type, g) for g in self.param_groups]
             groups = self._groups_with_grads()
-            host_groups = [g for g in groups if not g.optimizer_on_device]
-            device_groups = [g for g in groups if g.optimizer_on_device]
             # The norm first, where the gradients are now (mostly the device); then host groups'
-            # gradients start down, which also frees device room for the device groups.
+            # gradients go down, which also frees device room for the device groups.
             multiplier, overflow = self._gradient_multiplier(groups)
-            self.last_step_overlapped_groups = 0
             if overflow:
                 self._host.cancel()
                 self._restore_weights(groups)
                 allocate_host_moments(rt)  # (after a placement) the optimizer state is complete
             else:
-                for group in host_groups:
-                    self._host.send_to_host(group)
-                self._bring_to_device(device_groups)
-                allocate_host_moments(rt)
-                self._update(host_groups, device_groups, multiplier)
+                self._update(groups, multiplier)
+            self.last_step_overlapped_groups = self._host.num_started_in_backward
+            self._host.end_step(wait=not self.overlap_backward)
             rt.scaler.update(overflow)
             self.last_step_skipped = overflow
             if not rt.grad_accumulation:
                 self._clear_grads(groups)  # consumed: the param chunks hold weights again
             rt.num_micro_steps = 0
-            self._hyper_in_backward = None
+            busy_s, wait_s = self._host.take_seconds()
+            _add_seconds(rt, "optimizer_host", busy_s)
+            _add_seconds(rt, "wait", wait_s)
             rt.manager.end_step()
             rt.end_step_timings()
         return None
 
-    def _update(self, host_groups: list[ChunkGroup], device_groups: list[ChunkGroup],
-                multiplier: torch.Tensor | None) -> None:
-        """Host groups to the worker (behind those started in backward), device groups on the
-        device meanwhile, then wait for the worker."""
-        rt = self._rt
-        hyper = self._hyper()
+    def _update(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
+        """Host groups to the worker (their gradients on the way down), device groups on the
+        device meanwhile; the host updates finish when their chunks are next needed."""
+        host_groups = [g for g in groups if not g.optimizer_on_device]
+        device_groups = [g for g in groups if g.optimizer_on_device]
+        for group in host_groups:
+            self._host.send_to_host(group)
+        self._bring_to_device(device_groups)
+        allocate_host_moments(self._rt)
         if host_groups:
             on_host = None if multiplier is None else multiplier.to("cpu")  # the step's one sync
             for group in host_groups:
-                self._host.submit(group, hyper, on_host)
-        self._adam(device_groups, multiplier, hyper)
-        report = self._host.finish()
-        self.last_step_overlapped_groups = report.num_started_in_backward
-        _add_seconds(rt, "optimizer_host", report.busy_s)
-        _add_seconds(rt, "wait", report.wait_s)
+                self._host.submit(group, on_host)
+        self._adam(device_groups, multiplier)
 
-    def _complete_committed_step(self) -> None:
-        if not self._warned_zero_grad:
-            self._warned_zero_grad = True
-            log.warning("pstar: optimizer.zero_grad() after model.backward(): the host optimizer "
-                        "groups were already being updated during backward, so the step was "
-                        "completed instead of discarded (call optimizer.step() after backward; "
-                        "set optimizer.overlap_backward = False to discard backward passes)")
-        self.step()
+    def _step_spans(self, group: ChunkGroup) -> list[Span]:
+        """(begin, end, Adam step number, hyper-parameters) of each span of the group this step."""
+        return [(begin, end, infos[0].num_steps + 1, self._step_hypers[infos[0].param_group])
+                for begin, end, infos in _spans(group)]
 
-    # ---- host groups during backward -----------------------------------------------------
+    # ---- host groups' gradients during backward ----------------------------------------------
 
     def _on_gradient(self, param: torch.nn.Parameter) -> None:
-        """A parameter's gradient is in its chunk: start its group's host update if it is complete."""
+        """A parameter's gradient is in its chunk: start its host group's download if complete."""
         info = self._info_of.get(id(param))
         if info is None or not info.has_grad:
             return  # several ranks: gradients count once reduced, in step()
-        with self._rt.manager.lock:
-            if self._hyper_in_backward is None:
-                self._hyper_in_backward = self._hyper()
-            if not self._may_start_in_backward():
+        rt = self._rt
+        with rt.manager.lock:
+            if not (self.overlap_backward and rt.optimizer_placed and rt.manager.in_fwd_bwd):
                 return
+            if rt.num_micro_steps + 1 < rt.config.gradient_accumulation_steps:
+                return  # accumulating: only the last micro-batch's backward makes gradients final
             group = self._host.on_gradient(info)
-            if group is None or not self._host.start_in_backward(group):
-                return
-            if self._adam_in_backward():
-                self._host.submit(group, self._hyper_in_backward, None, in_backward=True)
-
-    def _may_start_in_backward(self) -> bool:
-        rt = self._rt
-        return (self.overlap_backward and self._hyper_stable and rt.optimizer_placed
-                and rt.manager.in_fwd_bwd)
-
-    def _adam_in_backward(self) -> bool:
-        """Adam may run before step() only when it needs no global decision (fp16 skip, clipping)."""
-        rt = self._rt
-        return not rt.scaler.enabled and rt.config.gradient_clipping <= 0
-
-    def _hyper(self) -> AdamHyper:
-        return AdamHyper.read(self._rt.config.optimizer.type, self.param_groups[0])
-
-    def _check_hyper_unchanged(self) -> None:
-        """Hyper-parameters changed between backward and step(): host updates that began during
-        backward used the old ones; from now on, host updates wait for step()."""
-        seen = self._hyper_in_backward
-        if seen is None or seen == self._hyper() or not self._hyper_stable:
-            return
-        self._hyper_stable = False
-        if self._host.committed:
-            log.warning("pstar: the optimizer's hyper-parameters (lr, ...) changed between "
-                        "model.backward() and optimizer.step(); host groups already updated during "
-                        "backward used the earlier values. Set them before backward: host updates "
-                        "now wait for step(), which is slower")
-        elif self.overlap_backward:
-            log.info("pstar: the optimizer's hyper-parameters are set between model.backward() and "
-                     "optimizer.step(), so host optimizer groups are stepped in step() rather than "
-                     "during backward (set them before backward to overlap host Adam with it)")
+            if group is not None:
+                self._host.start_in_backward(group)
 
     def state_dict(self) -> dict:
         """Adam state by parameter name (a tied parameter under its first name): `step` and the
@@ -241,7 +215,7 @@ class HybridAdam(torch.optim.Optimizer):
         moments = self._whole_moments()
         for info in self._rt.infos:
             group = info.group
-            if not info.requires_grad or group.exp_avg.location is Location.NOWHERE:
+            if not info.requires_grad or not group.trainable or group.exp_avg.location is Location.NOWHERE:
                 continue
             exp_avg, exp_avg_sq = moments[id(group)]
             state[info.names[0]] = {
@@ -249,19 +223,21 @@ class HybridAdam(torch.optim.Optimizer):
                 "exp_avg": info.view_of(exp_avg),
                 "exp_avg_sq": info.view_of(exp_avg_sq),
             }
-        hyper = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return {"state": state, "param_groups": [hyper], "loss_scaler": self._rt.scaler.state_dict()}
+        hypers = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        return {"state": state, "param_groups": hypers, "loss_scaler": self._rt.scaler.state_dict()}
 
     def _whole_moments(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """id(group) -> (exp_avg, exp_avg_sq) whole chunks; several ranks: gathered (host copies)."""
         rt = self._rt
+        self._host.finish()  # the moments of running host updates
+        stepped = [g for g in rt.groups if g.trainable and g.exp_avg.location is not Location.NOWHERE]
         if rt.comm is None:
             return {id(g): (rt.copier.current_flat(g.exp_avg), rt.copier.current_flat(g.exp_avg_sq))
-                    for g in rt.groups if g.exp_avg.location is not Location.NOWHERE}
+                    for g in stepped}
         with rt.manager.lock:  # a collective per chunk, in group order on every rank
             return {id(g): (gather_flat(rt.comm, g.exp_avg, rt.copier.current_flat),
                             gather_flat(rt.comm, g.exp_avg_sq, rt.copier.current_flat))
-                    for g in rt.groups if g.exp_avg.location is not Location.NOWHERE}
+                    for g in stepped}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -270,12 +246,18 @@ class HybridAdam(torch.optim.Optimizer):
         unknown = [name for name in state_dict["state"] if name not in by_name]
         if unknown:
             raise RuntimeError(f"optimizer state for unknown parameters: {unknown[:5]}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise RuntimeError(f"optimizer state with {len(saved_groups)} parameter group(s) for an "
+                               f"optimizer with {len(self.param_groups)}")
         with rt.manager.lock:
+            self._host.finish()
             for info in rt.infos:
                 if info.requires_grad:
                     # As in torch, a parameter without an entry starts afresh (never stepped).
                     self._load_moments(info, state_dict["state"].get(info.names[0]))
-        self.param_groups[0].update(state_dict["param_groups"][0])
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
         rt.scaler.load_state_dict(state_dict["loss_scaler"])
 
     def _load_moments(self, info: TensorInfo, entry: dict | None) -> None:
@@ -362,15 +344,14 @@ class HybridAdam(torch.optim.Optimizer):
                  for grads in per_device.values()]
         return torch.linalg.vector_norm(torch.cat(norms), 2)
 
-    def _adam(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None, hyper: AdamHyper) -> None:
+    def _adam(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         """Device groups: the fused kernel on the compute stream, each group's spans in place."""
         rt = self._rt
         start = time.perf_counter()
         for group in groups:
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
-            spans = [(begin, end, infos[0].num_steps + 1) for begin, end, infos in _spans(group)]
-            adam_on_spans(flats, spans, hyper, multiplier)
+            adam_on_spans(flats, self._step_spans(group), None, multiplier)
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
                 if info.has_grad:
                     info.num_steps += 1

@@ -131,7 +131,9 @@ def _place_optimizer_state(rt: EngineRuntime, host: HostUpdates) -> None:
     for index, group in enumerate(moving):
         group.optimizer_on_device = index < num_device_groups
     keep_resident = placement.params_fit and not rt.grad_accumulation and rt.comm is None
-    host.plan(rt.groups, keep_resident, start_in_backward=keep_resident)
+    # With gradient accumulation the grad chunks are apart from the weights: they can go down
+    # during the last micro-batch's backward whether or not the param chunks stay on the device.
+    host.plan(rt.groups, keep_resident, start_in_backward=keep_resident or (rt.grad_accumulation and rt.comm is None))
     _check_host_memory(rt, host.keep_resident)
     for group in rt.groups:
         if group.optimizer_on_device:

@@ -41,8 +41,13 @@ def packing_order(groups: list[ChunkGroup], first_used: list[TensorInfo]) -> lis
 def repack_in_first_use_order(rt: EngineRuntime, first_used: list[TensorInfo]) -> bool:
     """Re-pack the movable chunk groups in first-use order; True when the layout changed."""
     regular = [g for g in rt.groups if not g.host_only]
-    order = packing_order(rt.groups, first_used)
-    layout = plan_chunk_layout([info.numel for info in order], rt.config.default_chunk_size)
+    used_order = packing_order(rt.groups, first_used)
+    # Frozen tensors (no optimizer state) are packed after the trainable ones, in their own chunks.
+    order = [i for i in used_order if i.requires_grad] + [i for i in used_order if not i.requires_grad]
+    num_trainable = sum(1 for i in order if i.requires_grad)
+    layout = plan_chunk_layout([info.numel for info in order[:num_trainable]], rt.config.default_chunk_size)
+    layout += [(capacity, [(t + num_trainable, offset) for t, offset in members]) for capacity, members
+               in plan_chunk_layout([info.numel for info in order[num_trainable:]], rt.config.default_chunk_size)]
     if rt.comm is not None:
         layout = [(padded_capacity(capacity, rt.comm.world_size, ALIGN_ELEMENTS), members)
                   for capacity, members in layout]
@@ -112,8 +117,8 @@ def _new_group(rt: EngineRuntime, template: ChunkGroup, index: int, capacity: in
         info.offset = offset
     sharding = (rt.comm.rank, rt.comm.world_size) if rt.comm is not None else None
     return new_chunk_group(index, capacity, list(tensors), template.param.dtype,
-                           template.grad is not None, host_only=False, first_chunk_id=0,
-                           rank_and_world=sharding)
+                           rt.grad_accumulation, host_only=False, first_chunk_id=0,
+                           rank_and_world=sharding, trainable=tensors[0].requires_grad)
 
 
 def _copy_into_new_shards(rt: EngineRuntime, regular: list[ChunkGroup], order: list[TensorInfo],

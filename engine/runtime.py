@@ -44,7 +44,10 @@ class EngineRuntime:
     optimizer_placed: bool = False
     host_moments_pending: bool = False  # placed, but the host groups' moments are not allocated yet
     repack_checked: bool = False
+    retrace_after_backward: bool = False  # the warm-up must be traced again (reads outside hooks)
     first_used: list[TensorInfo] = field(default_factory=list)  # warm-up forward's first uses
+    host_updates: object = None  # the optimizer's HostUpdates: host groups' updates still running
+    param_groups: list | None = None  # the optimizer's param_groups (checkpoints keep them)
     _timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     last_step_timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     _copier_marks: tuple[float, float] = (0.0, 0.0)
@@ -52,6 +55,12 @@ class EngineRuntime:
     @property
     def grad_accumulation(self) -> bool:
         return self.config.gradient_accumulation_steps > 1
+
+    def finish_host_updates(self) -> None:
+        """Wait for every host update still running (before reading or replacing chunk state)."""
+        if self.host_updates is not None:
+            with self.manager.lock:
+                self.host_updates.finish()
 
     # ---- phases --------------------------------------------------------------------------
 
@@ -82,6 +91,10 @@ class EngineRuntime:
                 self.schedule.finish_recording()
                 self.tracer.finish()
                 self._agree_on_non_model_bytes()
+            if self.retrace_after_backward:
+                self.retrace_after_backward = False
+                self.schedule.forget()
+                self.tracer.forget()
 
     # ---- several ranks: identical placement decisions ---------------------------------------
 

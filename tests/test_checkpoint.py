@@ -127,14 +127,15 @@ def test_shard_state_of_a_repacked_layout_resumes_a_fresh_engine_bitwise():
 
     model, optimizer = fresh(0)
     train_steps(model, optimizer, data[:3])
-    assert [info.names[0] for info in model._rt.infos][-2:] == ["unused.weight", "unused.bias"]
+    repacked = lambda names: names.index("frozen.bias") < names.index("unused.weight")  # noqa: E731
+    assert repacked([info.names[0] for info in model._rt.infos])
     state = model.shard_state()
     straight = train_steps(model, optimizer, data[3:])
     resumed, resumed_optimizer = fresh(7)  # other weights, overwritten by the state
-    assert [info.names[0] for info in resumed._rt.infos][-2:] != ["unused.weight", "unused.bias"]
+    assert not repacked([info.names[0] for info in resumed._rt.infos])
     resumed.load_shard_state(state)
     assert_same_losses(train_steps(resumed, resumed_optimizer, data[3:]), straight)
-    assert [info.names[0] for info in resumed._rt.infos][-2:] == ["unused.weight", "unused.bias"]
+    assert repacked([info.names[0] for info in resumed._rt.infos])
     if DEVICE.type == "cpu":
         for key, value in model.state_dict().items():
             assert torch.equal(resumed.state_dict()[key], value), key
@@ -171,6 +172,7 @@ def test_shard_state_holds_masters_moments_and_step_counts():
     live = model.shard_state(copy=False)
     before = state["groups"][0]["master"].clone()
     train_steps(model, optimizer, batches(1))
+    model._rt.finish_host_updates()  # host groups' updates may run on after step() returns
     assert torch.equal(state["groups"][0]["master"], before)
     assert not torch.equal(live["groups"][0]["master"].cpu(), before)
 

@@ -1,0 +1,132 @@
+"""The engine's own cost on CPU: pstar's step time over plain PyTorch's, same model, one process.
+
+    python -m benchmarks.overhead                 # the default shapes, about a minute on 2 cores
+    python -m benchmarks.overhead --steps 5 --shapes tiny
+    python -m benchmarks.overhead --threads 1        # steadier where other jobs share the cores
+
+Each shape is trained twice side by side from the same weights on the same batches, steps
+alternating (plain, pstar, plain, ...) so that both see the same machine state: plain PyTorch
+(fp32, `torch.optim.AdamW(fused=True)`, `clip_grad_norm_` when clipping) and pstar (fp32, the same
+optimizer settings). "no moves" gives pstar a device budget that holds everything (nothing is
+evicted or fetched: all it adds is bookkeeping); "moves" gives it a budget that forces evictions
+every step. The ratio is the median pstar step over the median plain step, after warm-up steps
+(pstar's first steps trace and place). It is a benchmark figure, not a pass/fail check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import initialize_engine
+from models import build_model
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    batch: int
+    seq: int
+    device_memory_limit: int | None  # None: everything fits (nothing moves)
+    chunk_elements: int = 1 << 20
+
+
+SHAPES = {
+    "default": [
+        Shape("deep-narrow, no moves", hidden=64, layers=24, heads=4, batch=4, seq=64, device_memory_limit=None),
+        Shape("wide, no moves", hidden=512, layers=4, heads=8, batch=4, seq=64, device_memory_limit=None),
+        Shape("deep-narrow, moves", hidden=64, layers=24, heads=4, batch=4, seq=64,
+              device_memory_limit=6 << 20, chunk_elements=1 << 16),
+    ],
+    "tiny": [
+        Shape("tiny, no moves", hidden=32, layers=2, heads=2, batch=2, seq=16, device_memory_limit=None),
+        Shape("tiny, moves", hidden=32, layers=2, heads=2, batch=2, seq=16, device_memory_limit=256 << 10,
+              chunk_elements=4096),
+    ],
+}
+
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1
+VOCAB = 256
+
+
+def _model_cfg(shape: Shape) -> dict:
+    return {"family": "gpt", "size": "gpt-mini", "hidden": shape.hidden, "layers": shape.layers,
+            "heads": shape.heads, "vocab_size": VOCAB, "seq_len": shape.seq}
+
+
+def _engine_cfg(shape: Shape, clipping: float) -> dict:
+    cfg = {"optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
+                                                     "weight_decay": WEIGHT_DECAY}},
+           "default_chunk_size": shape.chunk_elements, "gradient_clipping": clipping,
+           "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}}}
+    cfg["device_memory_limit"] = shape.device_memory_limit or 8 << 30
+    return cfg
+
+
+def _batches(shape: Shape, num_steps: int):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randint(VOCAB, (shape.batch, shape.seq), generator=gen),
+             torch.randint(VOCAB, (shape.batch, shape.seq), generator=gen)) for _ in range(num_steps)]
+
+
+def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> tuple[float, float, int]:
+    """(median plain step seconds, median pstar step seconds) over the steps after warm-up, and
+    the chunks pstar evicted in its last step."""
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=lambda: build_model(_model_cfg(shape)),
+                                         config=_engine_cfg(shape, clipping))
+    plain = build_model(_model_cfg(shape))
+    plain.load_state_dict(model.state_dict())
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                  weight_decay=WEIGHT_DECAY, fused=True)
+    plain_s, pstar_s = [], []
+    for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
+        start = time.perf_counter()
+        plain_opt.zero_grad()
+        plain(x, y).backward()
+        if clipping > 0:
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), clipping)
+        plain_opt.step()
+        middle = time.perf_counter()
+        optimizer.zero_grad()
+        model.backward(model(x, y))
+        optimizer.step()
+        end = time.perf_counter()
+        if index >= num_warmup:
+            plain_s.append(middle - start)
+            pstar_s.append(end - middle)
+    model._rt.finish_host_updates()
+    return statistics.median(plain_s), statistics.median(pstar_s), model.chunk_stats()["step_evictions"]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per shape (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="default")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = []
+    print(f"{'shape':28s} {'clipping':>8s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} {'evictions':>10s}")
+    for shape in SHAPES[args.shapes]:
+        for clipping in (0.0, 1.0):
+            plain_s, pstar_s, evictions = measure(shape, clipping, args.steps, args.warmup)
+            rows.append({"shape": shape.name, "clipping": clipping, "plain_s": plain_s, "pstar_s": pstar_s,
+                         "ratio": pstar_s / plain_s, "evictions_per_step": evictions})
+            print(f"{shape.name:28s} {clipping:8.1f} {plain_s * 1e3:9.2f} {pstar_s * 1e3:9.2f} "
+                  f"{pstar_s / plain_s:11.3f} {evictions:10d}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
