@@ -151,6 +151,17 @@ def hf_model_func(directory: str | Path, pretrained: bool = True,
     return lambda: model
 
 
+def enable_activation_checkpointing(hf) -> None:
+    """The model's own recompute of each decoder layer. transformers 5.24 calls it
+    `activation_checkpointing_enable`; 5.17 (seen on the GPU machines) has only
+    `gradient_checkpointing_enable`, with the same meaning."""
+    enable = getattr(hf, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_hf_model(directory: str | Path, pretrained: bool = True,
                    activation_checkpointing: bool = False) -> HFCausalLM:
     from engine.pretrained import PretrainedInit, tensor_names
@@ -160,7 +171,7 @@ def build_hf_model(directory: str | Path, pretrained: bool = True,
     directory = Path(directory)
     hf = build_on_meta(directory)
     if activation_checkpointing:
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(hf)
     if pretrained:
         buffers = set()  # buffers the files may lack (computed ones) are left to _init_weights
         for sub in hf.modules():

@@ -447,3 +447,19 @@ def test_the_shipped_recipe_runs_as_the_readme_says(tmp_path, monkeypatch):
     assert exported.exit_code == 0, exported.output
     _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "my-model", output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+def test_activation_checkpointing_uses_the_name_the_installed_transformers_has():
+    from models.hf import enable_activation_checkpointing
+
+    class Older:  # a transformers 5 release before activation_checkpointing_enable
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.called = ("gradient", gradient_checkpointing_kwargs)
+
+    class Newer(Older):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            self.called = ("activation", activation_checkpointing_kwargs)
+
+    for model, name in ((Older(), "gradient"), (Newer(), "activation")):
+        enable_activation_checkpointing(model)
+        assert model.called == (name, {"use_reentrant": False})

@@ -78,6 +78,9 @@ class TrainConfig:
     grad_accum: int = _key(1, min=1, resume=ResumeEffect.NONE)  # micro-batches per optimizer step on each rank
     seed: int = _key(0, min=0)
     log_interval: int = _key(10, min=1, resume=ResumeEffect.NONE)
+    # which parameters engine.optimizer.params.weight_decay applies to: "matrices" (nanoGPT's rule:
+    # tensors of 2+ dims, i.e. matmul weights and embeddings, not biases and norm gains) or "all"
+    weight_decay_on: str = _key("matrices", choices=("matrices", "all"))
 
 
 @dataclass

@@ -82,6 +82,16 @@ def write_run_config(cfg: Config, output_dir: Path) -> Path:
     return path
 
 
+def param_groups_of(cfg: Config):
+    """The optimizer's parameter groups for `train.weight_decay_on` (None: one group, decay on all)."""
+    from engine.param_groups import weight_decay_groups
+
+    if cfg.train.weight_decay_on == "all":
+        return None
+    weight_decay = cfg.engine_config.optimizer.weight_decay
+    return lambda module: weight_decay_groups(module, weight_decay)
+
+
 class Trainer:
     def __init__(
         self,
@@ -131,6 +141,7 @@ class Trainer:
             model_func=models.model_func(model_cfg),
             local_rank=self.ranks.local_rank,
             config=self.cfg.engine_config,
+            param_groups=param_groups_of(self.cfg),
         )
         # After init every rank holds the same weights; from here on each rank draws its own random
         # numbers (dropout masks), so ranks working on different samples do not share one mask.
