@@ -369,12 +369,18 @@ def test_cuda_shard_state_streams_device_chunks_into_the_file():
 
 # ---- no numpy ----
 
+# Runs `pstar ARGS...` for each JSON list of ARGS given, in order, in one process (one torch import).
 NO_NUMPY_PSTAR = """
-import sys
+import json, sys
 sys.modules["numpy"] = None  # every `import numpy` fails, as in a clean venv: numpy is no dependency
-sys.argv = ["pstar", *sys.argv[1:]]
-from pstar_cli.main import main
-main()
+from pstar_cli.main import app
+for args in map(json.loads, sys.argv[1:]):
+    try:
+        app(args, prog_name="pstar")
+    except SystemExit as done:
+        if done.code:
+            raise
+    print("pstar: command done", flush=True)
 """
 
 
@@ -384,12 +390,12 @@ def test_a_checkpoint_and_its_resume_need_no_numpy(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    common = [sys.executable, "-c", NO_NUMPY_PSTAR, "train", str(TINY), "model.size=gpt-tiny",
-              "train.batch_size=2", "train.seq_len=32", "checkpoint.interval=2", "--output-dir", str(out)]
-    first = subprocess.run([*common, "train.steps=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
+    common = ["train", str(TINY), "model.size=gpt-tiny", "train.batch_size=2", "train.seq_len=32",
+              "checkpoint.interval=2", "--output-dir", str(out)]
+    runs = [json.dumps([*common, "train.steps=2"]), json.dumps([*common, "train.steps=4", "--resume"])]
+    result = subprocess.run([sys.executable, "-c", NO_NUMPY_PSTAR, *runs], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("pstar: command done") == 2 and "resumed from" in result.stdout
     assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000002") == []
-    resumed = subprocess.run([*common, "train.steps=4", "--resume"], cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000004"]

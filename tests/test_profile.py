@@ -123,12 +123,14 @@ def test_multi_rank_config_is_profiled_as_one_rank():
 
 
 @needs_engine
-def test_pstar_profile_subprocess(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pstar_cli", "profile", str(TINY), "--steps", "2", "--output-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_pstar_profile_with_the_engine(tmp_path):
+    """`pstar profile` with the real engine, in this process (CliRunner: the console script's boundary)."""
+    from typer.testing import CliRunner
+
+    from pstar_cli.main import app
+
+    result = CliRunner().invoke(app, ["profile", str(TINY), "--steps", "2", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output[-3000:]
     assert "TFLOPS" in result.stdout and "measured / estimate" in result.stdout
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["memory_timeline"], "the engine recorded no warm-up moments"

@@ -319,11 +319,14 @@ def test_pstar_train_subprocess_loss_falls(tmp_path):
 
 
 def test_pstar_train_reports_a_bad_override_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pstar_cli", "train", str(TINY), "train.stepz=3", "--output-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert result.returncode == 2
+    """In this process (CliRunner, the console script's boundary); a real process's user mistake is
+    tests/test_cli_basic.py::test_real_process_reports_a_user_mistake_in_one_line."""
+    from typer.testing import CliRunner
+
+    from pstar_cli.main import app
+
+    result = CliRunner().invoke(app, ["train", str(TINY), "train.stepz=3", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2
     assert "train.stepz" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
