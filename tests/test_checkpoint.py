@@ -19,6 +19,7 @@ from pstar_cli import checkpoint as ckpt
 from pstar_cli.config import load_config
 from pstar_cli.main import app
 from pstar_cli.observe.metrics import read_metrics, trim_metrics
+from pstar_cli.training.run import build_trainer
 from pstar_cli.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ def test_full_state_dict_loads_strictly_and_gives_the_engines_loss():
 
 
 def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
-    return Trainer(tiny_config(*overrides), tmp_path / "run")
+    return build_trainer(tiny_config(*overrides), tmp_path / "run")
 
 
 def test_save_writes_a_complete_verified_checkpoint_and_keeps_the_last_n(tmp_path):

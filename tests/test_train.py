@@ -22,7 +22,8 @@ from pstar_cli.observe.metrics import MetricsWriter, measure_throughput, read_me
 from pstar_cli.training.lr_schedule import LRSchedule
 from pstar_cli.config import BatchSplit
 from pstar_cli.observe.metrics import CHUNK_STAT_KEYS
-from pstar_cli.training.trainer import Ranks, Trainer, TrainState
+from pstar_cli.training.run import build_trainer
+from pstar_cli.training.trainer import Ranks, TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -148,7 +149,7 @@ def plain_engine(monkeypatch):
 
     monkeypatch.setattr(engine, "initialize_engine", plain_initialize_engine)
     # the stand-in and the hand-written loop compute on the CPU, also on a machine with a GPU
-    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
 
 
 def tiny_config(**train):
@@ -184,7 +185,7 @@ def hand_written_losses(cfg) -> list[float]:
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_trainer_matches_a_plain_pytorch_loop(plain_engine, tmp_path, grad_accum):
     cfg = tiny_config(grad_accum=grad_accum)
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     torch.testing.assert_close([r["loss"] for r in records], hand_written_losses(cfg), rtol=1e-6, atol=0)
@@ -194,8 +195,8 @@ def test_trainer_matches_a_plain_pytorch_loop(plain_engine, tmp_path, grad_accum
 
 def test_grad_accum_divides_the_loss(plain_engine, tmp_path):
     """Two micro-batches of 2 must train like one batch of 4: the loss is divided by grad_accum."""
-    whole = Trainer(tiny_config(grad_accum=1), tmp_path / "whole").train()
-    split = Trainer(tiny_config(grad_accum=2), tmp_path / "split").train()
+    whole = build_trainer(tiny_config(grad_accum=1), tmp_path / "whole").train()
+    split = build_trainer(tiny_config(grad_accum=2), tmp_path / "split").train()
     assert whole.step == split.step == 4
     losses_whole = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     losses_split = [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
@@ -204,7 +205,7 @@ def test_grad_accum_divides_the_loss(plain_engine, tmp_path):
 
 def test_metrics_records_hold_every_field(plain_engine, tmp_path):
     cfg = tiny_config(log_interval=2, steps=5)
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 4, 5]  # step 1 (warm-up), every 2nd, the last
     expected = {"step", "loss", "lr", "tokens_per_s", "tflops", "loss_scale", "step_s", "gpu_mem_bytes",
@@ -246,7 +247,7 @@ class EndRecorder:
 
 def test_stop_ends_the_loop_and_the_state_resumes(plain_engine, tmp_path):
     cfg = tiny_config(steps=6)
-    trainer = Trainer(cfg, tmp_path)
+    trainer = build_trainer(cfg, tmp_path)
     trainer.stop = stop = StopAfter(3)
     stop.trainer = trainer
     trainer.checkpointer = recorder = EndRecorder()
@@ -257,7 +258,7 @@ def test_stop_ends_the_loop_and_the_state_resumes(plain_engine, tmp_path):
     assert ended == [{"step": 3, "sequences_seen": 12}]
 
     # a resumed trainer continues from the state: the data position and the lr schedule follow it
-    resumed = Trainer(cfg, tmp_path / "resumed")
+    resumed = build_trainer(cfg, tmp_path / "resumed")
     resumed.state.load_state_dict(state.state_dict())
     starts = []
     original_get_batch = resumed.data.get_batch
@@ -293,7 +294,7 @@ def test_launch_writes_the_resolved_config(plain_engine, tmp_path):
 @needs_engine
 def test_trainer_with_the_engine_matches_plain_pytorch_fp32(tmp_path):
     cfg = tiny_config(grad_accum=2)
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     # the hand-written loop runs on the CPU; on a GPU the engine's fp32 kernels sum in another order
     rtol = 1e-4 if torch.cuda.is_available() else 1e-5
@@ -353,12 +354,12 @@ def test_ranks_share_initial_weights_but_draw_their_own_dropout(plain_engine, tm
     cfg = tiny_config()
     draws, weights = [], []
     for rank in (0, 1):
-        trainer = Trainer(cfg, tmp_path / f"rank{rank}", ranks=Ranks(rank=rank, local_rank=0, world_size=2))
+        trainer = build_trainer(cfg, tmp_path / f"rank{rank}", ranks=Ranks(rank=rank, local_rank=0, world_size=2))
         weights.append({k: v.clone() for k, v in trainer.model.module.state_dict().items()})
         draws.append(torch.rand(8))
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
     assert not torch.equal(draws[0], draws[1])
-    single = Trainer(cfg, tmp_path / "single")  # one rank: the stream continues from the init
+    single = build_trainer(cfg, tmp_path / "single")  # one rank: the stream continues from the init
     assert torch.equal(torch.rand(8), draws[0])
     assert single.ranks.world_size == 1
