@@ -370,32 +370,18 @@ def test_cuda_shard_state_streams_device_chunks_into_the_file():
 
 # ---- no numpy ----
 
-# Runs `pstar ARGS...` for each JSON list of ARGS given, in order, in one process (one torch import).
-NO_NUMPY_PSTAR = """
-import json, sys
-sys.modules["numpy"] = None  # every `import numpy` fails, as in a clean venv: numpy is no dependency
-from pstar_cli.main import app
-for args in map(json.loads, sys.argv[1:]):
-    try:
-        app(args, prog_name="pstar")
-    except SystemExit as done:
-        if done.code:
-            raise
-    print("pstar: command done", flush=True)
-"""
 
-
+@pytest.mark.slow
 def test_a_checkpoint_and_its_resume_need_no_numpy(tmp_path):
-    """The RNG states go into the metadata as bytes taken from torch (`tolist`), not `.numpy()`."""
-    import subprocess
-    import sys
+    """The RNG states go into the metadata as bytes taken from torch (`tolist`), not `.numpy()`.
+    (Slow: the default tests/test_train.py::test_pstar_train_subprocess_loss_falls runs the README
+    demo with a checkpoint and its resume in a process without numpy.)"""
+    from tests.test_train import run_without_numpy
 
     out = tmp_path / "run"
     common = ["train", str(TINY), "model.size=gpt-tiny", "train.batch_size=2", "train.seq_len=32",
               "checkpoint.interval=2", "--output-dir", str(out)]
-    runs = [json.dumps([*common, "train.steps=2"]), json.dumps([*common, "train.steps=4", "--resume"])]
-    result = subprocess.run([sys.executable, "-c", NO_NUMPY_PSTAR, *runs], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = run_without_numpy([*common, "train.steps=2"], [*common, "train.steps=4", "--resume"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("pstar: command done") == 2 and "resumed from" in result.stdout
     assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000002") == []

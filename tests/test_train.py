@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import models
+from pstar_cli import checkpoint as ckpt
 from pstar_cli.config import load_config
 from pstar_cli.training.data import build_data
 from pstar_cli.errors import PstarError
@@ -301,22 +302,50 @@ def test_trainer_with_the_engine_matches_plain_pytorch_fp32(tmp_path):
     torch.testing.assert_close(losses, hand_written_losses(cfg), rtol=rtol, atol=1e-6)
 
 
+# `pstar ARGS...` for each JSON list of ARGS given, in order, in one process (one torch import),
+# with numpy unimportable as in a clean venv: numpy is no dependency of pstar.
+NO_NUMPY_PSTAR = """
+import json, sys
+sys.modules["numpy"] = None  # every `import numpy` fails
+from pstar_cli.main import app
+for args in map(json.loads, sys.argv[1:]):
+    try:
+        app(args, prog_name="pstar")
+    except SystemExit as done:
+        if done.code:
+            raise
+    print("pstar: command done", flush=True)
+"""
+
+
+def run_without_numpy(*commands: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """The pstar commands, one after the other, in one real process that cannot import numpy."""
+    return subprocess.run([sys.executable, "-c", NO_NUMPY_PSTAR, *map(json.dumps, commands)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 @needs_engine
 def test_pstar_train_subprocess_loss_falls(tmp_path):
-    """The README's demo command with few steps: a real process, metrics.jsonl and config.yaml."""
+    """The README's demo command with few steps: a real process, metrics.jsonl and config.yaml;
+    then the same command with more steps and --resume goes on from its checkpoint. Both without
+    numpy, as in a clean venv (the RNG states go into the checkpoint as bytes taken from torch)."""
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "pstar_cli", "train", str(TINY), "train.steps=12", "train.warmup_steps=2", "train.log_interval=5",
-         "--output-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    demo = ["train", str(TINY), "train.warmup_steps=2", "train.log_interval=5", "checkpoint.interval=6",
+            "--output-dir", str(out)]
+    result = run_without_numpy([*demo, "train.steps=12"], [*demo, "train.steps=14", "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("pstar: command done") == 2
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 5, 10, 12]  # the warm-up step, every 5th, the last
-    assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
+    assert [r["step"] for r in records] == [1, 5, 10, 12, 14]  # the warm-up step, every 5th, the last
+    assert records[3]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
     assert (out / "config.yaml").exists()
     assert "step 12/12" in result.stdout  # plain log lines: stdout is not a terminal
-    assert records[-1]["param_chunks_device"] + records[-1]["param_chunks_host"] > 1
+    assert records[3]["param_chunks_device"] + records[3]["param_chunks_host"] > 1
+    assert "resumed from" in result.stdout and "step 14/14" in result.stdout
+    checkpoints = ckpt.complete_checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-00000012", "step-00000014"]  # checkpoint.keep is 2
+    assert all(ckpt.verify_checkpoint(p) == [] for p in checkpoints)
 
 
 def test_pstar_train_reports_a_bad_override_in_one_line(tmp_path):
