@@ -3,8 +3,9 @@
 `run_training` reads top to bottom: `build_run` builds the run's parts in order (the engine's
 model and optimizer, the data, metrics, the loss guard, the checkpointer; the agreed stop comes
 from `run_training`) and hands them to the trainer, resumed from a checkpoint when given;
-`Trainer.train()` then calls them in the order the loop shows. A run loses at most the steps since its last checkpoint; failures pstar can explain
-become one message (pstar_cli/training/failures.py).
+`Trainer.train()` then calls them in the order the loop shows. A run loses at most the steps
+since its last checkpoint; failures pstar can explain become one message
+(pstar_cli/training/failures.py).
 """
 
 from __future__ import annotations
