@@ -19,6 +19,7 @@ from pstar_cli import checkpoint as ckpt
 from pstar_cli.config import load_config
 from pstar_cli.main import app
 from pstar_cli.observe.metrics import read_metrics, trim_metrics
+from pstar_cli.training.run import build_trainer
 from pstar_cli.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +219,7 @@ def test_full_state_dict_loads_strictly_and_gives_the_engines_loss():
 
 
 def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
-    return Trainer(tiny_config(*overrides), tmp_path / "run")
+    return build_trainer(tiny_config(*overrides), tmp_path / "run")
 
 
 def test_save_writes_a_complete_verified_checkpoint_and_keeps_the_last_n(tmp_path):
@@ -371,27 +372,19 @@ def test_cuda_shard_state_streams_device_chunks_into_the_file():
 
 # ---- no numpy ----
 
-NO_NUMPY_PSTAR = """
-import sys
-sys.modules["numpy"] = None  # every `import numpy` fails, as in a clean venv: numpy is no dependency
-sys.argv = ["pstar", *sys.argv[1:]]
-from pstar_cli.main import main
-main()
-"""
 
-
+@pytest.mark.slow
 def test_a_checkpoint_and_its_resume_need_no_numpy(tmp_path):
-    """The RNG states go into the metadata as bytes taken from torch (`tolist`), not `.numpy()`."""
-    import subprocess
-    import sys
+    """The RNG states go into the metadata as bytes taken from torch (`tolist`), not `.numpy()`.
+    (Slow: the default tests/test_train.py::test_pstar_train_subprocess_loss_falls runs the README
+    demo with a checkpoint and its resume in a process without numpy.)"""
+    from tests.test_train import run_without_numpy
 
     out = tmp_path / "run"
-    common = [sys.executable, "-c", NO_NUMPY_PSTAR, "train", str(TINY), "model.size=gpt-tiny",
-              "train.batch_size=2", "train.seq_len=32", "checkpoint.interval=2", "--output-dir", str(out)]
-    first = subprocess.run([*common, "train.steps=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
+    common = ["train", str(TINY), "model.size=gpt-tiny", "train.batch_size=2", "train.seq_len=32",
+              "checkpoint.interval=2", "--output-dir", str(out)]
+    result = run_without_numpy([*common, "train.steps=2"], [*common, "train.steps=4", "--resume"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("pstar: command done") == 2 and "resumed from" in result.stdout
     assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000002") == []
-    resumed = subprocess.run([*common, "train.steps=4", "--resume"], cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000004"]

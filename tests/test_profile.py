@@ -41,12 +41,12 @@ class TimedPlainEngineModel(PlainEngineModel):
 def timed_plain_engine(monkeypatch):
     import engine
 
-    def initialize(model_func, local_rank=0, config=None):
+    def initialize(model_func, local_rank=0, config=None, param_groups=None):
         module = model_func()
-        return TimedPlainEngineModel(module), plain_optimizer(module, config)
+        return TimedPlainEngineModel(module), plain_optimizer(module, config, param_groups)
 
     monkeypatch.setattr(engine, "initialize_engine", initialize)
-    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
 
 
 def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
@@ -91,11 +91,11 @@ def test_an_engine_refusal_is_one_clear_message(monkeypatch, tmp_path):
 
     from pstar_cli.main import app
 
-    def refuse(model_func, local_rank=0, config=None):
+    def refuse(model_func, local_rank=0, config=None, param_groups=None):
         raise ModelTooLargeError("the model's data needs 9 bytes but the budgets allow 2")
 
     monkeypatch.setattr(engine, "initialize_engine", refuse)
-    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
     result = CliRunner().invoke(app, ["profile", str(TINY), "model.size=gpt-tiny", "train.seq_len=32",
                                       "--output-dir", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -123,12 +123,14 @@ def test_multi_rank_config_is_profiled_as_one_rank():
 
 
 @needs_engine
-def test_pstar_profile_subprocess(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pstar_cli", "profile", str(TINY), "--steps", "2", "--output-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_pstar_profile_with_the_engine(tmp_path):
+    """`pstar profile` with the real engine, in this process (CliRunner: the console script's boundary)."""
+    from typer.testing import CliRunner
+
+    from pstar_cli.main import app
+
+    result = CliRunner().invoke(app, ["profile", str(TINY), "--steps", "2", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output[-3000:]
     assert "TFLOPS" in result.stdout and "measured / estimate" in result.stdout
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["memory_timeline"], "the engine recorded no warm-up moments"

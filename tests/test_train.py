@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import models
+from pstar_cli import checkpoint as ckpt
 from pstar_cli.config import load_config
 from pstar_cli.training.data import build_data
 from pstar_cli.errors import PstarError
@@ -22,7 +23,8 @@ from pstar_cli.observe.metrics import MetricsWriter, measure_throughput, read_me
 from pstar_cli.training.lr_schedule import LRSchedule
 from pstar_cli.config import BatchSplit
 from pstar_cli.observe.metrics import CHUNK_STAT_KEYS
-from pstar_cli.training.trainer import Ranks, Trainer, TrainState
+from pstar_cli.training.run import build_trainer, param_groups_of
+from pstar_cli.training.trainer import Ranks, TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -124,22 +126,24 @@ class PlainEngineModel(torch.nn.Module):
         return {key: 0 for key in CHUNK_STAT_KEYS}
 
 
-def plain_optimizer(module: torch.nn.Module, config) -> torch.optim.Optimizer:
-    """torch's AdamW with the engine config's settings (the typed config the CLI hands the engine)."""
+def plain_optimizer(module: torch.nn.Module, config, param_groups=None) -> torch.optim.Optimizer:
+    """torch's AdamW with the engine config's settings (the typed config the CLI hands the engine),
+    over the same parameter groups the engine was given."""
     from engine.config import resolve_engine_config
 
     params = resolve_engine_config(config).optimizer
+    groups = module.parameters() if param_groups is None else param_groups(module)
     optimizer = torch.optim.AdamW(
-        module.parameters(), lr=params.lr, betas=params.betas, eps=params.eps, weight_decay=params.weight_decay,
+        groups, lr=params.lr, betas=params.betas, eps=params.eps, weight_decay=params.weight_decay,
     )
     optimizer.loss_scale = 1.0
     optimizer.last_step_skipped = False
     return optimizer
 
 
-def plain_initialize_engine(model_func, local_rank=0, config=None):
+def plain_initialize_engine(model_func, local_rank=0, config=None, param_groups=None):
     module = model_func()
-    return PlainEngineModel(module), plain_optimizer(module, config)
+    return PlainEngineModel(module), plain_optimizer(module, config, param_groups)
 
 
 @pytest.fixture
@@ -148,7 +152,7 @@ def plain_engine(monkeypatch):
 
     monkeypatch.setattr(engine, "initialize_engine", plain_initialize_engine)
     # the stand-in and the hand-written loop compute on the CPU, also on a machine with a GPU
-    monkeypatch.setattr("pstar_cli.training.trainer.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
 
 
 def tiny_config(**train):
@@ -162,7 +166,7 @@ def hand_written_losses(cfg) -> list[float]:
     """The loop the Trainer must equal: same seed, data order, micro-batches, lr schedule."""
     torch.manual_seed(cfg.train.seed)
     module = models.build_model(cfg.model_dict())
-    optimizer = plain_optimizer(module, cfg.engine_dict())
+    optimizer = plain_optimizer(module, cfg.engine_dict(), param_groups_of(cfg))
     data = build_data(cfg.to_dict()["data"], cfg.train.seq_len, 256, cfg.train.seed)
     schedule = LRSchedule(cfg.train.lr, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr)
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -175,7 +179,8 @@ def hand_written_losses(cfg) -> list[float]:
             loss = module(x, y)
             (loss / cfg.train.grad_accum).backward()
             step_losses.append(loss.item())
-        optimizer.param_groups[0]["lr"] = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
         optimizer.step()
         losses.append(sum(step_losses) / len(step_losses))
     return losses
@@ -184,7 +189,7 @@ def hand_written_losses(cfg) -> list[float]:
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_trainer_matches_a_plain_pytorch_loop(plain_engine, tmp_path, grad_accum):
     cfg = tiny_config(grad_accum=grad_accum)
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     torch.testing.assert_close([r["loss"] for r in records], hand_written_losses(cfg), rtol=1e-6, atol=0)
@@ -194,8 +199,8 @@ def test_trainer_matches_a_plain_pytorch_loop(plain_engine, tmp_path, grad_accum
 
 def test_grad_accum_divides_the_loss(plain_engine, tmp_path):
     """Two micro-batches of 2 must train like one batch of 4: the loss is divided by grad_accum."""
-    whole = Trainer(tiny_config(grad_accum=1), tmp_path / "whole").train()
-    split = Trainer(tiny_config(grad_accum=2), tmp_path / "split").train()
+    whole = build_trainer(tiny_config(grad_accum=1), tmp_path / "whole").train()
+    split = build_trainer(tiny_config(grad_accum=2), tmp_path / "split").train()
     assert whole.step == split.step == 4
     losses_whole = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     losses_split = [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
@@ -204,7 +209,7 @@ def test_grad_accum_divides_the_loss(plain_engine, tmp_path):
 
 def test_metrics_records_hold_every_field(plain_engine, tmp_path):
     cfg = tiny_config(log_interval=2, steps=5)
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 4, 5]  # step 1 (warm-up), every 2nd, the last
     expected = {"step", "loss", "lr", "tokens_per_s", "tflops", "loss_scale", "step_s", "gpu_mem_bytes",
@@ -246,7 +251,7 @@ class EndRecorder:
 
 def test_stop_ends_the_loop_and_the_state_resumes(plain_engine, tmp_path):
     cfg = tiny_config(steps=6)
-    trainer = Trainer(cfg, tmp_path)
+    trainer = build_trainer(cfg, tmp_path)
     trainer.stop = stop = StopAfter(3)
     stop.trainer = trainer
     trainer.checkpointer = recorder = EndRecorder()
@@ -257,7 +262,7 @@ def test_stop_ends_the_loop_and_the_state_resumes(plain_engine, tmp_path):
     assert ended == [{"step": 3, "sequences_seen": 12}]
 
     # a resumed trainer continues from the state: the data position and the lr schedule follow it
-    resumed = Trainer(cfg, tmp_path / "resumed")
+    resumed = build_trainer(cfg, tmp_path / "resumed")
     resumed.state.load_state_dict(state.state_dict())
     starts = []
     original_get_batch = resumed.data.get_batch
@@ -293,37 +298,68 @@ def test_launch_writes_the_resolved_config(plain_engine, tmp_path):
 @needs_engine
 def test_trainer_with_the_engine_matches_plain_pytorch_fp32(tmp_path):
     cfg = tiny_config(grad_accum=2)
-    Trainer(cfg, tmp_path).train()
+    build_trainer(cfg, tmp_path).train()
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     # the hand-written loop runs on the CPU; on a GPU the engine's fp32 kernels sum in another order
     rtol = 1e-4 if torch.cuda.is_available() else 1e-5
     torch.testing.assert_close(losses, hand_written_losses(cfg), rtol=rtol, atol=1e-6)
 
 
+# `pstar ARGS...` for each JSON list of ARGS given, in order, in one process (one torch import),
+# with numpy unimportable as in a clean venv: numpy is no dependency of pstar.
+NO_NUMPY_PSTAR = """
+import json, sys
+sys.modules["numpy"] = None  # every `import numpy` fails
+from pstar_cli.main import app
+for args in map(json.loads, sys.argv[1:]):
+    try:
+        app(args, prog_name="pstar")
+    except SystemExit as done:
+        if done.code:
+            raise
+    print("pstar: command done", flush=True)
+"""
+
+
+def run_without_numpy(*commands: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """The pstar commands, one after the other, in one real process that cannot import numpy."""
+    return subprocess.run([sys.executable, "-c", NO_NUMPY_PSTAR, *map(json.dumps, commands)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 @needs_engine
 def test_pstar_train_subprocess_loss_falls(tmp_path):
-    """The README's demo command with few steps: a real process, metrics.jsonl and config.yaml."""
+    """The README's demo command with few steps: a real process, metrics.jsonl and config.yaml;
+    then the same command with more steps and --resume goes on from its checkpoint. Both without
+    numpy, as in a clean venv (the RNG states go into the checkpoint as bytes taken from torch)."""
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "pstar_cli", "train", str(TINY), "train.steps=12", "train.warmup_steps=2", "train.log_interval=5",
-         "--output-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    demo = ["train", str(TINY), "train.warmup_steps=2", "train.log_interval=5", "checkpoint.interval=6",
+            "--output-dir", str(out)]
+    result = run_without_numpy([*demo, "train.steps=12"], [*demo, "train.steps=14", "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("pstar: command done") == 2
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 5, 10, 12]  # the warm-up step, every 5th, the last
-    assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
+    assert [r["step"] for r in records] == [1, 5, 10, 12, 14]  # the warm-up step, every 5th, the last
+    assert records[3]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
     assert (out / "config.yaml").exists()
     assert "step 12/12" in result.stdout  # plain log lines: stdout is not a terminal
-    assert records[-1]["param_chunks_device"] + records[-1]["param_chunks_host"] > 1
+    assert records[3]["param_chunks_device"] + records[3]["param_chunks_host"] > 1
+    assert "resumed from" in result.stdout and "step 14/14" in result.stdout
+    checkpoints = ckpt.complete_checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-00000012", "step-00000014"]  # checkpoint.keep is 2
+    assert all(ckpt.verify_checkpoint(p) == [] for p in checkpoints)
 
 
 def test_pstar_train_reports_a_bad_override_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pstar_cli", "train", str(TINY), "train.stepz=3", "--output-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert result.returncode == 2
+    """In this process (CliRunner, the console script's boundary); a real process's user mistake is
+    tests/test_cli_basic.py::test_real_process_reports_a_user_mistake_in_one_line."""
+    from typer.testing import CliRunner
+
+    from pstar_cli.main import app
+
+    result = CliRunner().invoke(app, ["train", str(TINY), "train.stepz=3", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2
     assert "train.stepz" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -350,12 +386,12 @@ def test_ranks_share_initial_weights_but_draw_their_own_dropout(plain_engine, tm
     cfg = tiny_config()
     draws, weights = [], []
     for rank in (0, 1):
-        trainer = Trainer(cfg, tmp_path / f"rank{rank}", ranks=Ranks(rank=rank, local_rank=0, world_size=2))
+        trainer = build_trainer(cfg, tmp_path / f"rank{rank}", ranks=Ranks(rank=rank, local_rank=0, world_size=2))
         weights.append({k: v.clone() for k, v in trainer.model.module.state_dict().items()})
         draws.append(torch.rand(8))
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
     assert not torch.equal(draws[0], draws[1])
-    single = Trainer(cfg, tmp_path / "single")  # one rank: the stream continues from the init
+    single = build_trainer(cfg, tmp_path / "single")  # one rank: the stream continues from the init
     assert torch.equal(torch.rand(8), draws[0])
     assert single.ranks.world_size == 1

@@ -5,7 +5,7 @@ import torch
 
 import models
 from pstar_cli.config import load_config
-from pstar_cli.training.trainer import param_groups_of
+from pstar_cli.training.run import param_groups_of
 
 TINY = "configs/tiny.yaml"
 

@@ -59,7 +59,8 @@ def single_process_config(cfg: Config) -> tuple[Config, list[str]]:
 
 
 def run_profile(cfg: Config, output_dir: Path, num_steps: int) -> ProfileResult:
-    from pstar_cli.training.trainer import Ranks, Trainer, write_run_config
+    from pstar_cli.training.run import build_trainer
+    from pstar_cli.training.trainer import write_run_config
 
     cfg, notes = single_process_config(cfg)
     total_steps = NUM_WARMUP_STEPS + num_steps + 1
@@ -68,7 +69,7 @@ def run_profile(cfg: Config, output_dir: Path, num_steps: int) -> ProfileResult:
     baseline_rss_bytes = psutil.Process().memory_info().rss
     files = {name: str(output_dir / name) for name in ("profile.json", "memory_timeline.svg", "trace.json")}
     with ExplainedFailures() as failures:
-        trainer = failures.trainer = Trainer(cfg, output_dir, Ranks())
+        trainer = failures.trainer = build_trainer(cfg, output_dir)
         try:
             for _ in range(NUM_WARMUP_STEPS):
                 trainer.train_step()

@@ -1,20 +1,27 @@
 """A training run, as `pstar train` runs it in every process: build the parts, train, say why it stopped.
 
-`run_training` reads top to bottom: `build_run` makes the trainer with its parts (the engine's
-model and optimizer, the data, metrics, the checkpointer, the loss guard, the agreed stop),
-resumed from a checkpoint when given; `Trainer.train()` then calls them in the order the loop
-shows. A run loses at most the steps since its last checkpoint; failures pstar can explain
-become one message (pstar_cli/training/failures.py).
+`run_training` reads top to bottom: `build_run` builds the run's parts in order (the engine's
+model and optimizer, the data, metrics, the loss guard, the checkpointer; the agreed stop comes
+from `run_training`) and hands them to the trainer, resumed from a checkpoint when given;
+`Trainer.train()` then calls them in the order the loop shows. A run loses at most the steps
+since its last checkpoint; failures pstar can explain become one message
+(pstar_cli/training/failures.py).
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
+import torch
+
+import models
+from engine.device import pick_compute_device as compute_device
 from pstar_cli.checkpoint import Checkpointer, ResumePoint, checkpoint_root, load_checkpoint
 from pstar_cli.config import Config
-from pstar_cli.observe.metrics import trim_metrics
+from pstar_cli.observe.metrics import MemoryProbe, MetricsWriter, trim_metrics
 from pstar_cli.training.failures import FailureReport, StoppedBySignal
 from pstar_cli.training.guards import LossGuard, StopSignal
 from pstar_cli.training.trainer import Ranks, Trainer, TrainState
@@ -37,19 +44,88 @@ def run_training(cfg: Config, output_dir: Path, ranks: Ranks, view, resume: Resu
 
 def build_run(cfg: Config, output_dir: Path, ranks: Ranks, view, resume: ResumePoint | None,
               stop: StopSignal) -> Trainer:
-    """The trainer of a run with all its parts, at the resumed step when `resume` is given."""
-    if resume is not None and ranks.is_main:
+    """The run's parts, built in this order, and the trainer that calls them; at the resumed step
+    when `resume` is given."""
+    resuming = resume is not None
+    if resuming and ranks.is_main:
         # a killed run logged steps that the resumed run redoes: drop them before appending
         trim_metrics(Path(output_dir) / "metrics.jsonl", resume.step)
-    trainer = Trainer(cfg, output_dir, ranks, view, append_metrics=resume is not None)
-    if resume is not None:
-        resume_trainer(trainer, resume)
-    trainer.loss_guard = LossGuard(cfg.engine_config.fp16)
-    trainer.checkpointer = Checkpointer(
+    device = compute_device(ranks.local_rank)
+    model, optimizer, init_s = build_engine_model(cfg, ranks)
+    data = build_run_data(cfg)
+    memory = MemoryProbe(device)
+    metrics = open_metrics(output_dir, ranks, append=resuming)
+    loss_guard = LossGuard(cfg.engine_config.fp16)
+    checkpointer = Checkpointer(
         checkpoint_root(cfg, output_dir), cfg.checkpoint.interval, cfg.checkpoint.keep,
-        health_check=trainer.loss_guard.check, last_saved_step=resume.step if resume is not None else -1)
-    trainer.stop = stop
+        health_check=loss_guard.check, last_saved_step=resume.step if resuming else -1)
+    trainer = Trainer(cfg, output_dir, ranks, view, model=model, optimizer=optimizer, data=data, device=device,
+                      memory=memory, metrics=metrics, init_s=init_s,
+                      checkpointer=checkpointer, loss_guard=loss_guard, stop=stop)
+    if resuming:
+        resume_trainer(trainer, resume)
     return trainer
+
+
+def build_trainer(cfg: Config, output_dir: Path, ranks: Ranks = Ranks(), view=None) -> Trainer:
+    """A trainer with the loop's own parts only (model, data, metrics): no checkpoints, no loss
+    guard, never stops early. The profiler and the tests of the loop use it."""
+    device = compute_device(ranks.local_rank)
+    model, optimizer, init_s = build_engine_model(cfg, ranks)
+    data = build_run_data(cfg)
+    return Trainer(cfg, output_dir, ranks, view, model=model, optimizer=optimizer, data=data, device=device,
+                   memory=MemoryProbe(device), metrics=open_metrics(output_dir, ranks, append=False), init_s=init_s)
+
+
+def param_groups_of(cfg: Config):
+    """The optimizer's parameter groups for `train.weight_decay_on`: nanoGPT's rule ("matrices": decay
+    on tensors of 2+ dims only) as two groups, or None for one group that decays everything ("all")."""
+    from engine.param_groups import weight_decay_groups
+
+    if cfg.train.weight_decay_on == "all":
+        return None
+    weight_decay = cfg.engine_config.optimizer.weight_decay
+    return lambda module: weight_decay_groups(module, weight_decay)
+
+
+def build_engine_model(cfg: Config, ranks: Ranks) -> tuple[Any, Any, float]:
+    """Seed, then build the model through the engine (on meta, materialised into chunks); returns
+    the engine's model and optimizer and the seconds it took."""
+    from engine import initialize_engine
+
+    model_cfg = cfg.model_dict()
+    if ranks.is_main:
+        # building a large model takes a while: say what is happening before the view starts
+        print(f"pstar: building {cfg.model.size or cfg.model.family or cfg.model.hf_path} "
+              f"({models.num_params(model_cfg) / 1e6:,.1f}M parameters) through the engine ...", flush=True)
+    started = time.perf_counter()
+    # the seed fixes the initial weights: same seed, same weights as a plain PyTorch build
+    torch.manual_seed(cfg.train.seed)
+    model, optimizer = initialize_engine(
+        model_func=models.model_func(model_cfg),  # a built-in family or a Hugging Face directory
+        local_rank=ranks.local_rank,
+        config=cfg.engine_config,
+        param_groups=param_groups_of(cfg),
+    )
+    # After init every rank holds the same weights; from here on each rank draws its own random
+    # numbers (dropout masks), so ranks working on different samples do not share one mask.
+    # Rank 0 keeps the plain seed, so a one-rank run draws what a plain PyTorch loop would.
+    if ranks.rank > 0:
+        torch.manual_seed(cfg.train.seed + ranks.rank)
+    return model, optimizer, time.perf_counter() - started
+
+
+def build_run_data(cfg: Config):
+    """The run's data in its global order (`get_batch(start, count)`)."""
+    from pstar_cli.training.data import build_data
+
+    data_cfg = cfg.to_dict()["data"]
+    return build_data(data_cfg, cfg.train.seq_len, cfg.model_spec["vocab_size"], cfg.train.seed)
+
+
+def open_metrics(output_dir: Path, ranks: Ranks, append: bool) -> MetricsWriter | None:
+    """metrics.jsonl, written by rank 0 only; a resumed run appends to it."""
+    return MetricsWriter(Path(output_dir) / "metrics.jsonl", append) if ranks.is_main else None
 
 
 def resume_trainer(trainer: Trainer, resume: ResumePoint) -> None:

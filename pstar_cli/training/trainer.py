@@ -2,8 +2,8 @@
 
 `Trainer.train()` is the whole loop, in the order it runs: a step, the loss guard, the checkpoint
 schedule, the agreed stop (a signal); after the loop the checkpoint of a stopped or finished run.
-The parts come from `pstar_cli.training.run.build_run`; a bare Trainer has none of them (no
-checkpoints, no guard, never stops early), which is what the tests of the loop itself use.
+The parts come from `pstar_cli.training.run.build_run`; one from `build_trainer` has only the
+loop's own (no checkpoints, no guard, never stops early), which is what the tests of the loop use.
 
 `TrainState` (steps done and the data position) is, together with the engine's model and optimizer
 and the RNG states, everything a resumed run needs; the lr schedule is a pure function of
@@ -24,7 +24,6 @@ import torch.distributed as dist
 import yaml
 
 import models
-from engine.device import pick_compute_device as compute_device
 from pstar_cli.config import BatchSplit, Config
 from pstar_cli.observe.live import NullView, View
 from pstar_cli.observe.metrics import CHUNK_STAT_KEYS, MemoryProbe, MetricsWriter, measure_throughput
@@ -82,79 +81,52 @@ def write_run_config(cfg: Config, output_dir: Path) -> Path:
     return path
 
 
-def param_groups_of(cfg: Config):
-    """The optimizer's parameter groups for `train.weight_decay_on` (None: one group, decay on all)."""
-    from engine.param_groups import weight_decay_groups
-
-    if cfg.train.weight_decay_on == "all":
-        return None
-    weight_decay = cfg.engine_config.optimizer.weight_decay
-    return lambda module: weight_decay_groups(module, weight_decay)
-
-
 class Trainer:
+    """The loop over a run's parts. The parts are built by `pstar_cli.training.run`: `build_run`
+    (every part) or `build_trainer` (the loop's own parts only: no checkpoints, no loss guard, never
+    stops early, which is what the profiler and the tests of the loop itself use)."""
+
     def __init__(
         self,
         cfg: Config,
         output_dir: Path,
-        ranks: Ranks = Ranks(),
-        view: View | None = None,
-        append_metrics: bool = False,
+        ranks: Ranks,
+        view: View | None,
+        *,
+        model: Any,
+        optimizer: Any,
+        data: Any,
+        device: torch.device,
+        memory: MemoryProbe,
+        metrics: MetricsWriter | None,
+        init_s: float = 0.0,
+        checkpointer: Checkpointer | None = None,
+        loss_guard: LossGuard | None = None,
+        stop: StopSignal | None = None,
     ) -> None:
         self.cfg = cfg
         self.output_dir = output_dir
         self.ranks = ranks
         self.view: View = view or NullView()
-        self.device = compute_device(ranks.local_rank)
+        self.model, self.optimizer = model, optimizer  # the engine's (initialize_engine)
+        self.data = data  # get_batch(start, count): the global data order
+        self.device = device  # where the model computes
+        self.memory = memory
+        self.metrics = metrics  # metrics.jsonl, on rank 0 only
+        self.init_s = init_s  # seconds the engine took to build the model
+        self.checkpointer = checkpointer
+        self.loss_guard = loss_guard
+        self.stop = stop
+        # pure functions of the config
         self.split = BatchSplit.of(cfg.train.batch_size, ranks.world_size, cfg.train.grad_accum)
         self.model_cfg = cfg.model_dict()
         self.schedule = build_lr_schedule(cfg.train)
         recompute = cfg.model_spec["activation_checkpointing"]
         self.flops_per_token = models.flops_per_token(self.model_cfg, cfg.train.seq_len, recompute)
         self.state = TrainState()
-        # the run's parts (pstar_cli.training.run.build_run sets them); a bare trainer has none
-        self.checkpointer: Checkpointer | None = None
-        self.loss_guard: LossGuard | None = None
-        self.stop: StopSignal | None = None
         self.last_loss: torch.Tensor | None = None  # this rank's mean loss of the last step, on the device
-
-        if ranks.is_main:
-            # building a large model takes a while: say what is happening before the view starts
-            print(f"pstar: building {cfg.model.size or cfg.model.family or cfg.model.hf_path} "
-                  f"({models.num_params(self.model_cfg) / 1e6:,.1f}M parameters) through the engine ...", flush=True)
-        self.init_s = self._build_engine()
-        self.data = self._build_data()
-        self.memory = MemoryProbe(self.device)
-        self.metrics = MetricsWriter(output_dir / "metrics.jsonl", append_metrics) if ranks.is_main else None
         self._interval_start = time.perf_counter()
         self._interval_steps = 0
-
-    def _build_engine(self) -> float:
-        """Seed, then build the model through the engine (on meta, materialised into chunks)."""
-        from engine import initialize_engine
-
-        started = time.perf_counter()
-        # the seed fixes the initial weights: same seed, same weights as a plain PyTorch build
-        torch.manual_seed(self.cfg.train.seed)
-        model_cfg = self.model_cfg
-        self.model, self.optimizer = initialize_engine(
-            model_func=models.model_func(model_cfg),
-            local_rank=self.ranks.local_rank,
-            config=self.cfg.engine_config,
-            param_groups=param_groups_of(self.cfg),
-        )
-        # After init every rank holds the same weights; from here on each rank draws its own random
-        # numbers (dropout masks), so ranks working on different samples do not share one mask.
-        # Rank 0 keeps the plain seed, so a one-rank run draws what a plain PyTorch loop would.
-        if self.ranks.rank > 0:
-            torch.manual_seed(self.cfg.train.seed + self.ranks.rank)
-        return time.perf_counter() - started
-
-    def _build_data(self):
-        from pstar_cli.training.data import build_data
-
-        data_cfg = self.cfg.to_dict()["data"]
-        return build_data(data_cfg, self.cfg.train.seq_len, self.cfg.model_spec["vocab_size"], self.cfg.train.seed)
 
     # ---- the loop ----
 
