@@ -364,3 +364,27 @@ def test_profile_init_names_where_init_spends_its_time():
     assert first.startswith("gpt-tiny: init ") and "init_device auto" in first
     assert "normal_" in done.stdout and "tottime" in done.stdout
     assert profile_init.__doc__.startswith("Where `initialize_engine` spends its time")
+
+
+# ---- RESULTS.md ----
+
+def test_results_tables_are_generated_from_results_json():
+    """RESULTS.md's tables are what `python -m benchmarks.tables` makes of results.json now."""
+    from benchmarks import tables
+
+    assert tables.main(["--check"]) == 0
+
+
+def test_tables_give_legacy_rows_model_flops_and_keep_the_prose():
+    from benchmarks import tables
+
+    legacy = {"system": "pstar", "model": "gpt-12b", "batch": 8, "gpus": 1, "machine": "m", "status": "ok",
+              "tflops": 400.0, "activation_checkpointing": True, "step_s": 2.0}
+    current = dict(legacy, tflops=None, model_tflops=300.0, hardware_tflops=400.0, clip=1.0,
+                   config="configs/gpt-12b.yaml", ratio_to_best_pytorch=None)
+    text = f"prose before\n{tables.BEGIN}\nold table\n{tables.END}\nprose after\n"
+    out = tables.render(text, [legacy, current])
+    assert out.startswith("prose before\n") and out.endswith("prose after\n") and "old table" not in out
+    legacy_line, current_line = [line for line in out.splitlines() if line.startswith("| pstar")]
+    assert "| 300.0 | 400.0 |" in legacy_line  # recompute: model FLOPs are 3/4 of what it counted
+    assert "| 300.0 | 400.0 |" in current_line and "`gpt-12b.yaml`" in current_line
