@@ -129,3 +129,10 @@ def engine_config(eps: float = 1e-8, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+def reference_adamw(module: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """torch's fused AdamW with an engine config's optimizer settings: what the engine must equal."""
+    p = cfg["optimizer"]["params"]
+    return torch.optim.AdamW(module.parameters(), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                             weight_decay=p["weight_decay"], fused=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 import engine.host_adam
 from engine import initialize_engine
-from tests.engine_models import TinyGPT, engine_config
+from tests.engine_models import TinyGPT, engine_config, reference_adamw
 from tests.test_engine import DEVICE, batches, engine_step, snapshot
 from tests.test_engine_speed import FP16, _assert_bitwise, _split_limit, _train
 
@@ -31,9 +31,7 @@ def _norms_of_plain_run(max_norm: float, num_steps: int, cfg: dict) -> list[floa
     """The pre-clip global norms of the plain PyTorch run with clipping at `max_norm`."""
     torch.manual_seed(0)
     reference = TinyGPT().to(DEVICE)
-    p = cfg["optimizer"]["params"]
-    opt = torch.optim.AdamW(reference.parameters(), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
-                            weight_decay=p["weight_decay"], fused=True)
+    opt = reference_adamw(reference, cfg)
     norms = []
     for x, y in batches("gpt", num_steps):
         opt.zero_grad()
@@ -108,9 +106,7 @@ def test_a_discarded_backward_equals_plain_pytorch_skipping_the_batch(split_limi
     model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
     torch.manual_seed(0)
     reference = TinyGPT().to(DEVICE)
-    p = cfg["optimizer"]["params"]
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
-                                weight_decay=p["weight_decay"], fused=True)
+    ref_opt = reference_adamw(reference, cfg)
     for index, (x, y) in enumerate(data):
         if index == 3:  # a bad batch: backward, then dropped
             model.backward(model(x, y))
@@ -175,9 +171,7 @@ def test_a_parameter_read_outside_its_hooks_waits_for_its_update(monkeypatch, de
     model, optimizer = initialize_engine(model_func=ParentReadsTheTable, config=cfg)
     torch.manual_seed(0)
     reference = ParentReadsTheTable().to(DEVICE)
-    p = cfg["optimizer"]["params"]
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
-                                weight_decay=p["weight_decay"], fused=True)
+    ref_opt = reference_adamw(reference, cfg)
     gen = torch.Generator().manual_seed(4)
     for _ in range(5):
         idx, target = (torch.randint(64, (4, 8), generator=gen).to(DEVICE) for _ in range(2))
