@@ -207,7 +207,33 @@ def collectives() -> dict:
     return results
 
 
-SCENARIOS = {"train": train, "resume": resume, "shard_resume": shard_resume, "fp16_overflow": fp16_overflow,
+def inject_reduction_bug(bug: str) -> None:
+    """Break the engine's gradient reduction in this rank the way a sharding bug would."""
+    import engine.distributed as engine_dist
+
+    def reduce_gradients(self, full, shard_numel, writes):
+        if bug == "averaged_twice":
+            out = self.reduce_scatter_sum(torch.empty(shard_numel, dtype=full.dtype), full)
+            out.mul_(1.0 / self.world_size).mul_(1.0 / self.world_size)
+        elif bug == "wrong_rank":  # this rank gets the next rank's slice of the sum
+            total = full.clone()
+            dist.all_reduce(total)
+            other = (self.rank + 1) % self.world_size
+            out = total.narrow(0, other * shard_numel, shard_numel).mul_(1.0 / self.world_size)
+        else:  # "missing_reduction": this rank's own gradient, never summed over the ranks
+            out = full.narrow(0, self.rank * shard_numel, shard_numel).clone()
+        for dest, begin, end, add in writes:
+            self._write(dest.narrow(0, begin, end - begin), out.narrow(0, begin, end - begin), add)
+
+    engine_dist.Comm.reduce_gradients = reduce_gradients
+
+
+def train_with_bug(bug: str, **kwargs) -> dict:
+    inject_reduction_bug(bug)
+    return train(**kwargs)
+
+
+SCENARIOS = {"train": train, "train_with_bug": train_with_bug, "resume": resume, "shard_resume": shard_resume, "fp16_overflow": fp16_overflow,
              "cpu_embedding_refused": cpu_embedding_refused, "collectives": collectives}
 
 
@@ -314,6 +340,21 @@ def test_two_ranks_train_like_one_rank_with_evictions(tmp_path, kind):
     assert stats["step_gathers"] > 0 and reference["stats"]["step_gathers"] == 0, stats  # one rank: none
     # each rank holds half the model data (plus alignment padding)
     assert stats["model_data_bytes"] < 0.55 * reference["stats"]["model_data_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the injected reduction is the CPU (gloo) path")
+@pytest.mark.parametrize("bug", ["averaged_twice", "wrong_rank", "missing_reduction"])
+def test_the_weight_and_moment_bounds_catch_sharding_bugs(tmp_path, bug):
+    """The rounding bounds of assert_same_training are tight enough to fail on real bugs: with the
+    losses and norms taken from the reference (so only the weight and moment checks can fail), a
+    gradient averaged twice, a slice reduced to the wrong rank and a missing reduction are caught."""
+    cfg = engine_config()
+    reference = train("gpt", cfg, num_steps=6)
+    [ours, _] = on_ranks(tmp_path, 2, "train_with_bug", bug=bug, kind="gpt", cfg=cfg, num_steps=6)
+    ours = dict(ours, losses=reference["losses"], norms=reference["norms"])
+    with pytest.raises(AssertionError, match="outside the rounding bound"):
+        assert_same_training(ours, reference, cfg, num_steps=6)
 
 
 def test_gradient_accumulation_and_clipping_on_two_ranks(tmp_path):
