@@ -118,7 +118,8 @@ def shipped_config(path: Path | None, gpus: int, overrides: list[str] = ()) -> d
     if cfg.model.family not in (None, "gpt"):
         raise UsageError(f"--config {path}: the harness runs GPT sizes; this config's model is {cfg.model.family}")
     label = " ".join([str(path), *overrides])
-    return {"path": label, "engine": cfg.engine_dict(), "model": cfg.model.size,
+    return {"path": label, "engine": cfg.engine_dict(), "weight_decay_on": cfg.train.weight_decay_on,
+            "model": cfg.model.size,
             "activation_checkpointing": cfg.model.activation_checkpointing,
             "batch": cfg.micro_batch_size, "seq": cfg.train.seq_len}
 
@@ -151,7 +152,8 @@ def build_specs(args: argparse.Namespace, device: str, shapes: dict[str, dict],
                     activation_checkpointing=recompute, chunk_size=args.chunk_size,
                     device_memory_limit=args.device_memory_limit, host_memory_limit=args.host_memory_limit,
                     clip=args.clip, config=from_config["path"] if from_config else None,
-                    engine=from_config["engine"] if from_config else None))
+                    engine=from_config["engine"] if from_config else None,
+                    weight_decay_on=from_config["weight_decay_on"] if from_config else "all"))
     return specs
 
 

@@ -39,6 +39,7 @@ class CaseSpec:
     clip: float = 1.0  # global gradient-norm clipping in every system; 0 turns it off
     config: str | None = None  # pstar: the shipped config whose engine and model settings it runs
     engine: dict | None = None  # pstar: that config's engine section, as `pstar train` hands it over
+    weight_decay_on: str = "all"  # pstar: the config's train.weight_decay_on ("matrices": two groups)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -259,6 +259,17 @@ def pstar_engine_config(spec: CaseSpec) -> dict:
     return config
 
 
+def pstar_param_groups(spec: CaseSpec, config: dict):
+    """The optimizer groups `pstar train` builds for the config (nanoGPT's weight-decay rule as two
+    groups unless the config says `all`), so a row takes the path a user's run takes."""
+    if spec.weight_decay_on == "all":
+        return None
+    from engine.param_groups import weight_decay_groups
+
+    weight_decay = config["optimizer"]["params"].get("weight_decay", 0.0)
+    return lambda module: weight_decay_groups(module, weight_decay)
+
+
 def build_pstar(spec: CaseSpec, runtime: Runtime) -> Trainer:
     from engine import initialize_engine
     from engine.config import engine_config_problems
@@ -270,7 +281,8 @@ def build_pstar(spec: CaseSpec, runtime: Runtime) -> Trainer:
     model_cfg = spec.model_config()
     start = time.perf_counter()
     model, optimizer = initialize_engine(
-        model_func=lambda: models.build_model(model_cfg), local_rank=runtime.local_rank, config=config
+        model_func=lambda: models.build_model(model_cfg), local_rank=runtime.local_rank, config=config,
+        param_groups=pstar_param_groups(spec, config),
     )
     synchronize(runtime.device)
     init_s = time.perf_counter() - start
@@ -282,11 +294,11 @@ def build_pstar(spec: CaseSpec, runtime: Runtime) -> Trainer:
         optimizer.zero_grad()
         return loss.detach()
 
-    return Trainer(step=step, init_s=init_s, details=lambda: _pstar_details(model, config))
+    return Trainer(step=step, init_s=init_s, details=lambda: _pstar_details(model, optimizer, config))
 
 
-def _pstar_details(model, config: dict) -> dict:
-    details: dict = {"engine_config": config}
+def _pstar_details(model, optimizer, config: dict) -> dict:
+    details: dict = {"engine_config": config, "param_groups": len(optimizer.param_groups)}
     for name in ("chunk_stats", "step_timings"):
         try:
             details[name] = getattr(model, name)()

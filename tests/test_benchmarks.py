@@ -226,6 +226,7 @@ def test_cpu_smoke_pstar_runs_the_shipped_config(tmp_path):
     assert row["config"] == str(config) and row["model"] == "gpt-mini" and row["clip"] == 1.0
     shipped = load_config(config).engine_dict()
     ran = row["details"]["engine_config"]
+    assert row["details"]["param_groups"] == 2  # nanoGPT's weight-decay rule, as pstar train builds it
     assert ran["default_chunk_size"] == shipped["default_chunk_size"]
     assert ran["device_memory_limit"] == shipped["device_memory_limit"]
     assert ran["gradient_clipping"] == 1.0
