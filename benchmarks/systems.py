@@ -260,14 +260,10 @@ def pstar_engine_config(spec: CaseSpec) -> dict:
 
 
 def pstar_param_groups(spec: CaseSpec, config: dict):
-    """The optimizer groups `pstar train` builds for the config (nanoGPT's weight-decay rule as two
-    groups unless the config says `all`), so a row takes the path a user's run takes."""
-    if spec.weight_decay_on == "all":
-        return None
-    from engine.param_groups import weight_decay_groups
+    """The optimizer groups `pstar train` builds for the config, so a row takes a user's path."""
+    from pstar_cli.training.run import param_groups_for
 
-    weight_decay = config["optimizer"]["params"].get("weight_decay", 0.0)
-    return lambda module: weight_decay_groups(module, weight_decay)
+    return param_groups_for(spec.weight_decay_on, config["optimizer"]["params"].get("weight_decay", 0.0))
 
 
 def build_pstar(spec: CaseSpec, runtime: Runtime) -> Trainer:

@@ -78,13 +78,17 @@ def build_trainer(cfg: Config, output_dir: Path, ranks: Ranks = Ranks(), view=No
 
 
 def param_groups_of(cfg: Config):
-    """The optimizer's parameter groups for `train.weight_decay_on`: nanoGPT's rule ("matrices": decay
-    on tensors of 2+ dims only) as two groups, or None for one group that decays everything ("all")."""
+    """The optimizer's parameter groups for the config's `train.weight_decay_on`."""
+    return param_groups_for(cfg.train.weight_decay_on, cfg.engine_config.optimizer.weight_decay)
+
+
+def param_groups_for(rule: str, weight_decay: float):
+    """nanoGPT's rule ("matrices": decay on tensors of 2+ dims only) as two groups, or None for one
+    group that decays everything ("all")."""
     from engine.param_groups import weight_decay_groups
 
-    if cfg.train.weight_decay_on == "all":
+    if rule == "all":
         return None
-    weight_decay = cfg.engine_config.optimizer.weight_decay
     return lambda module: weight_decay_groups(module, weight_decay)
 
 
