@@ -115,19 +115,21 @@ def build_pytorch_bf16(spec: CaseSpec, runtime: Runtime) -> Trainer:
     optimizer = torch.optim.AdamW(masters, lr=spec.lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
     synchronize(runtime.device)
 
+    for master in masters:  # fp32 gradients for the fp32 step, as pstar's masters get; kept across steps
+        master.grad = torch.zeros_like(master)
+    master_grads = [master.grad for master in masters]
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = model(x, y)
         loss.backward()
-        grads = [p.grad for p in params]
-        for master, grad in zip(masters, grads):
-            master.grad = grad.float()  # fp32 gradients for the fp32 step, as pstar's masters get
+        with torch.no_grad():
+            torch._foreach_copy_(master_grads, [p.grad for p in params])
         if spec.clip > 0:
             torch.nn.utils.clip_grad_norm_(masters, spec.clip)
         optimizer.step()
         with torch.no_grad():
             torch._foreach_copy_(params, masters)  # round the new weights into the bf16 model
-        for p, master in zip(params, masters):
-            p.grad = master.grad = None
+        model.zero_grad(set_to_none=True)
         return loss.detach()
 
     details = {"optimizer": "AdamW(fused) on fp32 masters", "param_dtype": "bfloat16"}
