@@ -110,6 +110,7 @@ def measure_train(directory: Path, batch: int, seq_len: int, steps: int, chunk_e
     start = time.perf_counter()
     model, optimizer = initialize_engine(model_func=model_func, config=config)
     init_s = time.perf_counter() - start
+    print(f"init: {init_s:.1f} s", file=sys.stderr, flush=True)
     init_peak = sampler.mark("init")
     stats = model.chunk_stats()
     step_s = _train_steps(model, optimizer, resolved["vocab_size"], batch, seq_len, steps, device)
@@ -148,6 +149,7 @@ def _train_steps(model, optimizer, vocab: int, batch: int, seq_len: int, steps: 
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        print(f"step {len(times)}: {times[-1]:.2f} s, loss {loss.item():.3f}", file=sys.stderr, flush=True)
     return times
 
 
