@@ -143,9 +143,12 @@ class EngineModel(nn.Module):
                                   on_backward_end=runtime.end_backward,
                                   first_used=runtime.first_used)
         self._hooks.install()
+        runtime.hooks = self._hooks
 
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
+        if self._hooks.settled:
+            self._hooks.refuse_forward_over_gradients()
         self._rt.begin_forward()
         self._hooks.hold_outside_reads()
         try:
@@ -294,6 +297,8 @@ class EngineModel(nn.Module):
         stats["step_host_groups_downloaded_in_backward"] = report.num_downloaded_in_backward if report else 0
         stats["step_host_groups_after_step"] = report.num_after_step if report else 0
         stats["step_host_groups_redone"] = report.num_redone if report else 0
+        # 1 once nothing can move any more and the model runs with the lean hooks (engine/hooks.py)
+        stats["settled"] = int(self._hooks.settled)
         return stats
 
     def step_timings(self) -> dict[str, float]:

@@ -16,6 +16,13 @@
   several ranks it is written over the weight in the gathered chunk, and the chunk manager reduces
   the chunk's gradients over ranks into this rank's shard once the chunk's backward is over.
 - A callback queued on the autograd engine marks the end of each backward.
+- Settled (`settle`, chosen by the optimizer after placement when nothing can move any more: one
+  rank, every chunk resident on the device for good, every optimizer group on the device): the
+  module and saved-tensor hooks are removed, since a chunk that never moves needs no fetch, no
+  pin and no reference in place of a saved tensor, and each parameter's gradient hook is replaced
+  by one bound to the gradient's fixed place in its chunk (a copy and a flag). What is left per
+  step is one small hook per parameter; the check that a forward does not run over gradients
+  still in place of weights moves to the start of the engine model's forward.
 - Reads outside the owning module's hooks: the warm-up forward runs under a torch-function mode that
   notices an engine parameter used while no module holding it is running (a parent calling
   `F.linear(x, self.wte.weight)`). Such a parameter's chunk is made resident right then (waiting
@@ -73,6 +80,10 @@ class EngineHooks:
         self.read_outside: list[TensorInfo] = []  # parameters read outside their modules' hooks
         self.retrace = False  # a read outside the hooks was found while the warm-up was traced
         self._held: list[TensorInfo] = []
+        self._module_handles: list = []
+        self._grad_handles: list = []
+        self.settled = False  # nothing moves any more: the lean hooks only (module doc)
+        self.grads_in_place = False  # settled: a backward wrote gradients that no step consumed yet
 
     # ---- installation --------------------------------------------------------------------
 
@@ -82,16 +93,39 @@ class EngineHooks:
             if not infos:
                 continue
             self._direct[module] = infos
-            self._handles.append(module.register_forward_pre_hook(self._pre_forward))
-            self._handles.append(module.register_forward_hook(self._post_forward, always_call=True))
-        seen: set[int] = set()
-        for info in self.infos.values():
-            if info.requires_grad and id(info.param) not in seen:
-                seen.add(id(info.param))
-                self._handles.append(info.param.register_post_accumulate_grad_hook(self._on_grad))
+            self._module_handles.append(module.register_forward_pre_hook(self._pre_forward))
+            self._module_handles.append(module.register_forward_hook(self._post_forward, always_call=True))
+        for info in self._trainable_infos():
+            self._grad_handles.append(info.param.register_post_accumulate_grad_hook(self._on_grad))
         for module in self.host_only_modules:
             self._handles.append(module.register_forward_pre_hook(self._inputs_to_host))
             self._handles.append(module.register_forward_hook(self._output_to_device))
+
+    def _trainable_infos(self) -> list[TensorInfo]:
+        unique = {id(info.param): info for info in self.infos.values() if info.requires_grad}
+        return list(unique.values())
+
+    def settle(self) -> None:
+        """Nothing will move any more: drop the module and saved-tensor hooks and bind each
+        gradient hook to its gradient's place (module doc). Gradient hooks registered after the
+        engine's (the optimizer's) must have been removed by their owner."""
+        for handle in self._module_handles + self._grad_handles:
+            handle.remove()
+        self._module_handles, self._grad_handles = [], []
+        copier = self.manager.copier
+        for info in self._trainable_infos():
+            chunk = info.group.grad_chunk
+            assert chunk.pinned_forever and chunk.location is Location.DEVICE, f"{chunk} may still move"
+            region = info.region_of(copier.current_flat(chunk))
+            hook = _SettledGradient(self, info, region)
+            self._grad_handles.append(info.param.register_post_accumulate_grad_hook(hook))
+        self.settled = True
+
+    def refuse_forward_over_gradients(self) -> None:
+        """Settled: a forward may not compute with gradients sitting where the weights belong."""
+        if self.grads_in_place:
+            pending = [info for info in self.infos.values() if info.has_grad]
+            self._refuse_pending_grads(pending[0].group.working, pending[:1])
 
     def _direct_infos(self, module: nn.Module) -> list[TensorInfo]:
         infos: list[TensorInfo] = []
@@ -102,6 +136,8 @@ class EngineHooks:
         return infos
 
     def saved_tensors_context(self):
+        if self.settled:
+            return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     # ---- parameters read outside their modules' hooks --------------------------------------
@@ -114,6 +150,8 @@ class EngineHooks:
 
     def hold_outside_reads(self) -> None:
         """Forward start: the chunks of parameters read outside hooks, resident and held."""
+        if self.settled:
+            return  # resident for good
         with self.manager.lock:
             for info in self.read_outside:
                 self._hold(info)
@@ -274,6 +312,28 @@ class EngineHooks:
             self._backward_end_queued = False
             self._unpin_all()
         self.on_backward_end()
+
+
+class _SettledGradient:
+    """A settled parameter's gradient hook: the gradient into its fixed place in the chunk."""
+
+    __slots__ = ("hooks", "info", "region")
+
+    def __init__(self, hooks: EngineHooks, info: TensorInfo, region: torch.Tensor):
+        self.hooks, self.info, self.region = hooks, info, region
+
+    def __call__(self, param: nn.Parameter) -> None:
+        grad = param.grad
+        param.grad = None
+        hooks = self.hooks
+        if not hooks._backward_end_queued:
+            hooks._queue_backward_end()
+        if self.info.has_grad:  # a second backward before a step (refused at the next forward)
+            self.region.add_(grad.reshape(-1))
+        else:
+            self.region.copy_(grad.reshape(-1))
+            self.info.has_grad = True
+        hooks.grads_in_place = True
 
 
 def _unique_chunks(infos: list[TensorInfo]) -> list[Chunk]:

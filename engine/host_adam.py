@@ -114,9 +114,11 @@ def _adam_span(flats: GroupFlats, begin: int, end: int, step_number: int, hyper:
 
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,
                    scratch: HostScratch | None) -> torch.Tensor:
-    """The kernel wants fp32 gradients like the masters; the copy is also where the multiplier is
-    applied, so an fp32 gradient without one is used as it is."""
-    if grad.dtype == torch.float32 and multiplier is None:
+    """The kernel wants fp32 gradients like the masters; a compute-dtype gradient is cast into a
+    copy, where the multiplier is applied too; an fp32 one is used where it is."""
+    if grad.dtype == torch.float32:
+        if multiplier is not None:
+            grad.mul_(multiplier)  # in place, as clip_grad_norm_ does: the chunk's gradients are consumed
         return grad
     if scratch is None:
         out = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)

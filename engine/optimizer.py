@@ -114,9 +114,8 @@ class HybridAdam(torch.optim.Optimizer):
         self._info_of = {id(info.param): info for info in runtime.infos}
         # Registered after the model wrapper's own hooks (it is built first), so each of these runs
         # once the gradient is in its chunk.
-        for info in runtime.infos:
-            if info.requires_grad:
-                info.param.register_post_accumulate_grad_hook(self._on_gradient)
+        self._gradient_handles = [info.param.register_post_accumulate_grad_hook(self._on_gradient)
+                                  for info in runtime.infos if info.requires_grad]
 
     @property
     def loss_scale(self) -> float:
@@ -167,7 +166,17 @@ class HybridAdam(torch.optim.Optimizer):
             _add_seconds(rt, "wait", wait_s)
             rt.manager.end_step()
             rt.end_step_timings()
+            if not rt.hooks.settled and nothing_moves(rt):
+                self._settle()
         return None
+
+    def _settle(self) -> None:
+        """Nothing moves from here on (`nothing_moves`): no host group waits for gradients in
+        backward, and the model's hooks shrink to one lean gradient hook per parameter."""
+        for handle in self._gradient_handles:
+            handle.remove()
+        self._gradient_handles = []
+        self._rt.hooks.settle()
 
     def _update(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         """Host groups to the worker (their gradients on the way down), device groups on the
@@ -176,7 +185,8 @@ class HybridAdam(torch.optim.Optimizer):
         device_groups = [g for g in groups if g.optimizer_on_device]
         for group in host_groups:
             self._host.send_to_host(group)
-        self._bring_to_device(device_groups)
+        frozen = [g for g in self._rt.groups if not g.trainable and not g.host_only and not g.param.pinned_forever]
+        self._bring_to_device(device_groups + (frozen if self._host.keep_resident else []))
         allocate_host_moments(self._rt)
         if host_groups:
             on_host = None if multiplier is None else multiplier.to("cpu")  # the step's one sync
@@ -281,7 +291,8 @@ class HybridAdam(torch.optim.Optimizer):
     def _bring_to_device(self, groups: list[ChunkGroup]) -> None:
         """Device groups: gradients (and the param chunk the new weights go to) onto the device.
         When every param chunk fits the device, a device group's param chunk stays there for good
-        and its host copy is freed (2 B/param of host memory: 15 GB on gpt-12b)."""
+        and its host copy is freed (2 B/param of host memory: 15 GB on gpt-12b); so does a frozen
+        group's."""
         manager = self._rt.manager
         for_good = []
         for group in groups:
@@ -380,11 +391,28 @@ class HybridAdam(torch.optim.Optimizer):
         return [g for g in self._rt.groups if any(info.has_grad for info in g.tensors)]
 
     def _clear_grads(self, groups: list[ChunkGroup]) -> None:
+        self._rt.hooks.grads_in_place = False
         for group in groups:
             for info in group.tensors:
                 info.has_grad = False
                 if info.num_users == 0:
                     info.state = TensorState.HOLD
+
+
+def nothing_moves(rt: EngineRuntime) -> bool:
+    """True once no chunk can move any more: one rank, placed, no gradient accumulation (its grad
+    chunks come and go), and every chunk group resident on the device for good with its optimizer
+    state there (frozen groups: their param chunk)."""
+    if rt.comm is not None or rt.grad_accumulation or not rt.optimizer_placed or rt.retrace_after_backward:
+        return False
+    if not rt.schedule.recorded or rt.schedule.recording:
+        return False
+    for group in rt.groups:
+        if group.host_only or not group.param.pinned_forever or group.param.location is not Location.DEVICE:
+            return False
+        if group.trainable and not group.optimizer_on_device:
+            return False
+    return True
 
 
 def _add_seconds(rt: EngineRuntime, key: str, seconds: float) -> None:

@@ -47,6 +47,7 @@ class EngineRuntime:
     retrace_after_backward: bool = False  # the warm-up must be traced again (reads outside hooks)
     first_used: list[TensorInfo] = field(default_factory=list)  # warm-up forward's first uses
     host_updates: object = None  # the optimizer's HostUpdates: host groups' updates still running
+    hooks: object = None  # the model wrapper's EngineHooks (the optimizer settles them)
     param_groups: list | None = None  # the optimizer's param_groups (checkpoints keep them)
     _timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     last_step_timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))

@@ -1,0 +1,107 @@
+"""A run whose chunks all stay on the device settles after its first step: the module and
+saved-tensor hooks go, each gradient hook is bound to its place (engine/hooks.py). Settling must
+change no number, keep torch's semantics (a discarded backward, a forward over unconsumed
+gradients refused) and never happen while chunks can still move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import initialize_engine
+from engine.errors import EngineError
+from tests.engine_models import TinyGPT
+from tests.test_engine import (DEVICE, assert_state_close, batches, build_pair, engine_config, engine_step,
+                               plain_optimizer)
+
+ROOMY = 256 << 20  # holds the whole TinyGPT, its optimizer state and activations
+
+
+def _engine_hooks_left(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.module.modules())
+
+
+def test_a_run_that_fits_settles_and_still_equals_plain_pytorch():
+    max_norm = 0.05
+    cfg = engine_config(device_memory_limit=ROOMY, gradient_clipping=max_norm)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    settled_after = []
+    for x, y in batches("gpt", 6):
+        loss = engine_step(model, optimizer, x, y)
+        settled_after.append(model.chunk_stats()["settled"])
+        ref_opt.zero_grad()
+        ref_loss = reference(x, y)
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        ref_opt.step()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert settled_after == [1] * 6  # placed and settled by the first step
+    assert _engine_hooks_left(model) == 0
+    assert model.chunk_stats()["step_evictions"] == 0
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_settled_discarded_backward_and_refused_forward_keep_torchs_semantics():
+    cfg = engine_config(device_memory_limit=ROOMY)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    data = list(batches("gpt", 5))
+    for step, (x, y) in enumerate(data):
+        if step == 3:  # a backward the loop throws away; the plain run never sees this batch
+            model.backward(model(x, y))
+            assert model.chunk_stats()["settled"] == 1
+            with pytest.raises(EngineError, match="optimizer.step"):
+                model(x, y)  # the gradients sit where the weights belong
+            optimizer.zero_grad()
+            continue
+        engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(data[0][0]), reference(data[0][0]), rtol=1e-5, atol=1e-6)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_settle_with_the_rest():
+    def frozen_embedding():
+        net = TinyGPT()
+        net.wte.weight.requires_grad_(False)
+        return net
+
+    cfg = engine_config(device_memory_limit=ROOMY)
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=frozen_embedding, config=cfg)
+    reference = frozen_embedding().to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=3e-3,
+                                betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    for x, y in batches("gpt", 4):
+        engine_step(model, optimizer, x, y)
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+    assert model.chunk_stats()["settled"] == 1
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_whose_chunks_move_never_settles():
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())  # evicts every step
+    for x, y in batches("gpt", 4):
+        engine_step(model, optimizer, x, y)
+        assert model.chunk_stats()["step_evictions"] > 0
+        assert model.chunk_stats()["settled"] == 0
+    assert _engine_hooks_left(model) > 0
+
+
+def test_gradient_accumulation_never_settles():
+    cfg = engine_config(device_memory_limit=ROOMY, gradient_accumulation_steps=2)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    data = list(batches("gpt", 4))
+    for step in range(2):
+        for x, y in data[2 * step: 2 * step + 2]:
+            model.backward(model(x, y))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model.chunk_stats()["settled"] == 0
