@@ -3,7 +3,8 @@
 # all questions at once. Run from the repository root; results and logs go to $OUT (or outputs/gpu).
 #
 #   bash benchmarks/gpu_session.sh one     # nvidia-h200: GPU tests; gpt-1.3b b8/b1 and gpt-4b b8 against
-#                                          # the plain-PyTorch recipes; configs/gpt-12b.yaml, clip 1 and 0
+#                                          # the plain-PyTorch recipes, gpt-1.3b with compile_blocks too
+#   bash benchmarks/gpu_session.sh twelve  # nvidia-h200: configs/gpt-12b.yaml, clipping 1 and 0
 #   bash benchmarks/gpu_session.sh large   # nvidia-h200: configs/gpt-15b.yaml, gpt-18b on one GPU, and a
 #                                          # >= 14B Hugging Face Llama loaded from safetensors
 #   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then the largest GPT
@@ -36,10 +37,17 @@ one)
     machine=nvidia-h200
     timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -8 | tee "$out/gpu-tests.log"
     recipes=pytorch,pytorch-bf16,pytorch-compile
-    bench 150 --systems $recipes,pstar --models gpt-1.3b --batch 8,1 --steps 5 --warmup 2 --config configs/gpt-1.3b.yaml
-    bench 80 --systems pytorch-bf16,pstar --models gpt-4b --batch 8 --steps 4 --warmup 2 --config configs/gpt-4b.yaml
-    bench 200 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2
-    bench 200 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2 --clip 0
+    bench 170 --systems $recipes,pstar --models gpt-1.3b --batch 8,1 --steps 5 --warmup 2 --config configs/gpt-1.3b.yaml
+    # the same run settled with its blocks compiled (the first steps trace, settle, then compile)
+    bench 110 --systems pstar --models gpt-1.3b --batch 8,1 --steps 5 --warmup 3 --config configs/gpt-1.3b.yaml \
+        --set engine.compile_blocks=true
+    bench 90 --systems pytorch-bf16,pytorch-compile,pstar --models gpt-4b --batch 8 --steps 4 --warmup 2 \
+        --config configs/gpt-4b.yaml
+    ;;
+twelve)
+    machine=nvidia-h200
+    bench 230 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2
+    bench 230 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2 --clip 0
     ;;
 large)
     machine=nvidia-h200
@@ -64,7 +72,7 @@ multi)
         --config configs/gpt-4b.yaml
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh one|large|multi" >&2
+    echo "usage: bash benchmarks/gpu_session.sh one|twelve|large|multi" >&2
     exit 2
     ;;
 esac

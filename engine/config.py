@@ -92,6 +92,9 @@ class EngineConfig:
     host_memory_limit: int | None = None  # bytes of host memory for host-resident chunks
     gradient_accumulation_steps: int = 1
     init_device: str = "auto"  # where init's RNG runs: "auto" = the compute device, "cpu" = the host
+    # torch.compile each repeated block (every member of an nn.ModuleList) once the run has settled
+    # (engine/hooks.py): nothing moves, so no engine hook runs inside a block
+    compile_blocks: bool = False
 
     @property
     def compute_dtype_name(self) -> str:
@@ -206,6 +209,7 @@ _SCHEMA: dict[str, Any] = {
     "host_memory_limit": _optional_bytes,
     "gradient_accumulation_steps": _positive_int,
     "init_device": _init_device,
+    "compile_blocks": _is_bool,
 }
 
 
@@ -234,7 +238,7 @@ PLACEMENT_KEYS = frozenset({
 })
 # Keys that change the numbers from the step they take effect, without changing the saved state's
 # meaning (one turns them to get a diverging run going again).
-TUNING_KEYS = frozenset({"gradient_clipping"})
+TUNING_KEYS = frozenset({"gradient_clipping", "compile_blocks"})
 
 
 def engine_key_effect(dotted: str) -> str:
@@ -336,7 +340,8 @@ def resolve_engine_config(cfg: "dict | EngineConfig | None") -> EngineConfig:
 
 
 _TOP_LEVEL_KEYS = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
-                   "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device")
+                   "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device",
+                   "compile_blocks")
 _MEM_TRACER_FIELDS = ("use_async_mem_monitor", "warmup_gpu_chunk_mem_ratio", "overall_gpu_mem_ratio",
                       "overall_cpu_mem_ratio", "margin_use_ratio")
 

@@ -23,6 +23,11 @@
   by one bound to the gradient's fixed place in its chunk (a copy and a flag). What is left per
   step is one small hook per parameter; the check that a forward does not run over gradients
   still in place of weights moves to the start of the engine model's forward.
+- Compiled blocks (`compile_blocks`): settled, no engine hook runs inside a block, so each repeated
+  block (every member of an nn.ModuleList) can be compiled whole by torch.compile, its backward
+  included; the gradient hooks run after it, on the parameters' accumulators. Before settling the
+  module hooks (locks, chunk moves) would break every block's graph into pieces, so the blocks are
+  compiled only once settled.
 - Reads outside the owning module's hooks: the warm-up forward runs under a torch-function mode that
   notices an engine parameter used while no module holding it is running (a parent calling
   `F.linear(x, self.wte.weight)`). Such a parameter's chunk is made resident right then (waiting
@@ -84,6 +89,7 @@ class EngineHooks:
         self._grad_handles: list = []
         self.settled = False  # nothing moves any more: the lean hooks only (module doc)
         self.grads_in_place = False  # settled: a backward wrote gradients that no step consumed yet
+        self.compiled_blocks = 0
 
     # ---- installation --------------------------------------------------------------------
 
@@ -105,10 +111,11 @@ class EngineHooks:
         unique = {id(info.param): info for info in self.infos.values() if info.requires_grad}
         return list(unique.values())
 
-    def settle(self) -> None:
+    def settle(self, compile_blocks: bool = False) -> None:
         """Nothing will move any more: drop the module and saved-tensor hooks and bind each
-        gradient hook to its gradient's place (module doc). Gradient hooks registered after the
-        engine's (the optimizer's) must have been removed by their owner."""
+        gradient hook to its gradient's place (module doc), then compile the blocks if asked.
+        Gradient hooks registered after the engine's (the optimizer's) must have been removed by
+        their owner."""
         for handle in self._module_handles + self._grad_handles:
             handle.remove()
         self._module_handles, self._grad_handles = [], []
@@ -120,6 +127,8 @@ class EngineHooks:
             hook = _SettledGradient(self, info, region)
             self._grad_handles.append(info.param.register_post_accumulate_grad_hook(hook))
         self.settled = True
+        if compile_blocks:
+            self.compiled_blocks = compile_repeated_blocks(self.root)
 
     def refuse_forward_over_gradients(self) -> None:
         """Settled: a forward may not compute with gradients sitting where the weights belong."""
@@ -312,6 +321,18 @@ class EngineHooks:
             self._backward_end_queued = False
             self._unpin_all()
         self.on_backward_end()
+
+
+# torch.compile's options for the blocks (tests use a backend that needs no C++ compiler)
+COMPILE_OPTIONS: dict = {"fullgraph": True}
+
+
+def compile_repeated_blocks(root: nn.Module) -> int:
+    """torch.compile every member of every nn.ModuleList in place; returns how many."""
+    blocks = [block for module in root.modules() if isinstance(module, nn.ModuleList) for block in module]
+    for block in blocks:
+        block.compile(**COMPILE_OPTIONS)
+    return len(blocks)
 
 
 class _SettledGradient:

@@ -47,6 +47,7 @@ touched and the compute weights are restored bitwise from the masters.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -60,6 +61,7 @@ from engine.optimizer_placement import allocate_host_moments, settle_optimizer_p
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
+log = logging.getLogger("pstar.engine")
 
 
 def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
@@ -105,6 +107,7 @@ class HybridAdam(torch.optim.Optimizer):
         self.last_step_skipped = False
         self.overlap_backward = True  # host updates may run after step() returns (module doc)
         self.last_step_overlapped_groups = 0  # host groups whose gradients went down in backward
+        self._said_not_compiled = False
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
                                  HostAdamWorker(runtime.copier, host_adam_threads()))
         runtime.manager.host_updates = self._host  # chunk accesses wait for a group's update
@@ -168,6 +171,12 @@ class HybridAdam(torch.optim.Optimizer):
             rt.end_step_timings()
             if not rt.hooks.settled and nothing_moves(rt):
                 self._settle()
+            elif rt.config.compile_blocks and not rt.hooks.settled and not self._said_not_compiled:
+                self._said_not_compiled = True
+                log.warning("pstar: compile_blocks is not applied: chunks of this run still move between "
+                            "host and device, and the hooks that move them would break every block's "
+                            "graph; it applies when the model, its gradients and its optimizer state all "
+                            "fit the device, on one rank, without gradient accumulation")
         return None
 
     def _settle(self) -> None:
@@ -176,7 +185,9 @@ class HybridAdam(torch.optim.Optimizer):
         for handle in self._gradient_handles:
             handle.remove()
         self._gradient_handles = []
-        self._rt.hooks.settle()
+        self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks)
+        if self._rt.config.compile_blocks:
+            log.info("pstar: settled; %d blocks compiled with torch.compile", self._rt.hooks.compiled_blocks)
 
     def _update(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         """Host groups to the worker (their gradients on the way down), device groups on the

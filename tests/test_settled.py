@@ -105,3 +105,34 @@ def test_gradient_accumulation_never_settles():
         optimizer.step()
         optimizer.zero_grad()
     assert model.chunk_stats()["settled"] == 0
+
+
+def test_compile_blocks_compiles_each_block_whole_once_settled(monkeypatch, caplog):
+    import engine.hooks as hooks_module
+
+    # aot_eager traces forward and backward as torch.compile does but needs no C++ compiler;
+    # fullgraph=True fails on any graph break (an engine hook inside a block would be one).
+    monkeypatch.setattr(hooks_module, "COMPILE_OPTIONS", {"fullgraph": True, "backend": "aot_eager"})
+    torch._dynamo.reset()
+    losses = {}
+    for compiled in (False, True):
+        cfg = engine_config(device_memory_limit=ROOMY, gradient_clipping=0.05, compile_blocks=compiled)
+        model, optimizer, _ = build_pair("gpt", cfg)
+        with caplog.at_level("INFO", logger="pstar.engine"):
+            losses[compiled] = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 5)]
+        if compiled:
+            blocks = model.module.blocks
+            assert model._hooks.compiled_blocks == len(blocks) > 0
+            assert all(block._compiled_call_impl is not None for block in blocks)
+            assert "blocks compiled" in caplog.text
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    torch._dynamo.reset()
+
+
+def test_compile_blocks_on_a_run_that_moves_says_why_it_is_not_applied(caplog):
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(compile_blocks=True))
+    with caplog.at_level("WARNING", logger="pstar.engine"):
+        for x, y in batches("gpt", 2):
+            engine_step(model, optimizer, x, y)
+    assert caplog.text.count("compile_blocks is not applied") == 1
+    assert model._hooks.compiled_blocks == 0
