@@ -112,6 +112,40 @@ def _adam_span(flats: GroupFlats, begin: int, end: int, step_number: int, hyper:
         flats.param[lo:hi].copy_(flats.master[lo:hi])  # the new compute weights (a cast)
 
 
+def adam_on_device_spans(flats: GroupFlats, spans: list[Span], multiplier: torch.Tensor | None,
+                         dense: bool) -> None:
+    """A device group's Adam step in a few kernel calls, whatever its number of spans: the gradients
+    cast to fp32 (times the multiplier) in one pass over the group's span range when `dense` (every
+    tensor in the range got a gradient, so the range holds only gradients and zero padding), then
+    one multi-tensor fused call per (step number, hyper-parameters), then the new masters cast into
+    the param chunk. Elementwise the same arithmetic as `adam_on_spans`, so the same numbers."""
+    if not spans:
+        return
+    lo, hi = spans[0][0], spans[-1][1]
+    if dense:
+        whole = _fp32_gradient(flats.grad[lo:hi], multiplier, None)
+        grads = [whole[begin - lo:end - lo] for begin, end, *_ in spans]
+    else:
+        grads = [_fp32_gradient(flats.grad[begin:end], multiplier, None) for begin, end, *_ in spans]
+    calls: dict[tuple, list[list[torch.Tensor]]] = {}
+    for (begin, end, step_number, hyper), grad in zip(spans, grads):
+        lists = calls.setdefault((step_number, hyper), [[], [], [], []])
+        for target, tensor in zip(lists, (flats.master[begin:end], grad, flats.exp_avg[begin:end],
+                                          flats.exp_avg_sq[begin:end])):
+            target.append(tensor)
+    for (step_number, hyper), (masters, grad_list, exp_avgs, exp_avg_sqs) in calls.items():
+        kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
+        step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
+        kernel(masters, grad_list, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
+               beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
+               amsgrad=False, maximize=False)
+    if dense:
+        flats.param[lo:hi].copy_(flats.master[lo:hi])
+    else:
+        for begin, end, *_ in spans:
+            flats.param[begin:end].copy_(flats.master[begin:end])
+
+
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,
                    scratch: HostScratch | None) -> torch.Tensor:
     """The kernel wants fp32 gradients like the masters; a compute-dtype gradient is cast into a

@@ -55,7 +55,7 @@ import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
 from engine.device import host_adam_threads, to_device_without_sync
-from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_spans
+from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_device_spans
 from engine.distributed import gather_flat, global_grad_norm
 from engine.optimizer_placement import allocate_host_moments, settle_optimizer_placement
 from engine.precision import clip_coefficient
@@ -373,7 +373,8 @@ class HybridAdam(torch.optim.Optimizer):
         for group in groups:
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
-            adam_on_spans(flats, self._step_spans(group), None, multiplier)
+            dense = all(info.has_grad for info in group.tensors)
+            adam_on_device_spans(flats, self._step_spans(group), multiplier, dense)
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
                 if info.has_grad:
                     info.num_steps += 1

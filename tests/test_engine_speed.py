@@ -23,7 +23,7 @@ import engine.device as device_module
 from engine import initialize_engine
 from engine.device import Copier, HostMemoryLimits, cgroup_problem, host_adam_threads, memlock_problem
 from engine.errors import EngineError
-from engine.host_adam import AdamHyper, GroupFlats, HostScratch, adam_on_spans
+from engine.host_adam import AdamHyper, GroupFlats, HostScratch, adam_on_device_spans, adam_on_spans
 from engine.optimizer_placement import plan_placement
 from tests.engine_models import TinyGPT
 from tests.test_engine import DEVICE, batches, engine_config, engine_step, plain_optimizer, snapshot
@@ -259,6 +259,46 @@ def test_host_adam_in_pieces_equals_torch_fused_adamw():
         opt.step()
     assert torch.equal(master, reference.detach())
     assert torch.equal(param, reference.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_device_adam_in_few_calls_equals_it_span_by_span(grad_dtype, monkeypatch):
+    """Spans of two parameter groups and two step numbers, with a tensor without a gradient
+    between them (its weights sit in the gradient chunk's range and must stay untouched):
+    grouped multi-tensor calls give bitwise what one call per span gives."""
+    gen = torch.Generator().manual_seed(0)
+    numel = 4096
+    decay = AdamHyper(decoupled=True, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    no_decay = AdamHyper(decoupled=True, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0)
+    with_hole = [(0, 1000, 3, decay), (1000, 1500, 3, no_decay), (2000, 3000, 2, decay),
+                 (3000, 4096, 3, no_decay)]  # 1500..2000: a tensor without a gradient
+    dense = [(0, 1000, 3, decay), (1000, 2000, 3, no_decay), (2000, 4096, 2, decay)]
+    multiplier = torch.tensor(0.37)
+    for spans, is_dense in ((with_hole, False), (dense, True)):
+        start = [torch.randn(numel, generator=gen) for _ in range(3)]
+        grad = torch.randn(numel, generator=gen).to(grad_dtype)
+        grad[1500:2000] = 7.0  # the hole: weights in place, never read as a gradient
+        runs = []
+        for grouped in (False, True):
+            master, exp_avg, exp_avg_sq = (t.clone() for t in start)
+            exp_avg_sq.abs_()
+            flats = GroupFlats(grad.clone(), torch.zeros(numel, dtype=torch.bfloat16), master, exp_avg,
+                               exp_avg_sq)
+            calls = []
+            real = torch._fused_adamw_
+            monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), real(*a, **k)))
+            if grouped:
+                adam_on_device_spans(flats, spans, multiplier, dense=is_dense)
+            else:
+                adam_on_spans(flats, spans, None, multiplier)
+            monkeypatch.setattr(torch, "_fused_adamw_", real)
+            runs.append((flats, len(calls)))
+        (plain, plain_calls), (grouped_flats, grouped_calls) = runs
+        for a, b in zip(plain, grouped_flats):
+            assert torch.equal(a, b)
+        if not is_dense:
+            assert torch.equal(grouped_flats.grad[1500:2000], torch.full((500,), 7.0, dtype=grad_dtype))
+        assert plain_calls == len(spans) and grouped_calls == len({(s[2], s[3]) for s in spans})
 
 
 def test_host_adam_calls_the_kernel_per_chunk_span_not_per_parameter(monkeypatch):
