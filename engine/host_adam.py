@@ -113,12 +113,13 @@ def _adam_span(flats: GroupFlats, begin: int, end: int, step_number: int, hyper:
 
 
 def adam_on_device_spans(flats: GroupFlats, spans: list[Span], multiplier: torch.Tensor | None,
-                         dense: bool) -> None:
+                         dense: bool, step_tensors: dict[int, torch.Tensor] | None = None) -> None:
     """A device group's Adam step in a few kernel calls, whatever its number of spans: the gradients
     cast to fp32 (times the multiplier) in one pass over the group's span range when `dense` (every
     tensor in the range got a gradient, so the range holds only gradients and zero padding), then
     one multi-tensor fused call per (step number, hyper-parameters), then the new masters cast into
-    the param chunk. Elementwise the same arithmetic as `adam_on_spans`, so the same numbers."""
+    the param chunk. Elementwise the same arithmetic as `adam_on_spans`, so the same numbers.
+    `step_tensors` (step number -> its device scalar) lets the groups of one step share them."""
     if not spans:
         return
     lo, hi = spans[0][0], spans[-1][1]
@@ -135,7 +136,11 @@ def adam_on_device_spans(flats: GroupFlats, spans: list[Span], multiplier: torch
             target.append(tensor)
     for (step_number, hyper), (masters, grad_list, exp_avgs, exp_avg_sqs) in calls.items():
         kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
-        step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
+        step = None if step_tensors is None else step_tensors.get(step_number)
+        if step is None:
+            step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
+            if step_tensors is not None:
+                step_tensors[step_number] = step
         kernel(masters, grad_list, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
                beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
                amsgrad=False, maximize=False)

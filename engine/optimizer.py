@@ -108,6 +108,7 @@ class HybridAdam(torch.optim.Optimizer):
         self.overlap_backward = True  # host updates may run after step() returns (module doc)
         self.last_step_overlapped_groups = 0  # host groups whose gradients went down in backward
         self._said_not_compiled = False
+        self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
                                  HostAdamWorker(runtime.copier, host_adam_threads()))
         runtime.manager.host_updates = self._host  # chunk accesses wait for a group's update
@@ -353,11 +354,16 @@ class HybridAdam(torch.optim.Optimizer):
         if self._rt.comm is not None:  # several ranks: one all-reduce of per-tensor partial sums
             return global_grad_norm(self._rt.param_order, self._rt.copier.current_flat, self._rt.comm,
                                     self._rt.device)
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
-        for info in self._rt.param_order:  # torch's order, so the norm rounds the same way
-            if info.has_grad:
-                flat = self._rt.copier.current_flat(info.group.grad_chunk)
-                per_device.setdefault(flat.device, []).append(info.region_of(flat))
+        every = all(info.has_grad for info in self._rt.param_order)
+        per_device = self._settled_grad_regions if every and self._rt.hooks.settled else None
+        if per_device is None:
+            per_device = {}
+            for info in self._rt.param_order:  # torch's order, so the norm rounds the same way
+                if info.has_grad:
+                    flat = self._rt.copier.current_flat(info.group.grad_chunk)
+                    per_device.setdefault(flat.device, []).append(info.region_of(flat))
+            if every and self._rt.hooks.settled:
+                self._settled_grad_regions = per_device  # settled: the regions never move again
         if not per_device:
             return torch.zeros((), device=self._rt.device)
         # One copy of each device's norms to the compute device, not one per tensor.
@@ -370,11 +376,12 @@ class HybridAdam(torch.optim.Optimizer):
         """Device groups: the fused kernel on the compute stream, each group's spans in place."""
         rt = self._rt
         start = time.perf_counter()
+        step_tensors: dict[int, torch.Tensor] = {}  # one device tensor per step number, for every group
         for group in groups:
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
             dense = all(info.has_grad for info in group.tensors)
-            adam_on_device_spans(flats, self._step_spans(group), multiplier, dense)
+            adam_on_device_spans(flats, self._step_spans(group), multiplier, dense, step_tensors)
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
                 if info.has_grad:
                     info.num_steps += 1
