@@ -248,6 +248,7 @@ class EngineModel(nn.Module):
             source = master.copy_(source)
         copier.current_flat(info.group.param).narrow(0, begin, length).copy_(source)
         info.has_grad = False
+        self._hooks.discard_gradients()
         for chunk in (info.group.master, info.group.param):
             if chunk is not None and chunk.location is Location.DEVICE and not chunk.pinned_forever:
                 chunk.dirty = True

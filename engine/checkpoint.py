@@ -117,6 +117,7 @@ def load_shard_state(rt: EngineRuntime, own_entries: OrderedDict, infos_by_param
             _load_tensor(rt, info, saved[info.names[0]].pieces)
             info.num_steps = saved[info.names[0]].steps
             info.has_grad = False
+        rt.hooks.discard_gradients()
         rt.manager.drop_all_gathered()  # they hold the old weights
     _load_buffers(own_entries, infos_by_param, shards[0]["buffers"])
     rt.scaler.load_state_dict(shards[0]["loss_scaler"])

@@ -87,6 +87,22 @@ class ChunkManager:
                 if chunk.host_flat is not None:
                     self._register_host(chunk)
 
+    def add_settled_grad_chunk(self, group: ChunkGroup) -> Chunk:
+        """A zeroed grad chunk on the device for good, in the compute dtype, made after placement
+        for a settled run (engine/hooks.py): autograd accumulates the group's gradients into it."""
+        chunk = Chunk(len(self.chunks), ChunkKind.GRAD, group.param.numel, group.param.dtype)
+        chunk.group = group
+        chunk.device_flat = torch.zeros(chunk.numel, dtype=chunk.dtype, device=self.copier.device)
+        chunk.location = Location.DEVICE
+        chunk.pinned_forever = True
+        group.grad = chunk
+        group.chunks.append(chunk)
+        self.chunks.append(chunk)
+        self._on_device[chunk.chunk_id] = chunk
+        self.device_bytes += chunk.nbytes
+        self._by_storage[chunk.device_flat.untyped_storage().data_ptr()] = chunk
+        return chunk
+
     def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
         """The chunk whose buffer `tensor` lives in (None for any other tensor)."""
         if tensor.layout is not torch.strided or tensor.device.type == "meta":

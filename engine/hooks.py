@@ -23,6 +23,12 @@
   by one bound to the gradient's fixed place in its chunk (a copy and a flag). What is left per
   step is one small hook per parameter; the check that a forward does not run over gradients
   still in place of weights moves to the start of the engine model's forward.
+  With room on the device for one more copy of the trainable param chunks (`grad_chunks`), each
+  trainable group gets a grad chunk of its own instead, and each parameter's `.grad` is a view
+  into it: autograd accumulates the gradient straight into chunk memory, the weights are never
+  overwritten (a forward before `step()`, or a second backward that accumulates, work as in torch),
+  and the hook left per parameter only notes that its gradient arrived. A `.grad` replaced by
+  the user (`model.zero_grad()` sets it to None) is copied into its place and the view restored.
 - Compiled blocks (`compile_blocks`): settled, no engine hook runs inside a block, so each repeated
   block (every member of an nn.ModuleList) can be compiled whole by torch.compile, its backward
   included; the gradient hooks run after it, on the parameters' accumulators. Before settling the
@@ -90,6 +96,13 @@ class EngineHooks:
         self.settled = False  # nothing moves any more: the lean hooks only (module doc)
         self.grads_in_place = False  # settled: a backward wrote gradients that no step consumed yet
         self.compiled_blocks = 0
+        self.grad_views: list[torch.Tensor] = []  # settled with grad chunks: their buffers
+
+    def discard_gradients(self) -> None:
+        """Settled with grad chunks: zero them (autograd accumulates into them) for the next backward."""
+        if self.grad_views:
+            torch._foreach_zero_(self.grad_views)
+        self.grads_in_place = False
 
     # ---- installation --------------------------------------------------------------------
 
@@ -111,7 +124,7 @@ class EngineHooks:
         unique = {id(info.param): info for info in self.infos.values() if info.requires_grad}
         return list(unique.values())
 
-    def settle(self, compile_blocks: bool = False) -> None:
+    def settle(self, compile_blocks: bool = False, grad_chunks: bool = False) -> None:
         """Nothing will move any more: drop the module and saved-tensor hooks and bind each
         gradient hook to its gradient's place (module doc), then compile the blocks if asked.
         Gradient hooks registered after the engine's (the optimizer's) must have been removed by
@@ -120,11 +133,19 @@ class EngineHooks:
             handle.remove()
         self._module_handles, self._grad_handles = [], []
         copier = self.manager.copier
-        for info in self._trainable_infos():
+        trainable = self._trainable_infos()
+        if grad_chunks:
+            for group in {id(info.group): info.group for info in trainable}.values():
+                self.grad_views.append(self.manager.add_settled_grad_chunk(group).device_flat)
+        for info in trainable:
             chunk = info.group.grad_chunk
             assert chunk.pinned_forever and chunk.location is Location.DEVICE, f"{chunk} may still move"
-            region = info.region_of(copier.current_flat(chunk))
-            hook = _SettledGradient(self, info, region)
+            if grad_chunks:
+                view = info.view_of(copier.current_flat(chunk))
+                info.param.grad = view
+                hook = _GradientIntoChunk(self, info, view)
+            else:
+                hook = _SettledGradient(self, info, info.region_of(copier.current_flat(chunk)))
             self._grad_handles.append(info.param.register_post_accumulate_grad_hook(hook))
         self.settled = True
         if compile_blocks:
@@ -132,7 +153,7 @@ class EngineHooks:
 
     def refuse_forward_over_gradients(self) -> None:
         """Settled: a forward may not compute with gradients sitting where the weights belong."""
-        if self.grads_in_place:
+        if self.grads_in_place and not self.grad_views:
             pending = [info for info in self.infos.values() if info.has_grad]
             self._refuse_pending_grads(pending[0].group.working, pending[:1])
 
@@ -354,6 +375,28 @@ class _SettledGradient:
         else:
             self.region.copy_(grad.reshape(-1))
             self.info.has_grad = True
+        hooks.grads_in_place = True
+
+
+class _GradientIntoChunk:
+    """A settled parameter's gradient hook when `.grad` is a view into its grad chunk: autograd
+    has accumulated into the chunk already; note it (and restore the view if it was replaced)."""
+
+    __slots__ = ("hooks", "info", "view")
+
+    def __init__(self, hooks: EngineHooks, info: TensorInfo, view: torch.Tensor):
+        self.hooks, self.info, self.view = hooks, info, view
+
+    def __call__(self, param: nn.Parameter) -> None:
+        hooks = self.hooks
+        if not hooks._backward_end_queued:
+            hooks._queue_backward_end()
+        if param.grad is not self.view:  # the user set .grad (None, or a tensor of their own)
+            grad = param.grad
+            param.grad = self.view
+            if grad is not None:
+                self.view.add_(grad) if self.info.has_grad else self.view.copy_(grad)
+        self.info.has_grad = True
         hooks.grads_in_place = True
 
 

@@ -54,7 +54,7 @@ import time
 import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
-from engine.device import host_adam_threads, to_device_without_sync
+from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
 from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_device_spans
 from engine.distributed import gather_flat, global_grad_norm
 from engine.optimizer_placement import allocate_host_moments, settle_optimizer_placement
@@ -186,7 +186,8 @@ class HybridAdam(torch.optim.Optimizer):
         for handle in self._gradient_handles:
             handle.remove()
         self._gradient_handles = []
-        self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks)
+        self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks,
+                              grad_chunks=self._room_for_grad_chunks())
         if self._rt.config.compile_blocks:
             log.info("pstar: settled; %d blocks compiled with torch.compile", self._rt.hooks.compiled_blocks)
 
@@ -205,6 +206,20 @@ class HybridAdam(torch.optim.Optimizer):
             for group in host_groups:
                 self._host.submit(group, on_host)
         self._adam(device_groups, multiplier)
+
+    def _room_for_grad_chunks(self) -> bool:
+        """Whether the device has room, beside what placement counted (every chunk, the traced
+        activation peak with its margin, a step's scratch), for a grad chunk per trainable group."""
+        rt = self._rt
+        need = sum(g.param.nbytes for g in rt.groups if g.trainable)
+        peak = rt.tracer.peak_non_model_bytes
+        activations = peak + math.ceil((1 - rt.config.mem_tracer.margin_use_ratio) * peak)
+        scratch = max((g.numel for g in rt.groups), default=0) * 4
+        budget = rt.manager.device_budget_bytes
+        capacity = device_capacity_bytes(rt.device, rt.manager.device_bytes)
+        if capacity is not None:
+            budget = min(budget, capacity)
+        return rt.manager.device_bytes + need + activations + scratch <= budget
 
     def _step_spans(self, group: ChunkGroup) -> list[Span]:
         """(begin, end, Adam step number, hyper-parameters) of each span of the group this step."""
@@ -391,9 +406,9 @@ class HybridAdam(torch.optim.Optimizer):
     def _restore_weights(self, groups: list[ChunkGroup]) -> None:
         """Put the compute weights back (cast from the untouched masters) where grads overwrote them."""
         rt = self._rt
-        if rt.grad_accumulation:
-            return  # grads live in their own chunks; the weights were never overwritten
         for group in groups:
+            if group.grad is not None:
+                continue  # grads live in their own chunk; the weights were never overwritten
             param = rt.copier.current_flat(group.param)
             master = rt.copier.current_flat(group.master)
             for begin, end, _ in _spans(group):
@@ -410,7 +425,7 @@ class HybridAdam(torch.optim.Optimizer):
         return [g for g in self._rt.groups if any(info.has_grad for info in g.tensors)]
 
     def _clear_grads(self, groups: list[ChunkGroup]) -> None:
-        self._rt.hooks.grads_in_place = False
+        self._rt.hooks.discard_gradients()
         for group in groups:
             for info in group.tensors:
                 info.has_grad = False

@@ -1,15 +1,19 @@
 """A run whose chunks all stay on the device settles after its first step: the module and
-saved-tensor hooks go, each gradient hook is bound to its place (engine/hooks.py). Settling must
-change no number, keep torch's semantics (a discarded backward, a forward over unconsumed
-gradients refused) and never happen while chunks can still move."""
+saved-tensor hooks go, each gradient hook is bound to its place, and with room each group gets a
+grad chunk that `.grad` views point into (engine/hooks.py). Settling must change no number, keep
+torch's semantics (a discarded backward; a forward over unconsumed gradients refused where they
+overwrite the weights, allowed where they do not) and never happen while chunks can still move."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from engine import initialize_engine
 from engine.errors import EngineError
+from engine.optimizer import HybridAdam
 from tests.engine_models import TinyGPT
 from tests.test_engine import (DEVICE, assert_state_close, batches, build_pair, engine_config, engine_step,
                                plain_optimizer)
@@ -21,7 +25,14 @@ def _engine_hooks_left(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.module.modules())
 
 
-def test_a_run_that_fits_settles_and_still_equals_plain_pytorch():
+@pytest.fixture(params=[True, False], ids=["grad-chunks", "grads-in-place"])
+def grad_chunks(request, monkeypatch) -> bool:
+    """Settled with a grad chunk per group (room for it) or with gradients over the weights."""
+    monkeypatch.setattr(HybridAdam, "_room_for_grad_chunks", lambda self: request.param)
+    return request.param
+
+
+def test_a_run_that_fits_settles_and_still_equals_plain_pytorch(grad_chunks):
     max_norm = 0.05
     cfg = engine_config(device_memory_limit=ROOMY, gradient_clipping=max_norm)
     model, optimizer, reference = build_pair("gpt", cfg)
@@ -38,11 +49,13 @@ def test_a_run_that_fits_settles_and_still_equals_plain_pytorch():
         assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
     assert settled_after == [1] * 6  # placed and settled by the first step
     assert _engine_hooks_left(model) == 0
-    assert model.chunk_stats()["step_evictions"] == 0
+    stats = model.chunk_stats()
+    assert stats["step_evictions"] == 0
+    assert (stats["grad_chunks_device"] > 0) == grad_chunks
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_settled_discarded_backward_and_refused_forward_keep_torchs_semantics():
+def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semantics(grad_chunks):
     cfg = engine_config(device_memory_limit=ROOMY)
     model, optimizer, reference = build_pair("gpt", cfg)
     ref_opt = plain_optimizer(reference.parameters(), cfg, model)
@@ -51,8 +64,12 @@ def test_settled_discarded_backward_and_refused_forward_keep_torchs_semantics():
         if step == 3:  # a backward the loop throws away; the plain run never sees this batch
             model.backward(model(x, y))
             assert model.chunk_stats()["settled"] == 1
-            with pytest.raises(EngineError, match="optimizer.step"):
-                model(x, y)  # the gradients sit where the weights belong
+            if grad_chunks:  # the weights are intact: a forward before step() is fine, as in torch
+                with torch.no_grad():
+                    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+            else:
+                with pytest.raises(EngineError, match="optimizer.step"):
+                    model(x, y)  # the gradients sit where the weights belong
             optimizer.zero_grad()
             continue
         engine_step(model, optimizer, x, y)
@@ -62,6 +79,50 @@ def test_settled_discarded_backward_and_refused_forward_keep_torchs_semantics():
     with torch.no_grad():
         torch.testing.assert_close(model(data[0][0]), reference(data[0][0]), rtol=1e-5, atol=1e-6)
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_chunks_accumulate_like_torch_and_survive_a_module_zero_grad(monkeypatch):
+    """`.grad` views: two backward passes before a step sum their gradients, as torch does; and
+    nn.Module.zero_grad() (which sets every .grad to None) changes nothing."""
+    monkeypatch.setattr(HybridAdam, "_room_for_grad_chunks", lambda self: True)
+    cfg = engine_config(device_memory_limit=ROOMY)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    data = list(batches("gpt", 8))
+    for step in range(4):
+        (x1, y1), (x2, y2) = data[2 * step], data[2 * step + 1]
+        model.zero_grad()  # the module's own: .grad set to None
+        model.backward(model(x1, y1))
+        if step >= 1:  # settled: a second backward accumulates
+            model.backward(model(x2, y2))
+        optimizer.step()
+        optimizer.zero_grad()
+        ref_opt.zero_grad()
+        reference(x1, y1).backward()
+        if step >= 1:
+            reference(x2, y2).backward()
+        ref_opt.step()
+    assert model.chunk_stats()["grad_chunks_device"] > 0
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_no_room_for_grad_chunks_settles_with_gradients_over_the_weights():
+    probe, probe_opt = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=ROOMY))
+    for x, y in batches("gpt", 2):
+        engine_step(probe, probe_opt, x, y)
+    stats = probe.chunk_stats()
+    assert stats["grad_chunks_device"] > 0  # roomy: the real check finds room for grad chunks
+    trainable_param_bytes = sum(g.param.nbytes for g in probe._rt.groups if g.trainable)
+    resident = stats["param_bytes_device"] + stats["optim_bytes_device"]
+    peak = max(moment["non_model_bytes"] for moment in probe.memory_timeline())
+    scratch = max(g.numel for g in probe._rt.groups) * 4
+    tight = resident + math.ceil(1.2 * peak) + scratch + trainable_param_bytes // 2
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=tight))
+    for x, y in batches("gpt", 2):
+        engine_step(model, optimizer, x, y)
+    stats = model.chunk_stats()
+    assert stats["settled"] == 1 and stats["step_evictions"] == 0
+    assert stats["grad_chunks_device"] == 0
 
 
 def test_frozen_parameters_settle_with_the_rest():
