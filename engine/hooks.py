@@ -23,7 +23,7 @@
   by one bound to the gradient's fixed place in its chunk (a copy and a flag). What is left per
   step is one small hook per parameter; the check that a forward does not run over gradients
   still in place of weights moves to the start of the engine model's forward.
-  With room on the device for one more copy of the trainable param chunks (`grad_chunks`), each
+  On a GPU with room for one more copy of the trainable param chunks (`grad_chunks`), each
   trainable group gets a grad chunk of its own instead, and each parameter's `.grad` is a view
   into it: autograd accumulates the gradient straight into chunk memory, the weights are never
   overwritten (a forward before `step()`, or a second backward that accumulates, work as in torch),

@@ -187,7 +187,7 @@ class HybridAdam(torch.optim.Optimizer):
             handle.remove()
         self._gradient_handles = []
         self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks,
-                              grad_chunks=self._room_for_grad_chunks())
+                              grad_chunks=self._use_grad_chunks())
         if self._rt.config.compile_blocks:
             log.info("pstar: settled; %d blocks compiled with torch.compile", self._rt.hooks.compiled_blocks)
 
@@ -206,6 +206,12 @@ class HybridAdam(torch.optim.Optimizer):
             for group in host_groups:
                 self._host.submit(group, on_host)
         self._adam(device_groups, multiplier)
+
+    def _use_grad_chunks(self) -> bool:
+        """Settled on a GPU with room: `.grad` views into grad chunks (engine/hooks.py). There the
+        copy per parameter that they spare is a kernel launch issued from Python; on a CPU it is a
+        memory pass cheaper than zeroing a grad chunk and accumulating into it."""
+        return self._rt.copier.is_cuda and self._room_for_grad_chunks()
 
     def _room_for_grad_chunks(self) -> bool:
         """Whether the device has room, beside what placement counted (every chunk, the traced
