@@ -100,7 +100,7 @@ class EngineHooks:
 
     def discard_gradients(self) -> None:
         """Settled with grad chunks: zero them (autograd accumulates into them) for the next backward."""
-        if self.grad_views:
+        if self.grad_views and self.grads_in_place:  # (untouched since the last discard: zeros)
             torch._foreach_zero_(self.grad_views)
         self.grads_in_place = False
 

@@ -151,6 +151,59 @@ def adam_on_device_spans(flats: GroupFlats, spans: list[Span], multiplier: torch
             flats.param[begin:end].copy_(flats.master[begin:end])
 
 
+def adam_on_device_groups(items: list[tuple[GroupFlats, list[Span], bool]], multiplier: torch.Tensor | None,
+                          scratch: torch.Tensor, step_tensors: dict[int, torch.Tensor]) -> None:
+    """`adam_on_device_spans` for many groups at once, in a handful of kernel calls whatever their
+    number: every compute-dtype gradient range cast into `scratch` (fp32, room for all of them) by
+    one foreach copy, one foreach multiply, one multi-tensor fused call per (step number,
+    hyper-parameters) over every group's spans, one foreach copy of the new masters into the param
+    chunks. Elementwise the same arithmetic, so the same numbers. `items`: (flats, spans, dense)."""
+    sources, casts, masters_out, params_out = [], [], [], []
+    calls: dict[tuple, list[list[torch.Tensor]]] = {}
+    offset = 0
+    for flats, spans, dense in items:
+        if not spans:
+            continue
+        ranges = [(spans[0][0], spans[-1][1])] if dense else [(begin, end) for begin, end, *_ in spans]
+        starts = {}  # range begin -> where its fp32 gradient is
+        for begin, end in ranges:
+            if flats.grad.dtype == torch.float32:
+                starts[begin] = (flats.grad, 0)  # used where it is (multiplied in place)
+                sources.append(flats.grad[begin:end])
+            else:
+                sources.append(flats.grad[begin:end])
+                casts.append(scratch[offset:offset + end - begin])
+                starts[begin] = (scratch, offset - begin)
+                offset += end - begin
+            masters_out.append(flats.master[begin:end])
+            params_out.append(flats.param[begin:end])
+        range_begins = sorted(starts)
+        for begin, end, step_number, hyper in spans:
+            first = max(b for b in range_begins if b <= begin)
+            buffer, shift = starts[first]
+            lists = calls.setdefault((step_number, hyper), [[], [], [], []])
+            for target, tensor in zip(lists, (flats.master[begin:end], buffer[begin + shift:end + shift],
+                                              flats.exp_avg[begin:end], flats.exp_avg_sq[begin:end])):
+                target.append(tensor)
+    if not calls:
+        return
+    fp32_grads = sources if not casts else casts
+    if casts:
+        torch._foreach_copy_(casts, sources)
+    if multiplier is not None:
+        torch._foreach_mul_(fp32_grads, multiplier)
+    for (step_number, hyper), (masters, grads, exp_avgs, exp_avg_sqs) in calls.items():
+        kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
+        step = step_tensors.get(step_number)
+        if step is None:
+            step = step_tensors[step_number] = torch.full((), float(step_number), dtype=torch.float32,
+                                                          device=scratch.device)
+        kernel(masters, grads, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
+               beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
+               amsgrad=False, maximize=False)
+    torch._foreach_copy_(params_out, masters_out)
+
+
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,
                    scratch: HostScratch | None) -> torch.Tensor:
     """The kernel wants fp32 gradients like the masters; a compute-dtype gradient is cast into a

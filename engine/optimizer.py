@@ -55,7 +55,8 @@ import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
 from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
-from engine.host_adam import AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_device_spans
+from engine.host_adam import (AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_device_groups,
+                              adam_on_device_spans)
 from engine.distributed import gather_flat, global_grad_norm
 from engine.optimizer_placement import allocate_host_moments, settle_optimizer_placement
 from engine.precision import clip_coefficient
@@ -109,6 +110,7 @@ class HybridAdam(torch.optim.Optimizer):
         self.last_step_overlapped_groups = 0  # host groups whose gradients went down in backward
         self._said_not_compiled = False
         self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
+        self._device_scratch: torch.Tensor | None = None  # settled with room: all fp32 gradients at once
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
                                  HostAdamWorker(runtime.copier, host_adam_threads()))
         runtime.manager.host_updates = self._host  # chunk accesses wait for a group's update
@@ -186,8 +188,11 @@ class HybridAdam(torch.optim.Optimizer):
         for handle in self._gradient_handles:
             handle.remove()
         self._gradient_handles = []
-        self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks,
-                              grad_chunks=self._use_grad_chunks())
+        roomy = self._use_grad_chunks()
+        self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks, grad_chunks=roomy)
+        if roomy:  # every device group's fp32 gradients at once: device Adam in a few calls
+            numel = sum(g.numel for g in self._rt.groups if g.trainable)
+            self._device_scratch = torch.empty(numel, dtype=torch.float32, device=self._rt.device)
         if self._rt.config.compile_blocks:
             log.info("pstar: settled; %d blocks compiled with torch.compile", self._rt.hooks.compiled_blocks)
 
@@ -215,9 +220,10 @@ class HybridAdam(torch.optim.Optimizer):
 
     def _room_for_grad_chunks(self) -> bool:
         """Whether the device has room, beside what placement counted (every chunk, the traced
-        activation peak with its margin, a step's scratch), for a grad chunk per trainable group."""
+        activation peak with its margin, a step's scratch), for a grad chunk per trainable group
+        and an fp32 copy of all their gradients (device Adam's cast, for every group at once)."""
         rt = self._rt
-        need = sum(g.param.nbytes for g in rt.groups if g.trainable)
+        need = sum(g.param.nbytes + 4 * g.numel for g in rt.groups if g.trainable)
         peak = rt.tracer.peak_non_model_bytes
         activations = peak + math.ceil((1 - rt.config.mem_tracer.margin_use_ratio) * peak)
         scratch = max((g.numel for g in rt.groups), default=0) * 4
@@ -398,11 +404,18 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         start = time.perf_counter()
         step_tensors: dict[int, torch.Tensor] = {}  # one device tensor per step number, for every group
+        items = []
         for group in groups:
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
             dense = all(info.has_grad for info in group.tensors)
-            adam_on_device_spans(flats, self._step_spans(group), multiplier, dense, step_tensors)
+            if self._device_scratch is not None:
+                items.append((flats, self._step_spans(group), dense))
+            else:
+                adam_on_device_spans(flats, self._step_spans(group), multiplier, dense, step_tensors)
+        if items:
+            adam_on_device_groups(items, multiplier, self._device_scratch, step_tensors)
+        for group in groups:
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
                 if info.has_grad:
                     info.num_steps += 1

@@ -23,7 +23,8 @@ import engine.device as device_module
 from engine import initialize_engine
 from engine.device import Copier, HostMemoryLimits, cgroup_problem, host_adam_threads, memlock_problem
 from engine.errors import EngineError
-from engine.host_adam import AdamHyper, GroupFlats, HostScratch, adam_on_device_spans, adam_on_spans
+from engine.host_adam import (AdamHyper, GroupFlats, HostScratch, adam_on_device_groups, adam_on_device_spans,
+                              adam_on_spans)
 from engine.optimizer_placement import plan_placement
 from tests.engine_models import TinyGPT
 from tests.test_engine import DEVICE, batches, engine_config, engine_step, plain_optimizer, snapshot
@@ -279,7 +280,7 @@ def test_device_adam_in_few_calls_equals_it_span_by_span(grad_dtype, monkeypatch
         grad = torch.randn(numel, generator=gen).to(grad_dtype)
         grad[1500:2000] = 7.0  # the hole: weights in place, never read as a gradient
         runs = []
-        for grouped in (False, True):
+        for grouped in (False, True, "all groups"):
             master, exp_avg, exp_avg_sq = (t.clone() for t in start)
             exp_avg_sq.abs_()
             flats = GroupFlats(grad.clone(), torch.zeros(numel, dtype=torch.bfloat16), master, exp_avg,
@@ -287,18 +288,23 @@ def test_device_adam_in_few_calls_equals_it_span_by_span(grad_dtype, monkeypatch
             calls = []
             real = torch._fused_adamw_
             monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), real(*a, **k)))
-            if grouped:
+            if grouped == "all groups":  # this group twice over: as two groups of one call
+                half = [span for span in spans if span[1] <= 2000], [span for span in spans if span[0] >= 2000]
+                adam_on_device_groups([(flats, half[0], is_dense), (flats, half[1], True)], multiplier,
+                                      torch.empty(numel), {})
+            elif grouped:
                 adam_on_device_spans(flats, spans, multiplier, dense=is_dense)
             else:
                 adam_on_spans(flats, spans, None, multiplier)
             monkeypatch.setattr(torch, "_fused_adamw_", real)
             runs.append((flats, len(calls)))
-        (plain, plain_calls), (grouped_flats, grouped_calls) = runs
-        for a, b in zip(plain, grouped_flats):
-            assert torch.equal(a, b)
+        (plain, plain_calls), (grouped_flats, grouped_calls), (all_flats, all_calls) = runs
+        for a, b, c in zip(plain, grouped_flats, all_flats):
+            assert torch.equal(a, b) and torch.equal(a, c)
         if not is_dense:
             assert torch.equal(grouped_flats.grad[1500:2000], torch.full((500,), 7.0, dtype=grad_dtype))
-        assert plain_calls == len(spans) and grouped_calls == len({(s[2], s[3]) for s in spans})
+        keys = len({(s[2], s[3]) for s in spans})
+        assert plain_calls == len(spans) and grouped_calls == keys and all_calls == keys
 
 
 def test_host_adam_calls_the_kernel_per_chunk_span_not_per_parameter(monkeypatch):
