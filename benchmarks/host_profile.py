@@ -69,7 +69,7 @@ def profile_system(spec: CaseSpec, runtime: Runtime, top: int) -> dict:
             "profile": text.getvalue(), "step_timings": details.get("step_timings")}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default="pytorch-bf16,pstar")
     parser.add_argument("--model", default="gpt-1.3b")
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime = Runtime(device=torch.device(args.device))
     shipped = shipped_config(args.config, 1, args.overrides)
+    results = []
     for system in args.systems.split(","):
         result = profile_system(spec_for(system, args, args.device, shipped), runtime, args.top)
+        results.append({"system": system, **result})
         print(f"== {system} {args.model} b{args.batch} s{args.seq}: host issue {result['issue_s'] * 1e3:.2f} ms, "
               f"step {result['step_s'] * 1e3:.2f} ms")
         if result["step_timings"]:
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         print(result["profile"], flush=True)
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
+    return results
 
 
 if __name__ == "__main__":

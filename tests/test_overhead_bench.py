@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks import overhead
+from benchmarks import host_profile, overhead
 
 
 def test_overhead_benchmark_runs_and_its_shapes_move_as_named(capsys):
@@ -16,3 +16,14 @@ def test_overhead_benchmark_runs_and_its_shapes_move_as_named(capsys):
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert (row["evictions_per_step"] > 0) == row["shape"].endswith(", moves"), row
     assert "pstar/plain" in capsys.readouterr().out
+
+
+def test_host_profile_times_and_profiles_each_system(capsys):
+    results = host_profile.main(["--systems", "pytorch-bf16,pstar", "--device", "cpu", "--model", "gpt-tiny",
+                                 "--batch", "1", "--seq", "16", "--steps", "2", "--warmup", "2", "--top", "5"])
+    assert [r["system"] for r in results] == ["pytorch-bf16", "pstar"]
+    for result in results:
+        assert 0 < result["issue_s"] <= result["step_s"] * 1.01 + 1e-4
+        assert "function calls" in result["profile"]
+    assert results[1]["step_timings"]["forward"] > 0  # the engine's own split of the step
+    assert "== pstar gpt-tiny b1 s16" in capsys.readouterr().out
