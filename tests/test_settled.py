@@ -16,7 +16,7 @@ from engine.errors import EngineError
 from engine.optimizer import HybridAdam
 from tests.engine_models import TinyGPT
 from tests.test_engine import (DEVICE, assert_state_close, batches, build_pair, engine_config, engine_step,
-                               plain_optimizer)
+                               plain_optimizer, snapshot)
 
 ROOMY = 256 << 20  # holds the whole TinyGPT, its optimizer state and activations
 
@@ -198,3 +198,40 @@ def test_compile_blocks_on_a_run_that_moves_says_why_it_is_not_applied(caplog):
             engine_step(model, optimizer, x, y)
     assert caplog.text.count("compile_blocks is not applied") == 1
     assert model._hooks.compiled_blocks == 0
+
+
+def test_settling_changes_no_bit_with_fp16_overflows_and_clipping(monkeypatch):
+    """The same fp16 run (overflows on two steps, clipping firing) evicting chunks every step,
+    settled with gradients over the weights, and settled with grad chunks: bitwise one run."""
+    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 3,
+            "hysteresis": 1, "min_loss_scale": 1}
+    overflow_at = {2, 3}
+    runs = []
+    for limit, chunks in ((None, False), (ROOMY, False), (ROOMY, True)):
+        monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self, chunks=chunks: chunks)
+        overrides = {"fp16": fp16, "gradient_clipping": 0.05}
+        if limit is not None:
+            overrides["device_memory_limit"] = limit
+        torch.manual_seed(0)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
+        poison = {"on": False}
+
+        def overflow(module, args, output, poison=poison):
+            if poison["on"]:
+                output.register_hook(lambda g: g * float("inf"))
+
+        model.module.blocks[0].register_forward_hook(overflow)
+        losses, skipped = [], []
+        for step, (x, y) in enumerate(batches("gpt", 7)):
+            poison["on"] = step in overflow_at
+            losses.append(engine_step(model, optimizer, x, y))
+            skipped.append(optimizer.last_step_skipped)
+        stats = model.chunk_stats()
+        assert stats["settled"] == (limit is not None)
+        assert (stats["grad_chunks_device"] > 0) == chunks
+        runs.append((losses, skipped, [t.clone() for t in snapshot(model, optimizer)]))
+    (losses, skipped, state), *others = runs
+    assert skipped == [step in overflow_at for step in range(7)]
+    for other_losses, other_skipped, other_state in others:
+        assert other_losses == losses and other_skipped == skipped
+        assert all(torch.equal(a, b) for a, b in zip(state, other_state))
