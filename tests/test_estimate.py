@@ -91,11 +91,14 @@ def test_placement_is_the_engines_plan_on_the_configs_numbers():
 def test_pstar_splits_model_data_between_gpu_and_host():
     n = GPT_1_3B.num_params
     est = estimate_systems(GPT_1_3B, H200)["pstar"]
-    assert sum(est.gpu.model_data.values()) == 14 * n  # all of it on the GPU
+    # all of it on the GPU, and room to spare: once settled, a grad chunk per group (2 B/param)
+    assert sum(est.gpu.model_data.values()) == 14 * n + 2 * n
+    assert est.gpu.model_data["grad"] == 2 * n
     assert est.host.model_data["param"] == 0 and est.host.total == 6 * n  # init's params + masters
     assert est.gpu.activations == activation_bytes(GPT_1_3B)
-    # the engine's margin over the activations (1 - margin_use_ratio of them) and a group's fp32 scratch
-    assert est.gpu.other == math.ceil(0.2 * activation_bytes(GPT_1_3B)) + GPT_1_3B.chunk_size * 4
+    # the engine's margin over the activations (1 - margin_use_ratio of them), a group's fp32 scratch
+    # and, settled, every group's fp32 gradients at once
+    assert est.gpu.other == math.ceil(0.2 * activation_bytes(GPT_1_3B)) + GPT_1_3B.chunk_size * 4 + 4 * n
     assert est.gpu.budget == int(140 * GIB * 0.9) and est.fits is True
     # a 32 GiB GPU: the leading optimizer groups take the room left after activations and the margin
     small = Hardware(32 * GIB, 128 * GIB, "given", "given")
@@ -266,3 +269,15 @@ def test_sizes_and_counts_read_well():
         "-", "512 B", "1.50 GiB", "140.0 GiB", "2.00 TiB"]
     assert [format_count(n) for n in (999, 858_624, 1_313_722_368, 174_563_733_504)] == [
         "999", "859 K", "1.31 B", "175 B"]
+
+
+def test_settled_extras_only_where_the_gpu_has_room_for_them():
+    n = GPT_1_3B.num_params
+    roomy = estimate_systems(GPT_1_3B, H200)["pstar"]
+    without_extras = sum(roomy.gpu.model_data.values()) - 2 * n + roomy.gpu.activations + roomy.gpu.other - 4 * n
+    tight_budget = without_extras + 3 * n  # everything fits, the 6 B/param of settled extras do not
+    tight = Hardware(math.ceil(tight_budget / 0.9) + 1, 128 * GIB, "given", "given")
+    est = estimate_systems(GPT_1_3B, tight)["pstar"]
+    assert est.fits is True and est.gpu.model_data["grad"] == 0
+    assert sum(est.gpu.model_data.values()) == 14 * n  # still all on the GPU
+    assert est.gpu.other == roomy.gpu.other - 4 * n

@@ -97,6 +97,8 @@ def footer_lines(report: dict) -> list[str]:
         "activations: Korthikanti et al. 2022, fused attention (scores never stored), fp32 logits for the loss",
         "pstar's host 'other': init builds every param chunk and fp32 master on the host before the GPU's share "
         "moves there, so the host's peak is at least that",
+        "pstar's GPU 'grad', when not 0 B on one GPU: a run that fits the GPU with room to spare settles after its "
+        "first step and adds a grad chunk per group (2 B/param) and fp32 gradients for Adam (4 B/param, in 'other')",
     ]
     return lines + ([] if model["family"] == "hf" else [best_line])  # a Hugging Face model has no size table
 

@@ -93,6 +93,10 @@ def pstar_estimate(w: Workload, hw: Hardware) -> SystemEstimate:
     gpu_budget = pstar_gpu_budget(w, hw)
     activations = activation_bytes(w)
     on_gpu, on_host, working = place_on_gpu(w, model_data, gpu_budget)
+    grad_chunks, scratch = settled_extra_bytes(w, hw, model_data, on_gpu, on_host, activations + working,
+                                               gpu_budget)
+    on_gpu["grad"] += grad_chunks
+    working += scratch
     on_host["param"] = max(on_host["param"], _param_host_copies(model_data, on_host, w.num_gpus))
     host_budget = (w.host_memory_limit * w.gpus_per_node if w.host_memory_limit is not None
                    else int(hw.host_bytes * w.host_mem_ratio))
@@ -105,6 +109,18 @@ def pstar_estimate(w: Workload, hw: Hardware) -> SystemEstimate:
         host=Side({k: v * w.gpus_per_node for k, v in on_host.items()}, budget=host_budget,
                   other=max(0, init_host - sum(on_host.values())) * w.gpus_per_node),
     )
+
+
+def settled_extra_bytes(w: Workload, hw: Hardware, model_data: dict[str, int], on_gpu: dict[str, int],
+                        on_host: dict[str, int], other_gpu_bytes: int, gpu_budget: int | None) -> tuple[int, int]:
+    """(grad chunks, fp32 gradient scratch) that a run fitting one GPU whole adds once it settles,
+    when the GPU has room for both, as the engine decides it (engine/optimizer.py,
+    `_room_for_grad_chunks`): a compute-dtype grad chunk per group and 4 B/param of fp32 gradients."""
+    if hw.gpu_bytes is None or gpu_budget is None or w.num_gpus > 1 or w.grad_accum > 1 or any(on_host.values()):
+        return 0, 0
+    grad_chunks, scratch = model_data["param"], 4 * w.num_params
+    fits = sum(on_gpu.values()) + other_gpu_bytes + grad_chunks + scratch <= gpu_budget
+    return (grad_chunks, scratch) if fits else (0, 0)
 
 
 def _param_host_copies(model_data: dict[str, int], on_host: dict[str, int], num_gpus: int) -> int:
