@@ -235,3 +235,38 @@ def test_settling_changes_no_bit_with_fp16_overflows_and_clipping(monkeypatch):
     for other_losses, other_skipped, other_state in others:
         assert other_losses == losses and other_skipped == skipped
         assert all(torch.equal(a, b) for a, b in zip(state, other_state))
+
+
+@pytest.mark.parametrize("how", ["state dicts", "shard state"])
+def test_a_settled_run_resumes_exactly(grad_chunks, how):
+    """Saved while settled (a backward's gradients pending in the grad chunks, then discarded),
+    loaded into a fresh engine that settles again: the same run, bit for bit."""
+    cfg = engine_config(device_memory_limit=ROOMY, gradient_clipping=0.05)
+    data = list(batches("gpt", 8))
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+    for x, y in data[:4]:
+        engine_step(model, optimizer, x, y)
+    model.backward(model(*data[4]))  # pending gradients while the state is saved: not part of it
+    if how == "shard state":
+        saved = model.shard_state()
+    else:
+        saved_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        saved_opt = optimizer.state_dict()
+        saved_opt["state"] = {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v)
+                                     for k, v in entry.items()} for name, entry in saved_opt["state"].items()}
+    straight = [engine_step(model, optimizer, x, y) for x, y in data[4:]]  # zero_grad drops the pending ones
+
+    torch.manual_seed(99)  # a different init, overwritten by the checkpoint
+    resumed, resumed_opt = initialize_engine(model_func=TinyGPT, config=cfg)
+    engine_step(resumed, resumed_opt, *data[7])  # settled before the load, with gradients of its own
+    resumed.backward(resumed(*data[6]))
+    if how == "shard state":
+        resumed.load_shard_state(saved)
+    else:
+        resumed.load_state_dict(saved_model)
+        resumed_opt.load_state_dict(saved_opt)
+    again = [engine_step(resumed, resumed_opt, x, y) for x, y in data[4:]]
+    assert resumed.chunk_stats()["settled"] == 1
+    assert again == straight
+    assert_state_close(resumed, model, rtol=0, atol=0)
