@@ -270,3 +270,25 @@ def test_a_settled_run_resumes_exactly(grad_chunks, how):
     assert resumed.chunk_stats()["settled"] == 1
     assert again == straight
     assert_state_close(resumed, model, rtol=0, atol=0)
+
+
+def test_settling_changes_no_bit_in_bf16_with_clipping(monkeypatch):
+    """bf16 (the GPU's default): evicting every step, settled with gradients over the weights, and
+    settled with grad chunks (all device groups cast, clipped and stepped in a few calls) are one
+    run, bit for bit, with clipping firing."""
+    runs = []
+    for limit, chunks in ((None, False), (ROOMY, False), (ROOMY, True)):
+        monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self, chunks=chunks: chunks)
+        overrides = {"bf16": {"enabled": True}, "gradient_clipping": 0.05}
+        if limit is not None:
+            overrides["device_memory_limit"] = limit
+        torch.manual_seed(0)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
+        losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
+        assert model.chunk_stats()["settled"] == (limit is not None)
+        assert (optimizer._device_scratch is not None) == chunks
+        runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
+    (losses, state), *others = runs
+    for other_losses, other_state in others:
+        assert other_losses == losses
+        assert all(torch.equal(a, b) for a, b in zip(state, other_state))
