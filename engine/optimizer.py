@@ -8,6 +8,13 @@ that received a gradient, share a step count and belong to one parameter group; 
 gradient is not touched (no weight decay either), as in torch. Frozen tensors live in chunk groups
 of their own, without any optimizer state.
 
+On the device the spans of a chunk group go to the kernel as one multi-tensor call per (step
+number, parameter group), after one cast of the group's gradients to fp32. A settled run
+(engine/hooks.py) with room for it goes further: one fp32 scratch holds every device group's
+gradients, so the whole step is one foreach cast, one foreach multiply (unscale/clip), one fused
+call per parameter group and one foreach copy of the new weights, whatever the number of chunks.
+The arithmetic is elementwise the same on every path, so the numbers are too.
+
 Parameter groups (torch.optim's format, engine/param_groups.py): `optimizer.param_groups` holds one
 dict per group, read at every `step()`, so a value changed there (an lr schedule per group) applies
 from the next step. Groups do not decide the packing: tensors of several groups share a chunk, and
