@@ -292,3 +292,26 @@ def test_settling_changes_no_bit_in_bf16_with_clipping(monkeypatch):
     for other_losses, other_state in others:
         assert other_losses == losses
         assert all(torch.equal(a, b) for a, b in zip(state, other_state))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_settled_gpu_run_takes_grad_chunks_and_changes_no_bit(monkeypatch):
+    """On CUDA, as users get it (not forced): a roomy bf16 run settles with grad chunks and the
+    all-groups device Adam, and trains bit for bit like the same run settled without them (both
+    step on the GPU; a run evicting to host Adam would round in the CPU kernel's way)."""
+    runs = []
+    for forced_off in (False, True):
+        if forced_off:
+            monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: False)
+        torch.manual_seed(0)
+        cfg = engine_config(bf16={"enabled": True}, gradient_clipping=0.05, device_memory_limit=ROOMY)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+        losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
+        stats = model.chunk_stats()
+        assert stats["settled"] == 1
+        assert (stats["grad_chunks_device"] > 0) is not forced_off
+        runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
+    (with_chunks, with_state), (without, without_state) = runs
+    assert with_chunks == without
+    assert all(torch.equal(a, b) for a, b in zip(with_state, without_state))
