@@ -132,6 +132,8 @@ class Chunk:
         self.num_grads_this_backward = 0
         self.num_grads_expected: int | None = None
         self.pinned_forever = False  # optimizer state of a device group: never evicted
+        # Param chunks: (host buffer or placeholder, its views per tensor), reused while it lasts
+        self.home_views: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.ready_event = None  # CUDA: upload finished (compute stream waits on it)
         self.host_ready_event = None  # CUDA: download finished (host readers wait on it)
 

@@ -138,6 +138,7 @@ class ChunkManager:
         self._by_storage.pop(chunk.host_flat.untyped_storage().data_ptr(), None)
         self.host_allocated_bytes -= chunk.nbytes
         chunk.host_flat = None
+        chunk.home_views = None  # they would keep the buffer alive
         if chunk.location is Location.HOST:
             chunk.location = Location.NOWHERE
 
@@ -250,14 +251,23 @@ class ChunkManager:
         if chunk is not chunk.group.working:
             return
         on_host = chunk.location is Location.HOST and not self.copier.is_cuda
-        if chunk.location is Location.DEVICE or on_host or chunk.group.host_only:
-            flat = chunk.flat
-            for info in chunk.group.tensors:
+        tensors = chunk.group.tensors
+        if chunk.location is Location.DEVICE and not chunk.group.host_only:
+            flat = chunk.flat  # a new buffer at every upload: its views are made afresh
+            for info in tensors:
                 info.param.data = info.view_of(flat)
             return
-        placeholder = self.copier.placeholder(chunk.dtype)
-        for info in chunk.group.tensors:
-            info.param.data = placeholder.expand(info.shape)
+        # The host buffer and the placeholder outlive many moves: their views are kept and reused.
+        base = chunk.flat if on_host or chunk.group.host_only else self.copier.placeholder(chunk.dtype)
+        cached = chunk.home_views
+        if cached is None or cached[0] is not base:
+            if base.dim() == 0:
+                views = [base.expand(info.shape) for info in tensors]
+            else:
+                views = [info.view_of(base) for info in tensors]
+            cached = chunk.home_views = (base, views)
+        for info, view in zip(tensors, cached[1]):
+            info.param.data = view
 
     def _count(self, h2d: int = 0, d2h: int = 0) -> None:
         self.totals.h2d_bytes += h2d
