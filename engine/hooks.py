@@ -394,8 +394,10 @@ class _GradientIntoChunk:
         if param.grad is not self.view:  # the user set .grad (None, or a tensor of their own)
             grad = param.grad
             param.grad = self.view
-            if grad is not None:
-                self.view.add_(grad) if self.info.has_grad else self.view.copy_(grad)
+            if grad is not None and self.info.has_grad:
+                self.view.add_(grad)
+            elif grad is not None:
+                self.view.copy_(grad)
         self.info.has_grad = True
         hooks.grads_in_place = True
 

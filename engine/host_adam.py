@@ -114,94 +114,65 @@ def _adam_span(flats: GroupFlats, begin: int, end: int, step_number: int, hyper:
 
 def adam_on_device_spans(flats: GroupFlats, spans: list[Span], multiplier: torch.Tensor | None,
                          dense: bool, step_tensors: dict[int, torch.Tensor] | None = None) -> None:
-    """A device group's Adam step in a few kernel calls, whatever its number of spans: the gradients
-    cast to fp32 (times the multiplier) in one pass over the group's span range when `dense` (every
-    tensor in the range got a gradient, so the range holds only gradients and zero padding), then
-    one multi-tensor fused call per (step number, hyper-parameters), then the new masters cast into
-    the param chunk. Elementwise the same arithmetic as `adam_on_spans`, so the same numbers.
-    `step_tensors` (step number -> its device scalar) lets the groups of one step share them."""
-    if not spans:
-        return
-    lo, hi = spans[0][0], spans[-1][1]
-    if dense:
-        whole = _fp32_gradient(flats.grad[lo:hi], multiplier, None)
-        grads = [whole[begin - lo:end - lo] for begin, end, *_ in spans]
-    else:
-        grads = [_fp32_gradient(flats.grad[begin:end], multiplier, None) for begin, end, *_ in spans]
-    calls: dict[tuple, list[list[torch.Tensor]]] = {}
-    for (begin, end, step_number, hyper), grad in zip(spans, grads):
-        lists = calls.setdefault((step_number, hyper), [[], [], [], []])
-        for target, tensor in zip(lists, (flats.master[begin:end], grad, flats.exp_avg[begin:end],
-                                          flats.exp_avg_sq[begin:end])):
-            target.append(tensor)
-    for (step_number, hyper), (masters, grad_list, exp_avgs, exp_avg_sqs) in calls.items():
-        kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
-        step = None if step_tensors is None else step_tensors.get(step_number)
-        if step is None:
-            step = torch.full((), float(step_number), dtype=torch.float32, device=flats.master.device)
-            if step_tensors is not None:
-                step_tensors[step_number] = step
-        kernel(masters, grad_list, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
-               beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
-               amsgrad=False, maximize=False)
-    if dense:
-        flats.param[lo:hi].copy_(flats.master[lo:hi])
-    else:
-        for begin, end, *_ in spans:
-            flats.param[begin:end].copy_(flats.master[begin:end])
+    """One device group's step in a few kernel calls: `adam_on_device_groups` for it alone, with
+    its fp32 gradients in a buffer of their own."""
+    adam_on_device_groups([(flats, spans, dense)], multiplier, None, {} if step_tensors is None else step_tensors)
 
 
 def adam_on_device_groups(items: list[tuple[GroupFlats, list[Span], bool]], multiplier: torch.Tensor | None,
-                          scratch: torch.Tensor, step_tensors: dict[int, torch.Tensor]) -> None:
-    """`adam_on_device_spans` for many groups at once, in a handful of kernel calls whatever their
-    number: every compute-dtype gradient range cast into `scratch` (fp32, room for all of them) by
-    one foreach copy, one foreach multiply, one multi-tensor fused call per (step number,
-    hyper-parameters) over every group's spans, one foreach copy of the new masters into the param
-    chunks. Elementwise the same arithmetic, so the same numbers. `items`: (flats, spans, dense)."""
-    sources, casts, masters_out, params_out = [], [], [], []
+                          scratch: torch.Tensor | None, step_tensors: dict[int, torch.Tensor]) -> None:
+    """Device groups' Adam step in a handful of kernel calls, whatever their number of groups and
+    spans. `items`: (flats, spans, dense) per group; `dense`: every tensor in the span range got a
+    gradient, so the range holds only gradients and zero padding and is read in one piece.
+
+    The compute-dtype gradients are cast into `scratch` (fp32, room for all; None: allocated here)
+    by one foreach copy (fp32 gradients are used where they are), multiplied by one foreach multiply
+    (unscale/clip), stepped by one multi-tensor fused call per (step number, hyper-parameters), and
+    the new masters copied into the param chunks by one foreach copy. Elementwise the same arithmetic
+    as `adam_on_spans`, so the same numbers. `step_tensors` (step number -> its device scalar) lets
+    the calls of one step share them."""
+    ranges = []  # (flats, begin, end): the gradient pieces, each read once
+    for flats, spans, dense in items:
+        if spans:
+            ranges += [(flats, spans[0][0], spans[-1][1])] if dense else [(flats, b, e) for b, e, *_ in spans]
+    if not ranges:
+        return
+    sources = [flats.grad[begin:end] for flats, begin, end in ranges]
+    grads = sources
+    if sources[0].dtype != torch.float32:
+        sizes = [end - begin for _, begin, end in ranges]
+        if scratch is None:
+            scratch = torch.empty(sum(sizes), dtype=torch.float32, device=sources[0].device)
+        grads = list(scratch[:sum(sizes)].split(sizes))
+        torch._foreach_copy_(grads, sources)
+    if multiplier is not None:
+        torch._foreach_mul_(grads, multiplier)  # in place, as clip_grad_norm_ does
     calls: dict[tuple, list[list[torch.Tensor]]] = {}
-    offset = 0
+    pieces = iter(zip(ranges, grads))
     for flats, spans, dense in items:
         if not spans:
             continue
-        ranges = [(spans[0][0], spans[-1][1])] if dense else [(begin, end) for begin, end, *_ in spans]
-        starts = {}  # range begin -> where its fp32 gradient is
-        for begin, end in ranges:
-            if flats.grad.dtype == torch.float32:
-                starts[begin] = (flats.grad, 0)  # used where it is (multiplied in place)
-                sources.append(flats.grad[begin:end])
-            else:
-                sources.append(flats.grad[begin:end])
-                casts.append(scratch[offset:offset + end - begin])
-                starts[begin] = (scratch, offset - begin)
-                offset += end - begin
-            masters_out.append(flats.master[begin:end])
-            params_out.append(flats.param[begin:end])
-        range_begins = sorted(starts)
-        for begin, end, step_number, hyper in spans:
-            first = max(b for b in range_begins if b <= begin)
-            buffer, shift = starts[first]
+        if dense:
+            (_, lo, _), whole = next(pieces)
+            span_grads = [whole[begin - lo:end - lo] for begin, end, *_ in spans]
+        else:
+            span_grads = [next(pieces)[1] for _ in spans]
+        for (begin, end, step_number, hyper), grad in zip(spans, span_grads):
             lists = calls.setdefault((step_number, hyper), [[], [], [], []])
-            for target, tensor in zip(lists, (flats.master[begin:end], buffer[begin + shift:end + shift],
-                                              flats.exp_avg[begin:end], flats.exp_avg_sq[begin:end])):
+            for target, tensor in zip(lists, (flats.master[begin:end], grad, flats.exp_avg[begin:end],
+                                              flats.exp_avg_sq[begin:end])):
                 target.append(tensor)
-    if not calls:
-        return
-    fp32_grads = sources if not casts else casts
-    if casts:
-        torch._foreach_copy_(casts, sources)
-    if multiplier is not None:
-        torch._foreach_mul_(fp32_grads, multiplier)
-    for (step_number, hyper), (masters, grads, exp_avgs, exp_avg_sqs) in calls.items():
+    for (step_number, hyper), (masters, grad_list, exp_avgs, exp_avg_sqs) in calls.items():
         kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
         step = step_tensors.get(step_number)
         if step is None:
             step = step_tensors[step_number] = torch.full((), float(step_number), dtype=torch.float32,
-                                                          device=scratch.device)
-        kernel(masters, grads, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
+                                                          device=masters[0].device)
+        kernel(masters, grad_list, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
                beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
                amsgrad=False, maximize=False)
-    torch._foreach_copy_(params_out, masters_out)
+    torch._foreach_copy_([flats.param[begin:end] for flats, begin, end in ranges],
+                         [flats.master[begin:end] for flats, begin, end in ranges])
 
 
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,

@@ -65,7 +65,8 @@ from engine.device import device_capacity_bytes, host_adam_threads, to_device_wi
 from engine.host_adam import (AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_device_groups,
                               adam_on_device_spans)
 from engine.distributed import gather_flat, global_grad_norm
-from engine.optimizer_placement import allocate_host_moments, settle_optimizer_placement
+from engine.optimizer_placement import (activation_margin_bytes, allocate_host_moments, settle_optimizer_placement,
+                                        step_scratch_bytes)
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
 
@@ -181,7 +182,8 @@ class HybridAdam(torch.optim.Optimizer):
             rt.end_step_timings()
             if not rt.hooks.settled and nothing_moves(rt):
                 self._settle()
-            elif rt.config.compile_blocks and not rt.hooks.settled and not self._said_not_compiled:
+            elif (rt.config.compile_blocks and rt.optimizer_placed and not rt.hooks.settled
+                  and not self._said_not_compiled):  # placed and still not settled: it never will
                 self._said_not_compiled = True
                 log.warning("pstar: compile_blocks is not applied: chunks of this run still move between "
                             "host and device, and the hooks that move them would break every block's "
@@ -210,8 +212,9 @@ class HybridAdam(torch.optim.Optimizer):
         device_groups = [g for g in groups if g.optimizer_on_device]
         for group in host_groups:
             self._host.send_to_host(group)
-        frozen = [g for g in self._rt.groups if not g.trainable and not g.host_only and not g.param.pinned_forever]
-        self._bring_to_device(device_groups + (frozen if self._host.keep_resident else []))
+        frozen = [g for g in self._rt.groups if not g.trainable and not g.host_only
+                  and not g.param.pinned_forever] if self._host.keep_resident else []
+        self._bring_to_device(device_groups + frozen)
         allocate_host_moments(self._rt)
         if host_groups:
             on_host = None if multiplier is None else multiplier.to("cpu")  # the step's one sync
@@ -232,8 +235,8 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         need = sum(g.param.nbytes + 4 * g.numel for g in rt.groups if g.trainable)
         peak = rt.tracer.peak_non_model_bytes
-        activations = peak + math.ceil((1 - rt.config.mem_tracer.margin_use_ratio) * peak)
-        scratch = max((g.numel for g in rt.groups), default=0) * 4
+        activations = peak + activation_margin_bytes(peak, rt.config.mem_tracer.margin_use_ratio)
+        scratch = step_scratch_bytes(rt.groups)
         budget = rt.manager.device_budget_bytes
         capacity = device_capacity_bytes(rt.device, rt.manager.device_bytes)
         if capacity is not None:

@@ -79,7 +79,7 @@ def plan_placement_of_sizes(moving: list[GroupSizes], device_budget_bytes: int, 
     # room for all of them, unless the optimizer state fits beside all of them anyway.
     gathered = sorted((g.gathered_bytes for g in moving if g.gathered_bytes), reverse=True)
     budget = device_budget_bytes if device_capacity is None else min(device_budget_bytes, device_capacity)
-    activations = peak_non_model_bytes + math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
+    activations = peak_non_model_bytes + activation_margin_bytes(peak_non_model_bytes, margin_use_ratio)
     placement = _fill(moving, budget - param_bytes - sum(gathered) - activations, scratch_bytes, use_hybrid_adam)
     if gathered and placement.num_device_groups < len(moving):
         window = sum(gathered[:GATHER_WINDOW])
@@ -88,6 +88,16 @@ def plan_placement_of_sizes(moving: list[GroupSizes], device_budget_bytes: int, 
 
 
 GATHER_WINDOW = 4  # gathered chunks the device keeps room for when they cannot all stay
+
+
+def activation_margin_bytes(peak_non_model_bytes: int, margin_use_ratio: float) -> int:
+    """The room kept over the traced activation peak: (1 - margin_use_ratio) of it."""
+    return math.ceil((1 - margin_use_ratio) * peak_non_model_bytes)
+
+
+def step_scratch_bytes(groups: list[ChunkGroup]) -> int:
+    """A device group's fp32 gradients while it steps: the largest group's."""
+    return max((g.numel for g in groups), default=0) * 4
 
 
 def _fill(moving: list[GroupSizes], spare: int, scratch_bytes: int, use_hybrid_adam: bool) -> Placement:
@@ -154,7 +164,7 @@ def allocate_host_moments(rt: EngineRuntime) -> None:
 
 def _plan_for_runtime(rt: EngineRuntime) -> Placement:
     """`plan_placement` with this engine's traced warm-up, config and device."""
-    scratch = max((g.numel for g in rt.groups), default=0) * 4  # a device group's fp32 gradients
+    scratch = step_scratch_bytes(rt.groups)
     return plan_placement(
         rt.groups, rt.tracer.chunk_budget_bytes(None), rt.tracer.peak_non_model_bytes,
         rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch,

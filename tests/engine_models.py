@@ -136,3 +136,15 @@ def reference_adamw(module: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     p = cfg["optimizer"]["params"]
     return torch.optim.AdamW(module.parameters(), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                              weight_decay=p["weight_decay"], fused=True)
+
+
+def reference_step(reference: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor,
+                   max_norm: float = 0.0) -> float:
+    """One plain-PyTorch training step (clipping at `max_norm` if given); returns the loss."""
+    optimizer.zero_grad()
+    loss = reference(x, y)
+    loss.backward()
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    optimizer.step()
+    return loss.item()

@@ -27,7 +27,7 @@ from torch import nn
 
 from engine import initialize_engine
 from engine.errors import EngineError, ModelTooLargeError
-from tests.engine_models import MAKERS, VOCAB, OddModel, TinyGPT, engine_config
+from tests.engine_models import MAKERS, VOCAB, OddModel, TinyGPT, engine_config, reference_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -390,11 +390,7 @@ def test_pstar_gpt_with_activation_checkpointing_matches_plain_pytorch():
     for _ in range(4):
         x, y = (torch.randint(0, vocab, (2, 32), generator=gen).to(DEVICE) for _ in range(2))
         loss = engine_step(model, optimizer, x, y)
-        ref_opt.zero_grad()
-        ref_loss = reference(x, y)
-        ref_loss.backward()
-        ref_opt.step()
-        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        assert loss == pytest.approx(reference_step(reference, ref_opt, x, y), rel=1e-5)
     assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
 
 

@@ -14,7 +14,7 @@ import torch
 from engine import initialize_engine
 from engine.errors import EngineError
 from engine.optimizer import HybridAdam
-from tests.engine_models import TinyGPT
+from tests.engine_models import TinyGPT, reference_step
 from tests.test_engine import (DEVICE, assert_state_close, batches, build_pair, engine_config, engine_step,
                                plain_optimizer, snapshot)
 
@@ -41,12 +41,8 @@ def test_a_run_that_fits_settles_and_still_equals_plain_pytorch(grad_chunks):
     for x, y in batches("gpt", 6):
         loss = engine_step(model, optimizer, x, y)
         settled_after.append(model.chunk_stats()["settled"])
-        ref_opt.zero_grad()
-        ref_loss = reference(x, y)
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
-        ref_opt.step()
-        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        ref_loss = reference_step(reference, ref_opt, x, y, max_norm)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert settled_after == [1] * 6  # placed and settled by the first step
     assert _engine_hooks_left(model) == 0
     stats = model.chunk_stats()
@@ -73,9 +69,7 @@ def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semant
             optimizer.zero_grad()
             continue
         engine_step(model, optimizer, x, y)
-        ref_opt.zero_grad()
-        reference(x, y).backward()
-        ref_opt.step()
+        reference_step(reference, ref_opt, x, y)
     with torch.no_grad():
         torch.testing.assert_close(model(data[0][0]), reference(data[0][0]), rtol=1e-5, atol=1e-6)
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
@@ -141,9 +135,7 @@ def test_frozen_parameters_settle_with_the_rest():
                                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     for x, y in batches("gpt", 4):
         engine_step(model, optimizer, x, y)
-        ref_opt.zero_grad()
-        reference(x, y).backward()
-        ref_opt.step()
+        reference_step(reference, ref_opt, x, y)
     assert model.chunk_stats()["settled"] == 1
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from engine.optimizer_placement import GATHER_WINDOW, GroupSizes, Placement, plan_placement_of_sizes
+from engine.optimizer_placement import (GATHER_WINDOW, GroupSizes, Placement, activation_margin_bytes,
+                                        plan_placement_of_sizes)
 from pstar_cli.estimate.workload import (DEEPSPEED_BUFFER_FACTOR, Hardware, Side, SystemEstimate, Workload,
                                          activation_bytes, model_fields)
 
@@ -60,7 +61,7 @@ def place_on_gpu(w: Workload, model_data: dict[str, int], gpu_budget: int | None
     chunks stay on the device when they fit, the leading groups' optimizer state takes the room left."""
     plan, groups, scratch = plan_pstar_placement(w, gpu_budget)
     activations = activation_bytes(w)
-    margin = math.ceil((1 - w.margin_use_ratio) * activations)  # as the engine reserves it
+    margin = activation_margin_bytes(activations, w.margin_use_ratio)  # as the engine reserves it
     gathered = sorted((g.gathered_bytes for g in groups), reverse=True)
     gathered_bytes = sum(gathered if plan.num_device_groups == len(groups) else gathered[:GATHER_WINDOW])
     param_kinds_bytes = model_data["param"] + model_data["grad"]
