@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.case import random_batches
-from benchmarks.run import shipped_config
+from benchmarks.run import UsageError, model_shapes, shipped_config
 from benchmarks.spec import CaseSpec
 from benchmarks.systems import Runtime, build_trainer, synchronize
 
@@ -83,8 +83,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
+    try:  # a user mistake (unknown size, a config that is not there) is one line and exit code 2
+        model_shapes([args.model], args.seq)
+        shipped = shipped_config(args.config, 1, args.overrides)
+    except UsageError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     runtime = Runtime(device=torch.device(args.device))
-    shipped = shipped_config(args.config, 1, args.overrides)
     results = []
     for system in args.systems.split(","):
         result = profile_system(spec_for(system, args, args.device, shipped), runtime, args.top)

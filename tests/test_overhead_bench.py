@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from benchmarks import host_profile, overhead
 
 
@@ -27,3 +29,13 @@ def test_host_profile_times_and_profiles_each_system(capsys):
         assert "function calls" in result["profile"]
     assert results[1]["step_timings"]["forward"] > 0  # the engine's own split of the step
     assert "== pstar gpt-tiny b1 s16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, named", [(["--model", "gpt-nope"], "gpt-nope"),
+                                         (["--config", "no-such.yaml"], "no-such.yaml")])
+def test_host_profile_names_a_bad_argument_in_one_line(args, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        host_profile.main(["--device", "cpu", *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
