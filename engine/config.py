@@ -95,6 +95,9 @@ class EngineConfig:
     # torch.compile each repeated block (every member of an nn.ModuleList) once the run has settled
     # (engine/hooks.py): nothing moves, so no engine hook runs inside a block
     compile_blocks: bool = False
+    # Step some host optimizer groups on the GPU over their streamed state, beside host Adam
+    # (engine/streamed_adam.py): CUDA, one rank, when every param chunk stays on the device
+    stream_host_optimizer: bool = True
 
     @property
     def compute_dtype_name(self) -> str:
@@ -210,6 +213,7 @@ _SCHEMA: dict[str, Any] = {
     "gradient_accumulation_steps": _positive_int,
     "init_device": _init_device,
     "compile_blocks": _is_bool,
+    "stream_host_optimizer": _is_bool,
 }
 
 
@@ -238,7 +242,7 @@ PLACEMENT_KEYS = frozenset({
 })
 # Keys that change the numbers from the step they take effect, without changing the saved state's
 # meaning (one turns them to get a diverging run going again).
-TUNING_KEYS = frozenset({"gradient_clipping", "compile_blocks"})
+TUNING_KEYS = frozenset({"gradient_clipping", "compile_blocks", "stream_host_optimizer"})
 
 
 def engine_key_effect(dotted: str) -> str:
@@ -341,7 +345,7 @@ def resolve_engine_config(cfg: "dict | EngineConfig | None") -> EngineConfig:
 
 _TOP_LEVEL_KEYS = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
                    "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device",
-                   "compile_blocks")
+                   "compile_blocks", "stream_host_optimizer")
 _MEM_TRACER_FIELDS = ("use_async_mem_monitor", "warmup_gpu_chunk_mem_ratio", "overall_gpu_mem_ratio",
                       "overall_cpu_mem_ratio", "margin_use_ratio")
 

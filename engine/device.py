@@ -402,6 +402,20 @@ class Copier:
         return chunk.flat
 
 
+def pin_in_place(copier: Copier, buf: torch.Tensor) -> bool:
+    """Page-lock an existing host buffer for asynchronous copies, keeping its data (CUDA; on a CPU
+    there is nothing to do). False, and nothing changed, if the driver refuses."""
+    if not copier.is_cuda or buf.numel() == 0:
+        return True
+    if buf.is_pinned():
+        return True
+    if not _pin_exactly(buf):
+        _consume_cuda_error(copier.device)
+        return False
+    copier.pinned_bytes += buf.untyped_storage().nbytes()
+    return True
+
+
 def _pin_exactly(buf: torch.Tensor) -> bool:
     """Page-lock exactly this buffer's bytes; False if the driver refused.
 

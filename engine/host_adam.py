@@ -35,6 +35,7 @@ from engine.device import Copier
 
 if TYPE_CHECKING:
     from engine.chunk_manager import ChunkManager
+    from engine.streamed_adam import StreamedAdam
 
 # Host steps go in pieces of this many elements: the fp32 scratch they are cast into stays small
 # (16 MiB) and is reused while still in the caches, and each piece's new masters are cast into the
@@ -249,6 +250,14 @@ class HostStepReport:
     num_downloaded_in_backward: int = 0  # host groups whose gradients started down in backward
     num_after_step: int = 0  # host groups whose update was still running when step() returned
     num_redone: int = 0  # host updates computed twice (none: nothing is speculated)
+    num_streamed: int = 0  # host groups the device stepped over streamed state (engine/streamed_adam.py)
+
+
+# Parameters per second that host Adam and the streamed device step are first assumed to manage
+# (measured on the H200 machine inside a step: about 2.4 G and 4 G); each step's own measurement
+# then takes over.
+FIRST_HOST_RATE = 2.5e9
+FIRST_STREAM_RATE = 4.0e9
 
 
 @dataclass
@@ -267,12 +276,19 @@ class HostUpdates:
     manager: "ChunkManager"
     spans_of: Callable[[ChunkGroup], list[Span]]
     worker: HostAdamWorker
+    streamer: "StreamedAdam | None" = None  # steps some host groups on the device (None: off)
     keep_resident: bool = False
+    stream_on_cpu: bool = False  # tests: stream on a CPU "device" too (the arithmetic, not the overlap)
     _expected: dict[int, int] = field(default_factory=dict)  # id(group) -> gradients completing it
     _arrived: dict[int, int] = field(default_factory=dict)
     _in_place: dict[int, ChunkGroup] = field(default_factory=dict)  # pinned, gradients going down
     _jobs: dict[int, tuple[HostJob, Future]] = field(default_factory=dict)  # submitted, not waited for
     num_started_in_backward: int = 0
+    _host_groups: list[ChunkGroup] = field(default_factory=list)  # forward order
+    _streamed: set[int] = field(default_factory=set)  # id(group): the device steps it this step
+    _streamed_last: list[ChunkGroup] = field(default_factory=list)  # streamed by the last step
+    rates: list[float] = field(default_factory=lambda: [FIRST_HOST_RATE, FIRST_STREAM_RATE])
+    _host_done: list[float] = field(default_factory=lambda: [0.0, 0.0])  # (elements, seconds) waited for
     last_report: HostStepReport = field(default_factory=HostStepReport)
     busy_s: float = 0.0  # the worker's seconds on jobs waited for since the last take_seconds()
     wait_s: float = 0.0  # seconds callers waited for the worker, likewise
@@ -284,6 +300,8 @@ class HostUpdates:
         never complete the group)."""
         self.keep_resident = keep_resident
         self._expected = {}
+        self._host_groups = [g for g in groups if g.trainable and not g.optimizer_on_device and not g.host_only]
+        self._streamed = set()  # the first placed step runs on the host: the moments are made then
         if not start_in_backward:
             return
         for group in groups:
@@ -298,8 +316,8 @@ class HostUpdates:
         """Count a gradient written into its chunk; returns the group when it is complete."""
         group = info.group
         expected = self._expected.get(id(group))
-        if expected is None:
-            return None
+        if expected is None or id(group) in self._streamed:
+            return None  # (a streamed group's gradients stay on the device)
         arrived = self._arrived.get(id(group), 0) + 1
         self._arrived[id(group)] = arrived
         return group if arrived == expected else None
@@ -322,6 +340,24 @@ class HostUpdates:
 
     # ---- in step() -----------------------------------------------------------------------------
 
+    def streams(self, group: ChunkGroup) -> bool:
+        """Whether the device steps this group now: chosen for this step, and its gradients are
+        still in its device param chunk (nothing evicted it)."""
+        return (id(group) in self._streamed and group.grad is None and id(group) not in self._in_place
+                and group.param.location is Location.DEVICE)
+
+    def stream(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
+        """Step these host groups on the device over their streamed state (engine/streamed_adam.py),
+        after the compute stream's current point; their step counts advance now."""
+        self.streamer.begin_step(self.copier.compute_point())
+        for group in groups:
+            self.streamer.step_group(group, self.spans_of(group), multiplier)
+            for info in group.tensors:
+                if info.has_grad:
+                    info.num_steps += 1
+        self.streamer.end_step()
+        self._streamed_last = list(groups)
+
     def send_to_host(self, group: ChunkGroup) -> None:
         """Start moving a group's gradients to the host (if backward has not already)."""
         if id(group) in self._in_place:
@@ -337,7 +373,8 @@ class HostUpdates:
         """Queue the group's update; its step counts advance now (the spans carry the numbers)."""
         assert id(group) not in self._jobs, "a group's previous update must be waited for first"
         in_place = id(group) in self._in_place
-        chunks = _unique((group.grad_chunk, group.param))
+        # The gradients coming down, and the state if the device streamed it back last step
+        chunks = _unique((group.grad_chunk, group.param, *group.optimizer_chunks))
         job = HostJob(
             group=group,
             flats=GroupFlats(group.grad_chunk.host_flat, group.param.host_flat, group.master.host_flat,
@@ -354,13 +391,42 @@ class HostUpdates:
     def end_step(self, wait: bool) -> None:
         """step() returns: what is still running finishes during the next forward (or is waited for
         now, `wait`); downloads that began in backward are all in jobs by now."""
+        streamed = len(self._streamed_last)
         if wait:
             self.finish()
         self.last_report = HostStepReport(num_downloaded_in_backward=self.num_started_in_backward,
-                                          num_after_step=len(self._jobs))
+                                          num_after_step=len(self._jobs) + (0 if wait else streamed),
+                                          num_streamed=streamed)
         self._in_place.clear()
         self._arrived.clear()
         self.num_started_in_backward = 0
+        self._choose_streamed()
+
+    def _choose_streamed(self) -> None:
+        """Which host groups the device steps next step: in forward order, each goes where it would
+        finish first at the rates measured so far, so both finish together and in about the order
+        the next forward needs them. Off unless the param chunks stay on the device (CUDA, one rank:
+        placement's in-place mode)."""
+        self._streamed = set()
+        if self.streamer is None or not self.keep_resident or not (self.copier.is_cuda or self.stream_on_cpu):
+            return
+        numel, seconds = self._host_done
+        if seconds > 0:
+            self.rates[0] = 0.5 * self.rates[0] + 0.5 * numel / seconds
+        numel, seconds = self.streamer.measured()
+        if seconds > 0:
+            self.rates[1] = 0.5 * self.rates[1] + 0.5 * numel / seconds
+        self._host_done = [0.0, 0.0]
+        host_rate, stream_rate = self.rates
+        host_end = stream_end = 0.0
+        for group in self._host_groups:
+            if group.exp_avg.host_flat is None or not self.streamer.can_stream(group):
+                host_end += group.numel / host_rate
+            elif stream_end + group.numel / stream_rate <= host_end + group.numel / host_rate:
+                stream_end += group.numel / stream_rate
+                self._streamed.add(id(group))
+            else:
+                host_end += group.numel / host_rate
 
     def take_seconds(self) -> tuple[float, float]:
         """(worker busy, callers waiting) seconds since the last call."""
@@ -381,6 +447,8 @@ class HostUpdates:
         future.result()  # re-raises a failure of the worker
         self.wait_s += time.perf_counter() - start
         self.busy_s += job.seconds
+        self._host_done[0] += sum(end - begin for begin, end, *_ in job.spans)
+        self._host_done[1] += job.seconds
         for chunk in _unique((group.grad_chunk, group.param)):
             self.copier.wait_downloaded(chunk)  # long done: clears the event
         if job.upload is not None:
@@ -389,9 +457,14 @@ class HostUpdates:
             _count(self.manager, h2d=job.upload.nbytes)
 
     def finish(self) -> None:
-        """Wait for every submitted update (in submission order, as the worker runs them)."""
+        """Wait for every submitted update (in submission order, as the worker runs them), and for
+        the state the device streamed back."""
         for job, _ in list(self._jobs.values()):
             self.wait_for(job.group)
+        for group in self._streamed_last:
+            for chunk in group.optimizer_chunks:
+                self.copier.wait_downloaded(chunk)
+        self._streamed_last = []
 
     def cancel(self) -> None:
         """No update of this backward (fp16 overflow, zero_grad): gradients that went down in place

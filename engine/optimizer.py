@@ -69,6 +69,7 @@ from engine.optimizer_placement import (activation_margin_bytes, allocate_host_m
                                         step_scratch_bytes)
 from engine.precision import clip_coefficient
 from engine.runtime import EngineRuntime
+from engine.streamed_adam import StreamedAdam
 
 log = logging.getLogger("pstar.engine")
 
@@ -119,8 +120,9 @@ class HybridAdam(torch.optim.Optimizer):
         self._said_not_compiled = False
         self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
         self._device_scratch: torch.Tensor | None = None  # settled with room: all fp32 gradients at once
+        streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
-                                 HostAdamWorker(runtime.copier, host_adam_threads()))
+                                 HostAdamWorker(runtime.copier, host_adam_threads()), streamer)
         runtime.manager.host_updates = self._host  # chunk accesses wait for a group's update
         runtime.host_updates = self._host
         runtime.param_groups = self.param_groups
@@ -208,7 +210,8 @@ class HybridAdam(torch.optim.Optimizer):
     def _update(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         """Host groups to the worker (their gradients on the way down), device groups on the
         device meanwhile; the host updates finish when their chunks are next needed."""
-        host_groups = [g for g in groups if not g.optimizer_on_device]
+        streamed = [g for g in groups if not g.optimizer_on_device and self._host.streams(g)]
+        host_groups = [g for g in groups if not g.optimizer_on_device and not self._host.streams(g)]
         device_groups = [g for g in groups if g.optimizer_on_device]
         for group in host_groups:
             self._host.send_to_host(group)
@@ -216,6 +219,8 @@ class HybridAdam(torch.optim.Optimizer):
                   and not g.param.pinned_forever] if self._host.keep_resident else []
         self._bring_to_device(device_groups + frozen)
         allocate_host_moments(self._rt)
+        if streamed:  # on the device's side streams, after this point of the compute stream
+            self._host.stream(streamed, multiplier)
         if host_groups:
             on_host = None if multiplier is None else multiplier.to("cpu")  # the step's one sync
             for group in host_groups:

@@ -28,6 +28,7 @@ from engine.errors import ModelTooLargeError
 from engine.host_adam import HostUpdates
 from engine.packing import repack_in_first_use_order
 from engine.runtime import EngineRuntime
+from engine.streamed_adam import STREAM_PIECE_ELEMENTS, ring_bytes
 
 log = logging.getLogger("pstar.engine")
 
@@ -134,6 +135,13 @@ def _allocate_on_host(rt: EngineRuntime, groups: list[ChunkGroup]) -> None:
 
 def _place_optimizer_state(rt: EngineRuntime, host: HostUpdates) -> None:
     placement = _plan_for_runtime(rt)
+    if host.streamer is not None and (rt.copier.is_cuda or host.stream_on_cpu) and _may_stream(rt, placement):
+        # Host groups the device may step over streamed state (engine/streamed_adam.py): its
+        # slots take device room from the optimizer groups, but only when some stay on the host.
+        host.streamer.piece = min(STREAM_PIECE_ELEMENTS, max(g.numel for g in rt.groups))
+        placement = _plan_for_runtime(rt, extra_scratch=ring_bytes(host.streamer.piece))
+        if not _may_stream(rt, placement):
+            placement = _plan_for_runtime(rt)  # the slots would push a param chunk off the device
     moving = [g for g in rt.groups if not g.host_only]
     num_device_groups = placement.num_device_groups
     if rt.comm is not None:  # the ranks' free memory differs, but their placements must not:
@@ -162,9 +170,17 @@ def allocate_host_moments(rt: EngineRuntime) -> None:
     _allocate_on_host(rt, [group for group in rt.groups if not group.optimizer_on_device])
 
 
-def _plan_for_runtime(rt: EngineRuntime) -> Placement:
+def _may_stream(rt: EngineRuntime, placement: Placement) -> bool:
+    """Whether the streamed device step can serve this placement's host groups: some groups stay on
+    the host, their param chunks stay on the device (in place), on one rank."""
+    moving = [g for g in rt.groups if not g.host_only]
+    return (placement.num_device_groups < len(moving) and placement.params_fit and rt.comm is None
+            and not rt.grad_accumulation)
+
+
+def _plan_for_runtime(rt: EngineRuntime, extra_scratch: int = 0) -> Placement:
     """`plan_placement` with this engine's traced warm-up, config and device."""
-    scratch = step_scratch_bytes(rt.groups)
+    scratch = step_scratch_bytes(rt.groups) + extra_scratch
     return plan_placement(
         rt.groups, rt.tracer.chunk_budget_bytes(None), rt.tracer.peak_non_model_bytes,
         rt.config.mem_tracer.margin_use_ratio, rt.config.optimizer.use_hybrid_adam, scratch,
