@@ -219,6 +219,10 @@ class HybridAdam(torch.optim.Optimizer):
                   and not g.param.pinned_forever] if self._host.keep_resident else []
         self._bring_to_device(device_groups + frozen)
         allocate_host_moments(self._rt)
+        # Making room for the device groups may have evicted a streamed group's param chunk (its
+        # gradients went down with it): host Adam steps that one.
+        host_groups += [g for g in streamed if not self._host.streams(g)]
+        streamed = [g for g in streamed if self._host.streams(g)]
         if streamed:  # on the device's side streams, after this point of the compute stream
             self._host.stream(streamed, multiplier)
         if host_groups:

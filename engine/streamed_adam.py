@@ -79,6 +79,13 @@ class StreamedAdam:
         """The step's streamed groups follow; their kernels start after the compute stream's `after`."""
         self._step_tensors = {}
         self.numel_this_step = 0
+        if self._slots is None:  # kept: the placement counted them in the device budget
+            self._slots = [[torch.empty(self.piece, dtype=torch.float32, device=self._copier.device)
+                            for _ in range(4)] for _ in range(NUM_SLOTS)]
+            if self._up is not None:
+                # The allocator may hand out memory that kernels queued on the compute stream still
+                # use (it was freed there, not yet used up): the first copy in waits for them.
+                self._up.wait_stream(torch.cuda.current_stream(self._copier.device))
         if self._work is not None:
             self._work.wait_event(after)
             started = torch.cuda.Event(enable_timing=True)
@@ -90,9 +97,6 @@ class StreamedAdam:
         kernels, state down, piece by piece; the new weights land in its device param chunk."""
         if not spans:
             return
-        if self._slots is None:  # kept: the placement counted them in the device budget
-            self._slots = [[torch.empty(self.piece, dtype=torch.float32, device=self._copier.device)
-                            for _ in range(4)] for _ in range(NUM_SLOTS)]
         host = [c.host_flat for c in group.optimizer_chunks]  # master, exp_avg, exp_avg_sq
         grad = group.grad_chunk.device_flat
         param = group.param.device_flat

@@ -91,10 +91,13 @@ def test_streamed_host_groups_equal_torch_adamw_with_clipping():
     """Every host group streamed, clipping at 0.5: losses and weights as torch.optim.AdamW with
     clip_grad_norm_ (fp32; rtol 1e-5 / atol 1e-6 as in tests/test_param_groups.py)."""
     cfg = engine_config(device_memory_limit=_limit(), gradient_clipping=0.5)
+    torch.manual_seed(0)
+    initial = initialize_engine(model_func=TinyGPT, config=cfg)[0].state_dict()  # seed 0's init, as _train's
     losses, state, streamed, model = _train(cfg, 6, ALL_STREAMED)
     assert streamed[-1] > 0
     torch.manual_seed(0)
     reference = TinyGPT().to(DEVICE)
+    reference.load_state_dict(initial)
     opt = reference_adamw(reference, cfg)
     ref_losses = [reference_step(reference, opt, x, y, max_norm=0.5) for x, y in batches("gpt", 6)]
     assert losses == pytest.approx(ref_losses, rel=1e-5)
@@ -171,6 +174,7 @@ def test_on_cuda_streamed_groups_run_on_side_streams_and_equal_torch_adamw():
     for overlap in (True, False):
         torch.manual_seed(0)
         model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+        initial = {name: value.clone() for name, value in model.state_dict().items()}  # init ran on the GPU
         optimizer._host.rates = list(ALL_STREAMED)
         optimizer.overlap_backward = overlap
         losses = []
@@ -185,8 +189,8 @@ def test_on_cuda_streamed_groups_run_on_side_streams_and_equal_torch_adamw():
         runs[overlap] = (losses, snapshot(model, optimizer), model)
     assert runs[True][0] == runs[False][0]
     _assert_bitwise(runs[True][1], runs[False][1])
-    torch.manual_seed(0)
     reference = TinyGPT().to(DEVICE)
+    reference.load_state_dict(initial)  # the engine's init drew on the GPU's generator
     opt = reference_adamw(reference, cfg)
     ref_losses = [reference_step(reference, opt, x, y, max_norm=0.5) for x, y in batches("gpt", 6)]
     assert runs[True][0] == pytest.approx(ref_losses, rel=1e-5)
