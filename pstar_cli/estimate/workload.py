@@ -68,6 +68,7 @@ class Workload:
     host_mem_ratio: float
     margin_use_ratio: float = 0.8  # the engine's margin over the warm-up's activation peak
     use_hybrid_adam: bool = True  # False: every optimizer group steps on the host
+    stream_host_optimizer: bool = True  # host groups may step on the GPU over streamed state
 
     @property
     def num_gpus(self) -> int:
@@ -186,6 +187,7 @@ def workload_from_config(cfg, gpus_per_node: int | None = None) -> Workload:
         gpu_mem_ratio=engine.mem_tracer.overall_gpu_mem_ratio,
         host_mem_ratio=engine.mem_tracer.overall_cpu_mem_ratio,
         margin_use_ratio=engine.mem_tracer.margin_use_ratio, use_hybrid_adam=engine.optimizer.use_hybrid_adam,
+        stream_host_optimizer=engine.stream_host_optimizer,
     )
 
 
