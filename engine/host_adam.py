@@ -20,6 +20,11 @@ forward, which waits for a group's job at the first use of its chunks (host grou
 layers, used last in forward) — or anything else that reads the group's state first (another step,
 a state dict, a checkpoint) waits for it. The worker never touches the engine's books (tensor
 states, step counts, placement): a job's spans and step numbers are fixed when it is submitted.
+
+Where (`HostUpdates._choose_streamed`): on one GPU with the param chunks in place, each step gives
+some host groups to the GPU instead (engine/streamed_adam.py: their state streamed up and back down
+over PCIe), the rest to this worker, by the rates both measured in the steps before. A streamed
+group's gradients never go down, and its update starts in `step()` too, after the global decisions.
 """
 from __future__ import annotations
 

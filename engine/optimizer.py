@@ -25,7 +25,8 @@ group change inside a chunk, and the kernels are elementwise, so the result is t
 
 Placement: which groups keep their optimizer state on the device (as far as memory allows:
 the first groups in packing order) and which step on the host (engine/host_adam.py) is decided
-once after the warm-up iteration, in engine/optimizer_placement.py.
+once after the warm-up iteration, in engine/optimizer_placement.py. On one GPU, part of the host
+groups are stepped there over their streamed state each step (engine/streamed_adam.py).
 
 Host groups overlap the next forward, not backward. During backward a host group's gradients only
 go down (to its pinned host copy) once they are complete; `step()` computes the global decisions
