@@ -16,7 +16,7 @@ from engine import initialize_engine
 from engine.host_adam import HostUpdates
 from engine.streamed_adam import ring_bytes
 from tests.engine_models import TinyGPT, engine_config, reference_adamw, reference_step
-from tests.test_engine import DEVICE, batches, snapshot
+from tests.test_engine import DEVICE, batches, engine_step, snapshot
 from tests.test_distributed import adam_tolerances, assert_within
 from tests.test_engine_speed import FP16, _assert_bitwise, _install_poison, _split_limit
 from tests.test_overlap import MAX_NORM
@@ -202,3 +202,50 @@ def test_on_cuda_streamed_groups_run_on_side_streams_and_equal_torch_adamw():
     for name, param in reference.named_parameters():
         weight_bound, _ = adam_tolerances(cfg, 6, opt.state[param]["exp_avg_sq"].cpu())
         assert_within(ours[name].float().cpu(), param.detach().float().cpu(), weight_bound, 1e-5, name)
+
+
+@pytest.mark.parametrize("how", ["state dicts", "shard state"])
+def test_a_streamed_run_resumes_exactly(how):
+    """Saved right after a step whose host groups streamed (their state still on its way down on a
+    GPU), loaded into a fresh engine that streams too: the same run, bit for bit."""
+    cfg = engine_config(device_memory_limit=_limit(), gradient_clipping=MAX_NORM)
+    data = list(batches("gpt", 7))
+
+    def engine():
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
+        optimizer._host.stream_on_cpu = True
+        optimizer._host.rates = list(ALL_STREAMED)
+        return model, optimizer
+
+    def step(model, optimizer, x, y):
+        loss = engine_step(model, optimizer, x, y)
+        optimizer._host.rates[1] = ALL_STREAMED[1]
+        return loss
+
+    torch.manual_seed(0)
+    model, optimizer = engine()
+    for x, y in data[:4]:
+        step(model, optimizer, x, y)
+    assert model.chunk_stats()["step_host_groups_streamed"] > 0
+    if how == "shard state":
+        saved = model.shard_state()
+    else:
+        saved_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        saved_opt = optimizer.state_dict()
+        saved_opt["state"] = {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v)
+                                     for k, v in entry.items()} for name, entry in saved_opt["state"].items()}
+    straight = [step(model, optimizer, x, y) for x, y in data[4:]]
+
+    torch.manual_seed(99)  # another init, overwritten by the checkpoint
+    resumed, resumed_opt = engine()
+    for x, y in data[5:7]:
+        step(resumed, resumed_opt, x, y)  # placed and streaming before the load
+    if how == "shard state":
+        resumed.load_shard_state(saved)
+    else:
+        resumed.load_state_dict(saved_model)
+        resumed_opt.load_state_dict(saved_opt)
+    again = [step(resumed, resumed_opt, x, y) for x, y in data[4:]]
+    assert again == straight
+    assert resumed.chunk_stats()["step_host_groups_streamed"] > 0
+    _assert_bitwise(snapshot(resumed, resumed_opt), snapshot(model, optimizer))
