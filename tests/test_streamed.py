@@ -249,3 +249,25 @@ def test_a_streamed_run_resumes_exactly(how):
     assert again == straight
     assert resumed.chunk_stats()["step_host_groups_streamed"] > 0
     _assert_bitwise(snapshot(resumed, resumed_opt), snapshot(model, optimizer))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="compares the pipeline with host Adam bit for bit: CPU only")
+def test_a_group_whose_state_cannot_be_page_locked_stays_with_host_adam(monkeypatch):
+    """Where the driver refuses to page-lock a group's host state (a low `ulimit -l`), that group is
+    stepped by host Adam, every step, and the run is the one that never streamed, bit for bit."""
+    refused = []
+
+    def pin_all_but_the_first(copier, buf):
+        if not refused:
+            refused.append(buf.data_ptr())
+        return buf.data_ptr() not in refused
+
+    monkeypatch.setattr("engine.streamed_adam.pin_in_place", pin_all_but_the_first)
+    cfg = engine_config(device_memory_limit=_limit(), gradient_clipping=MAX_NORM)
+    ref_losses, ref_state, _, _ = _train(cfg, 6, ALL_HOST)
+    refused.clear()
+    losses, state, streamed, model = _train(cfg, 6, ALL_STREAMED)
+    num_host = sum(1 for g in model._rt.groups if g.trainable and not g.optimizer_on_device)
+    assert streamed[-1] == num_host - 1, streamed  # all but the group that could not be page-locked
+    assert losses == ref_losses
+    _assert_bitwise(state, ref_state)
