@@ -300,9 +300,9 @@ class EngineModel(nn.Module):
         stats["step_host_groups_redone"] = report.num_redone if report else 0
         # ...of which the device stepped over their streamed state (engine/streamed_adam.py)
         stats["step_host_groups_streamed"] = report.num_streamed if report else 0
-        # The rates the split between host Adam and the streamed step works from (params/s, measured)
-        stats["host_adam_params_per_s"] = int(host.rates[0]) if host is not None else 0
-        stats["streamed_adam_params_per_s"] = int(host.rates[1]) if host is not None else 0
+        # Host Adam's and the streamed step's last measured rates, params/s (0: not measured yet)
+        stats["host_adam_params_per_s"] = int(host.measured_rates[0]) if host is not None else 0
+        stats["streamed_adam_params_per_s"] = int(host.measured_rates[1]) if host is not None else 0
         # 1 once nothing can move any more and the model runs with the lean hooks (engine/hooks.py)
         stats["settled"] = int(self._hooks.settled)
         return stats

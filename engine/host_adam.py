@@ -292,7 +292,8 @@ class HostUpdates:
     _host_groups: list[ChunkGroup] = field(default_factory=list)  # forward order
     _streamed: set[int] = field(default_factory=set)  # id(group): the device steps it this step
     _streamed_last: list[ChunkGroup] = field(default_factory=list)  # streamed by the last step
-    rates: list[float] = field(default_factory=lambda: [FIRST_HOST_RATE, FIRST_STREAM_RATE])
+    rates: list[float] = field(default_factory=lambda: [FIRST_HOST_RATE, FIRST_STREAM_RATE])  # for the split
+    measured_rates: list[float] = field(default_factory=lambda: [0.0, 0.0])  # the last measured (0: none yet)
     _host_done: list[float] = field(default_factory=lambda: [0.0, 0.0])  # (elements, seconds) waited for
     last_report: HostStepReport = field(default_factory=HostStepReport)
     busy_s: float = 0.0  # the worker's seconds on jobs waited for since the last take_seconds()
@@ -413,15 +414,14 @@ class HostUpdates:
         the next forward needs them. Off unless the param chunks stay on the device (CUDA, one rank:
         placement's in-place mode)."""
         self._streamed = set()
+        for which, (numel, seconds) in enumerate((self._host_done,
+                                                  self.streamer.measured() if self.streamer else (0, 0.0))):
+            if seconds > 0:
+                self.measured_rates[which] = numel / seconds
+                self.rates[which] = 0.5 * self.rates[which] + 0.5 * numel / seconds
+        self._host_done = [0.0, 0.0]
         if self.streamer is None or not self.keep_resident or not (self.copier.is_cuda or self.stream_on_cpu):
             return
-        numel, seconds = self._host_done
-        if seconds > 0:
-            self.rates[0] = 0.5 * self.rates[0] + 0.5 * numel / seconds
-        numel, seconds = self.streamer.measured()
-        if seconds > 0:
-            self.rates[1] = 0.5 * self.rates[1] + 0.5 * numel / seconds
-        self._host_done = [0.0, 0.0]
         host_rate, stream_rate = self.rates
         host_end = stream_end = 0.0
         for group in self._host_groups:

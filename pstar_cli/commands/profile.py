@@ -72,9 +72,18 @@ def traffic_table(summary: dict) -> Table:
                       f"{stats[f'{kind}_chunks_host']} · {format_bytes(stats[f'{kind}_bytes_host'])}")
     table.add_row("moves per step", f"H2D {traffic['step_h2d_moves']:g} · {format_bytes(traffic['step_h2d_bytes'])}",
                   f"D2H {traffic['step_d2h_moves']:g} · {format_bytes(traffic['step_d2h_bytes'])}")
+    if stats.get("optim_chunks_host"):  # who stepped the host's optimizer groups, and how fast
+        table.add_row("host groups stepped",
+                      f"streamed {stats.get('step_host_groups_streamed') or 0} · "
+                      f"{_rate(stats.get('streamed_adam_params_per_s'))}",
+                      f"host Adam {_rate(stats.get('host_adam_params_per_s'))}")
     if traffic.get("step_gathers"):  # several ranks: param chunks all-gathered from the shards
         table.add_row("all-gathers per step", f"{traffic['step_gathers']:g}", "")
     return table
+
+
+def _rate(params_per_s: int | None) -> str:
+    return f"{params_per_s / 1e9:.2f} G params/s" if params_per_s else "-"
 
 
 def memory_table(rows: list[dict]) -> Table:

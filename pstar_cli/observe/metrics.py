@@ -32,6 +32,7 @@ CHUNK_STAT_KEYS = (
     "total_h2d_bytes", "total_d2h_bytes", "total_h2d_moves", "total_d2h_moves",
     "step_gathers", "total_gathers",
     "device_budget_bytes", "host_budget_bytes", "model_data_bytes",
+    "step_host_groups_streamed", "host_adam_params_per_s", "streamed_adam_params_per_s",
 )  # fmt: skip
 TIMING_LABELS = {  # the engine's step_timings() keys, and how `pstar profile` names them
     "forward": "forward",
