@@ -148,3 +148,25 @@ def reference_step(reference: nn.Module, optimizer, x: torch.Tensor, y: torch.Te
         torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
     optimizer.step()
     return loss.item()
+
+
+def save_training_state(model, optimizer, how: str):
+    """What a checkpoint keeps, copied off the engine: `model.shard_state()` ("shard state"), or the
+    model's and the optimizer's state dicts on the host ("state dicts")."""
+    if how == "shard state":
+        return model.shard_state()
+    saved_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    saved_opt = optimizer.state_dict()
+    saved_opt["state"] = {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v) for k, v in entry.items()}
+                          for name, entry in saved_opt["state"].items()}
+    return saved_model, saved_opt
+
+
+def load_training_state(model, optimizer, saved, how: str) -> None:
+    """Load what `save_training_state` kept into another engine."""
+    if how == "shard state":
+        model.load_shard_state(saved)
+        return
+    saved_model, saved_opt = saved
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_opt)

@@ -59,12 +59,16 @@ def split_limit() -> int:
     return _split_limit()
 
 
-def _train(cfg: dict, num_steps: int, overlap: bool, poison_steps=(), lr_after_backward=None):
+def _train(cfg: dict, num_steps: int, overlap: bool, poison_steps=(), lr_after_backward=None,
+           prepare=None, after_step=None):
     """Train TinyGPT from seed 0; returns (losses, the final snapshot, the model, the optimizer,
-    host groups started during backward per step)."""
+    host groups started during backward per step). `prepare(optimizer)` runs before the first step,
+    `after_step(model, optimizer)` after each."""
     torch.manual_seed(0)
     model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
     optimizer.overlap_backward = overlap
+    if prepare is not None:
+        prepare(optimizer)
     inject = _install_poison(model)
     losses, started = [], []
     for step, (x, y) in enumerate(batches("gpt", num_steps)):
@@ -77,6 +81,8 @@ def _train(cfg: dict, num_steps: int, overlap: bool, poison_steps=(), lr_after_b
         optimizer.step()
         losses.append(loss.item())
         started.append(optimizer.last_step_overlapped_groups)
+        if after_step is not None:
+            after_step(model, optimizer)
     return losses, snapshot(model, optimizer), model, optimizer, started
 
 

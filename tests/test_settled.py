@@ -14,7 +14,7 @@ import torch
 from engine import initialize_engine
 from engine.errors import EngineError
 from engine.optimizer import HybridAdam
-from tests.engine_models import TinyGPT, reference_step
+from tests.engine_models import TinyGPT, load_training_state, reference_step, save_training_state
 from tests.test_engine import (DEVICE, assert_state_close, batches, build_pair, engine_config, engine_step,
                                plain_optimizer, snapshot)
 
@@ -240,24 +240,14 @@ def test_a_settled_run_resumes_exactly(grad_chunks, how):
     for x, y in data[:4]:
         engine_step(model, optimizer, x, y)
     model.backward(model(*data[4]))  # pending gradients while the state is saved: not part of it
-    if how == "shard state":
-        saved = model.shard_state()
-    else:
-        saved_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        saved_opt = optimizer.state_dict()
-        saved_opt["state"] = {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v)
-                                     for k, v in entry.items()} for name, entry in saved_opt["state"].items()}
+    saved = save_training_state(model, optimizer, how)
     straight = [engine_step(model, optimizer, x, y) for x, y in data[4:]]  # zero_grad drops the pending ones
 
     torch.manual_seed(99)  # a different init, overwritten by the checkpoint
     resumed, resumed_opt = initialize_engine(model_func=TinyGPT, config=cfg)
     engine_step(resumed, resumed_opt, *data[7])  # settled before the load, with gradients of its own
     resumed.backward(resumed(*data[6]))
-    if how == "shard state":
-        resumed.load_shard_state(saved)
-    else:
-        resumed.load_state_dict(saved_model)
-        resumed_opt.load_state_dict(saved_opt)
+    load_training_state(resumed, resumed_opt, saved, how)
     again = [engine_step(resumed, resumed_opt, x, y) for x, y in data[4:]]
     assert resumed.chunk_stats()["settled"] == 1
     assert again == straight

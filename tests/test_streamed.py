@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from engine import initialize_engine
-from engine.host_adam import HostUpdates
 from engine.streamed_adam import ring_bytes
-from tests.engine_models import TinyGPT, engine_config, reference_adamw, reference_step
+from tests.engine_models import (TinyGPT, engine_config, load_training_state, reference_adamw, reference_step,
+                                 save_training_state)
 from tests.test_engine import DEVICE, batches, engine_step, snapshot
 from tests.test_distributed import adam_tolerances, assert_within
-from tests.test_engine_speed import FP16, _assert_bitwise, _install_poison, _split_limit
+from tests.test_engine_speed import FP16, _assert_bitwise, _split_limit
+from tests.test_engine_speed import _train as train_tiny_gpt
 from tests.test_overlap import MAX_NORM
 
 # Pieces far smaller than TinyGPT's chunk groups (2-4 Ki elements): spans cross piece ends, slots
@@ -44,25 +45,21 @@ def _limit(**overrides) -> int:
 def _train(cfg: dict, num_steps: int, rates: list[float] | None, poison_steps=()):
     """TinyGPT from seed 0 with the streamed pipeline allowed on the CPU and the given starting
     rates (None: the engine's own); returns losses, snapshot, streamed groups per step, model."""
-    torch.manual_seed(0)
-    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg)
-    host: HostUpdates = optimizer._host
-    host.stream_on_cpu = True
-    if rates is not None:
-        host.rates = list(rates)
-    inject = _install_poison(model)
-    losses, streamed = [], []
-    for step, (x, y) in enumerate(batches("gpt", num_steps)):
-        inject["on"] = step in poison_steps
-        optimizer.zero_grad()
-        loss = model(x, y)
-        model.backward(loss)
-        optimizer.step()
-        losses.append(loss.item())
+    streamed = []
+
+    def prepare(optimizer):
+        optimizer._host.stream_on_cpu = True
+        if rates is not None:
+            optimizer._host.rates = list(rates)
+
+    def after_step(model, optimizer):
         streamed.append(model.chunk_stats()["step_host_groups_streamed"])
         if rates is not None:
-            host.rates[1] = rates[1]  # the forced split holds whatever was measured
-    return losses, snapshot(model, optimizer), streamed, model
+            optimizer._host.rates[1] = rates[1]  # the forced split holds whatever was measured
+
+    losses, state, model, _, _ = train_tiny_gpt(cfg, num_steps, overlap=True, poison_steps=poison_steps,
+                                                prepare=prepare, after_step=after_step)
+    return losses, state, streamed, model
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on CUDA the pipeline runs CUDA's Adam kernel and host "
@@ -227,24 +224,14 @@ def test_a_streamed_run_resumes_exactly(how):
     for x, y in data[:4]:
         step(model, optimizer, x, y)
     assert model.chunk_stats()["step_host_groups_streamed"] > 0
-    if how == "shard state":
-        saved = model.shard_state()
-    else:
-        saved_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        saved_opt = optimizer.state_dict()
-        saved_opt["state"] = {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v)
-                                     for k, v in entry.items()} for name, entry in saved_opt["state"].items()}
+    saved = save_training_state(model, optimizer, how)
     straight = [step(model, optimizer, x, y) for x, y in data[4:]]
 
     torch.manual_seed(99)  # another init, overwritten by the checkpoint
     resumed, resumed_opt = engine()
     for x, y in data[5:7]:
         step(resumed, resumed_opt, x, y)  # placed and streaming before the load
-    if how == "shard state":
-        resumed.load_shard_state(saved)
-    else:
-        resumed.load_state_dict(saved_model)
-        resumed_opt.load_state_dict(saved_opt)
+    load_training_state(resumed, resumed_opt, saved, how)
     again = [step(resumed, resumed_opt, x, y) for x, y in data[4:]]
     assert again == straight
     assert resumed.chunk_stats()["step_host_groups_streamed"] > 0
