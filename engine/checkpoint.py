@@ -116,6 +116,7 @@ def load_shard_state(rt: EngineRuntime, own_entries: OrderedDict, infos_by_param
         for info in infos:
             _load_tensor(rt, info, saved[info.names[0]].pieces)
             info.num_steps = saved[info.names[0]].steps
+            info.group.dense_spans = None  # the step counts' runs may differ now
             info.has_grad = False
         rt.hooks.discard_gradients()
         rt.manager.drop_all_gathered()  # they hold the old weights

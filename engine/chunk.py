@@ -68,9 +68,22 @@ class TensorInfo:
     group: "ChunkGroup | None" = None
     state: TensorState = TensorState.FREE
     num_users: int = 0  # modules currently computing with it (tied params, re-entrant calls)
-    has_grad: bool = False  # a gradient has been written since the last step / zero_grad
+    _has_grad: bool = field(default=False, repr=False)  # see has_grad
     num_steps: int = 0  # Adam steps applied to this tensor (bias correction is per tensor)
     param_group: int = 0  # index of its optimizer parameter group (lr, betas, eps, weight_decay)
+
+    @property
+    def has_grad(self) -> bool:
+        """A gradient has been written since the last step / zero_grad (its group counts them, so
+        that step() knows a group is dense without looking at each of its tensors)."""
+        return self._has_grad
+
+    @has_grad.setter
+    def has_grad(self, value: bool) -> None:
+        if value != self._has_grad:
+            self._has_grad = value
+            if self.group is not None:
+                self.group.num_grads += 1 if value else -1
 
     def view_of(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.narrow(0, self.offset, self.numel).view(self.shape)
@@ -192,6 +205,10 @@ class ChunkGroup:
     shard: Shard | None = None  # set with several ranks: the chunks above hold only this shard
     gathered: Chunk | None = None  # with several ranks: the whole param chunk while in use
     chunks: list[Chunk] = field(default_factory=list)
+    num_grads: int = 0  # its tensors with has_grad set
+    # The optimizer's spans of the group when every tensor has a gradient (engine/optimizer.py):
+    # they stay the same while every step steps every tensor; None once that may have changed
+    dense_spans: list | None = None
 
     def __post_init__(self):
         self.chunks = [c for c in (self.gathered, self.param, self.grad, self.master, self.exp_avg,
@@ -200,6 +217,12 @@ class ChunkGroup:
             chunk.group = self
         for info in self.tensors:
             info.group = self
+        self.num_grads = sum(info.has_grad for info in self.tensors)
+
+    @property
+    def dense(self) -> bool:
+        """Every tensor of the group has a gradient."""
+        return self.num_grads == len(self.tensors)
 
     @property
     def working(self) -> Chunk:

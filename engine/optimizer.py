@@ -82,7 +82,20 @@ def _spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
 
     Alignment gaps between neighbours are zero in every chunk of the group, so covering them keeps
     them zero (Adam of a zero weight with a zero gradient is zero).
+
+    A dense group (every tensor has a gradient) keeps its spans: a step that steps every tensor
+    keeps their step counts equal where they were, so the runs stay the same. A step that is not
+    dense, or a load of step counts, drops them.
     """
+    if not group.dense:
+        group.dense_spans = None
+        return _find_spans(group)
+    if group.dense_spans is None:
+        group.dense_spans = _find_spans(group)
+    return group.dense_spans
+
+
+def _find_spans(group: ChunkGroup) -> list[tuple[int, int, list[TensorInfo]]]:
     spans: list[tuple[int, int, list[TensorInfo]]] = []
     for info in group.tensors:
         if not info.has_grad:
@@ -344,6 +357,7 @@ class HybridAdam(torch.optim.Optimizer):
             rt.copier.current_flat(chunk).narrow(0, begin, length).copy_(
                 entry[key].reshape(-1).narrow(0, tensor_begin, length))
         info.num_steps = 0 if entry is None else int(entry["step"])
+        info.group.dense_spans = None  # the step counts' runs may differ now
 
     # ---- device groups' chunks --------------------------------------------------------
 
@@ -401,7 +415,7 @@ class HybridAdam(torch.optim.Optimizer):
         if self._rt.comm is not None:  # several ranks: one all-reduce of per-tensor partial sums
             return global_grad_norm(self._rt.param_order, self._rt.copier.current_flat, self._rt.comm,
                                     self._rt.device)
-        every = all(info.has_grad for info in self._rt.param_order)
+        every = all(group.dense for group in self._rt.groups)  # every tensor has a gradient
         per_device = self._settled_grad_regions if every and self._rt.hooks.settled else None
         if per_device is None:
             per_device = {}
@@ -428,7 +442,7 @@ class HybridAdam(torch.optim.Optimizer):
         for group in groups:
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
-            dense = all(info.has_grad for info in group.tensors)
+            dense = group.dense
             if self._device_scratch is not None:
                 items.append((flats, self._step_spans(group), dense))
             else:
@@ -436,8 +450,9 @@ class HybridAdam(torch.optim.Optimizer):
         if items:
             adam_on_device_groups(items, multiplier, self._device_scratch, step_tensors)
         for group in groups:
+            dense = group.dense
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
-                if info.has_grad:
+                if dense or info.has_grad:
                     info.num_steps += 1
             self._mark_written(group)
         rt.add_time("optimizer_device", start)
@@ -461,7 +476,7 @@ class HybridAdam(torch.optim.Optimizer):
             group.param.dirty = True
 
     def _groups_with_grads(self) -> list[ChunkGroup]:
-        return [g for g in self._rt.groups if any(info.has_grad for info in g.tensors)]
+        return [g for g in self._rt.groups if g.num_grads]
 
     def _clear_grads(self, groups: list[ChunkGroup]) -> None:
         self._rt.hooks.discard_gradients()

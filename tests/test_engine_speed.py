@@ -513,3 +513,51 @@ def test_eviction_drops_gathered_chunks_before_shards_then_farthest_first():
     shard_mid = Chunk(3, ChunkKind.PARAM, 8, torch.bfloat16)
     order = schedule.eviction_order([shard_far, gathered_near, shard_mid, gathered_far])
     assert order == [gathered_far, gathered_near, shard_far, shard_mid]
+
+
+class _SometimesBranch(torch.nn.Module):
+    """Three layers in one chunk; the middle one runs only when asked, so on the other steps it
+    gets no gradient and its Adam step count falls behind its neighbours'."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(16, 16)
+        self.branch = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x, use_branch: bool):
+        h = torch.tanh(self.first(x))
+        if use_branch:
+            h = h + torch.tanh(self.branch(h))
+        return self.head(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("limit", [None, 64 * 1024], ids=["settles", "evicts"])
+def test_a_tensor_skipped_on_some_steps_keeps_its_own_step_count(limit):
+    """A group whose spans were kept while every tensor had a gradient gets them again after a step
+    that skipped one tensor: that tensor's step count is behind, so it is a span of its own, as
+    torch.optim.AdamW counts it (fp32, rtol 1e-5 / atol 1e-6 as in tests/test_param_groups.py)."""
+    cfg = engine_config(**({} if limit is None else {"device_memory_limit": limit}))
+    uses = [True, True, False, True, True, False, False, True]
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=_SometimesBranch, config=cfg)
+    reference = _SometimesBranch().to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    plain = torch.optim.AdamW(reference.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              fused=True)
+    gen = torch.Generator().manual_seed(1)
+    for use in uses:
+        x = torch.randn(8, 16, generator=gen).to(DEVICE)
+        optimizer.zero_grad()
+        loss = model(x, use)
+        model.backward(loss)
+        optimizer.step()
+        plain.zero_grad()
+        ref_loss = reference(x, use)
+        ref_loss.backward()
+        plain.step()
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert len({id(info.group) for info in model._rt.infos}) == 1  # one chunk: one group's spans
+    ours = model.state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(ours[name].float().cpu(), value.float().cpu(), rtol=1e-5, atol=1e-6)
