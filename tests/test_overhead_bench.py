@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from benchmarks import host_profile, overhead
 
@@ -39,3 +40,11 @@ def test_host_profile_names_a_bad_argument_in_one_line(args, named, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures the host link where there is one")
+def test_host_link_says_in_one_line_that_it_needs_a_gpu():
+    from benchmarks import host_link
+    with pytest.raises(SystemExit) as stop:
+        host_link.main([])
+    assert "CUDA" in str(stop.value.code) and len(str(stop.value.code).splitlines()) == 1
