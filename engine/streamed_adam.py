@@ -62,18 +62,20 @@ class StreamedAdam:
         self._up = torch.cuda.Stream(copier.device) if cuda else None
         self._work = torch.cuda.Stream(copier.device) if cuda else None
         self._down = torch.cuda.Stream(copier.device) if cuda else None
-        self._pinned: dict[int, bool] = {}  # id(group) -> its host state is page-locked (False: cannot be)
+        self._refused: set[tuple] = set()  # host buffers' addresses that the driver would not page-lock
         self._step_tensors: dict[int, torch.Tensor] = {}
         self._timings: list[list] = []  # CUDA: [start event, end event, elements] of steps not yet read
         self.numel_this_step = 0
 
     def can_stream(self, group: ChunkGroup) -> bool:
         """Whether the group's host state can stream: page-locked here the first time (CUDA)."""
-        pinned = self._pinned.get(id(group))
-        if pinned is None:
-            pinned = all(pin_in_place(self._copier, c.host_flat) for c in group.optimizer_chunks)
-            self._pinned[id(group)] = pinned
-        return pinned
+        key = tuple(c.host_flat.data_ptr() for c in group.optimizer_chunks)
+        if key in self._refused:
+            return False  # not asked again every step
+        if all(pin_in_place(self._copier, c.host_flat) for c in group.optimizer_chunks):
+            return True  # (already page-locked: a cheap check)
+        self._refused.add(key)
+        return False
 
     def begin_step(self, after: "torch.cuda.Event | None") -> None:
         """The step's streamed groups follow; their kernels start after the compute stream's `after`."""
