@@ -208,7 +208,7 @@ class HostJob:
     spans: list[Span]
     hyper: AdamHyper | None  # None: every span carries its parameter group's
     multiplier: torch.Tensor | None  # on the host
-    grads_ready: list  # CUDA events of the downloads bringing the gradients (empty on the CPU)
+    grads_ready: list  # CUDA events of the copies bringing the gradients and multiplier (none on a CPU)
     upload: Chunk | None  # copy this chunk's host buffer into its device buffer afterwards
     upload_after: object = None  # CUDA event: the compute stream's last use of that buffer
     seconds: float = 0.0  # the worker's time on this job
@@ -375,8 +375,9 @@ class HostUpdates:
         for chunk in _unique((group.grad_chunk, group.param)):
             self.manager.move_to_host(chunk)  # evicted: an async download if it changed
 
-    def submit(self, group: ChunkGroup, multiplier: torch.Tensor | None) -> None:
-        """Queue the group's update; its step counts advance now (the spans carry the numbers)."""
+    def submit(self, group: ChunkGroup, multiplier: torch.Tensor | None, multiplier_ready=None) -> None:
+        """Queue the group's update; its step counts advance now (the spans carry the numbers).
+        `multiplier` is a host tensor, written by a copy that `multiplier_ready` (CUDA) marks."""
         assert id(group) not in self._jobs, "a group's previous update must be waited for first"
         in_place = id(group) in self._in_place
         # The gradients coming down, and the state if the device streamed it back last step
@@ -386,7 +387,8 @@ class HostUpdates:
             flats=GroupFlats(group.grad_chunk.host_flat, group.param.host_flat, group.master.host_flat,
                              group.exp_avg.host_flat, group.exp_avg_sq.host_flat),
             spans=self.spans_of(group), hyper=None, multiplier=multiplier,
-            grads_ready=[c.host_ready_event for c in chunks if c.host_ready_event is not None],
+            grads_ready=[c.host_ready_event for c in chunks if c.host_ready_event is not None]
+            + ([multiplier_ready] if multiplier_ready is not None else []),
             upload=group.param if in_place else None,
             upload_after=self.copier.compute_point() if in_place else None)
         for info in group.tensors:  # as the device path counts (several ranks: every tensor)

@@ -49,8 +49,9 @@ still running when `step()` returned, finished during the next forward) and
 Precision: with clipping or fp16 the global gradient norm is computed on the devices holding the
 gradients (fp16 reads it once on the host: the step's one synchronisation, to decide on a skip);
 unscaling and clipping become one multiplier tensor applied to the fp32 gradient copy fed to the
-kernel. An fp16 overflow skips the step: masters and moments are not
-touched and the compute weights are restored bitwise from the masters.
+kernel. Host Adam gets its copy of the multiplier through an asynchronous copy that its worker waits
+for, so `step()` itself does not wait for the end of backward. An fp16 overflow skips the step:
+masters and moments are not touched and the compute weights are restored bitwise from the masters.
 """
 
 from __future__ import annotations
@@ -240,10 +241,23 @@ class HybridAdam(torch.optim.Optimizer):
         if streamed:  # on the device's side streams, after this point of the compute stream
             self._host.stream(streamed, multiplier)
         if host_groups:
-            on_host = None if multiplier is None else multiplier.to("cpu")  # the step's one sync
+            on_host, ready = self._multiplier_on_host(multiplier)
             for group in host_groups:
-                self._host.submit(group, on_host)
+                self._host.submit(group, on_host, ready)
         self._adam(device_groups, multiplier)
+
+    def _multiplier_on_host(self, multiplier: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
+        """The multiplier for host Adam, copied down without stopping this thread: the worker waits
+        for the copy (the returned CUDA event) before its first job, while this thread goes on to
+        issue the device groups' step and the next forward."""
+        if multiplier is None or multiplier.device.type == "cpu":
+            return multiplier, None
+        try:
+            on_host = torch.empty(multiplier.shape, dtype=multiplier.dtype, pin_memory=True)
+        except RuntimeError:  # no page-locked memory to be had: a copy that waits here instead
+            return multiplier.to("cpu"), None
+        on_host.copy_(multiplier, non_blocking=True)
+        return on_host, self._rt.copier.compute_point()
 
     def _use_grad_chunks(self) -> bool:
         """Settled on a GPU with room: `.grad` views into grad chunks (engine/hooks.py). There the
