@@ -312,12 +312,7 @@ class EngineHooks:
                 self._write_grad_for_reduction(info, grad)
                 return
             chunk = info.group.grad_chunk
-            region = info.region_of(self.manager.access(chunk))
-            if info.has_grad:  # accumulation over several backward passes
-                region.add_(grad.reshape(-1))
-            else:
-                region.copy_(grad.reshape(-1))
-                info.has_grad = True
+            _accumulate(info, info.region_of(self.manager.access(chunk)), grad)  # over several backwards
             if chunk.location is Location.DEVICE:
                 chunk.dirty = True
             if info.num_users == 0:
@@ -370,11 +365,7 @@ class _SettledGradient:
         hooks = self.hooks
         if not hooks._backward_end_queued:
             hooks._queue_backward_end()
-        if self.info.has_grad:  # a second backward before a step (refused at the next forward)
-            self.region.add_(grad.reshape(-1))
-        else:
-            self.region.copy_(grad.reshape(-1))
-            self.info.has_grad = True
+        _accumulate(self.info, self.region, grad)  # a second backward before a step: refused at the next forward
         hooks.grads_in_place = True
 
 
@@ -394,12 +385,19 @@ class _GradientIntoChunk:
         if param.grad is not self.view:  # the user set .grad (None, or a tensor of their own)
             grad = param.grad
             param.grad = self.view
-            if grad is not None and self.info.has_grad:
-                self.view.add_(grad)
-            elif grad is not None:
-                self.view.copy_(grad)
+            if grad is not None:
+                _accumulate(self.info, self.view, grad)
         self.info.has_grad = True
         hooks.grads_in_place = True
+
+
+def _accumulate(info: TensorInfo, place: torch.Tensor, grad: torch.Tensor) -> None:
+    """A gradient into its place: copied if it is the first since the last step, else added."""
+    if info.has_grad:
+        place.add_(grad.reshape(place.shape))
+    else:
+        place.copy_(grad.reshape(place.shape))
+        info.has_grad = True
 
 
 def _unique_chunks(infos: list[TensorInfo]) -> list[Chunk]:

@@ -291,7 +291,7 @@ class HostUpdates:
     num_started_in_backward: int = 0
     _host_groups: list[ChunkGroup] = field(default_factory=list)  # forward order
     _streamed: set[int] = field(default_factory=set)  # id(group): the device steps it this step
-    _streamed_last: list[ChunkGroup] = field(default_factory=list)  # streamed by the last step
+    _streamed_last: list[ChunkGroup] = field(default_factory=list)  # streamed in this step()
     rates: list[float] = field(default_factory=lambda: [FIRST_HOST_RATE, FIRST_STREAM_RATE])  # for the split
     measured_rates: list[float] = field(default_factory=lambda: [0.0, 0.0])  # the last measured (0: none yet)
     _host_done: list[float] = field(default_factory=lambda: [0.0, 0.0])  # (elements, seconds) waited for
@@ -399,12 +399,15 @@ class HostUpdates:
     def end_step(self, wait: bool) -> None:
         """step() returns: what is still running finishes during the next forward (or is waited for
         now, `wait`); downloads that began in backward are all in jobs by now."""
-        streamed = len(self._streamed_last)
+        streamed, self._streamed_last = self._streamed_last, []
         if wait:
             self.finish()
+            for group in streamed:  # its state back on the host (its weights are on the device by then)
+                for chunk in group.optimizer_chunks:
+                    self.copier.wait_downloaded(chunk)
         self.last_report = HostStepReport(num_downloaded_in_backward=self.num_started_in_backward,
-                                          num_after_step=len(self._jobs) + (0 if wait else streamed),
-                                          num_streamed=streamed)
+                                          num_after_step=len(self._jobs) + (0 if wait else len(streamed)),
+                                          num_streamed=len(streamed))
         self._in_place.clear()
         self._arrived.clear()
         self.num_started_in_backward = 0
@@ -464,14 +467,11 @@ class HostUpdates:
             _count(self.manager, h2d=job.upload.nbytes)
 
     def finish(self) -> None:
-        """Wait for every submitted update (in submission order, as the worker runs them), and for
-        the state the device streamed back."""
+        """Wait for every submitted update (in submission order, as the worker runs them). State the
+        device streamed back needs no wait here: its chunks' `host_ready_event` makes every reader
+        of it wait (`Copier.current_flat`, and the worker through a job's events)."""
         for job, _ in list(self._jobs.values()):
             self.wait_for(job.group)
-        for group in self._streamed_last:
-            for chunk in group.optimizer_chunks:
-                self.copier.wait_downloaded(chunk)
-        self._streamed_last = []
 
     def cancel(self) -> None:
         """No update of this backward (fp16 overflow, zero_grad): gradients that went down in place

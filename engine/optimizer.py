@@ -225,9 +225,8 @@ class HybridAdam(torch.optim.Optimizer):
     def _update(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         """Host groups to the worker (their gradients on the way down), device groups on the
         device meanwhile; the host updates finish when their chunks are next needed."""
-        streamed = [g for g in groups if not g.optimizer_on_device and self._host.streams(g)]
-        host_groups = [g for g in groups if not g.optimizer_on_device and not self._host.streams(g)]
         device_groups = [g for g in groups if g.optimizer_on_device]
+        streamed, host_groups = _split([g for g in groups if not g.optimizer_on_device], self._host.streams)
         for group in host_groups:
             self._host.send_to_host(group)
         frozen = [g for g in self._rt.groups if not g.trainable and not g.host_only
@@ -236,8 +235,8 @@ class HybridAdam(torch.optim.Optimizer):
         allocate_host_moments(self._rt)
         # Making room for the device groups may have evicted a streamed group's param chunk (its
         # gradients went down with it): host Adam steps that one.
-        host_groups += [g for g in streamed if not self._host.streams(g)]
-        streamed = [g for g in streamed if self._host.streams(g)]
+        streamed, evicted = _split(streamed, self._host.streams)
+        host_groups += evicted
         if streamed:  # on the device's side streams, after this point of the compute stream
             self._host.stream(streamed, multiplier)
         if host_groups:
@@ -515,6 +514,14 @@ def nothing_moves(rt: EngineRuntime) -> bool:
         if group.trainable and not group.optimizer_on_device:
             return False
     return True
+
+
+def _split(groups: list[ChunkGroup], chosen) -> tuple[list[ChunkGroup], list[ChunkGroup]]:
+    """(the groups for which `chosen` holds, the others)."""
+    yes, no = [], []
+    for group in groups:
+        (yes if chosen(group) else no).append(group)
+    return yes, no
 
 
 def _add_seconds(rt: EngineRuntime, key: str, seconds: float) -> None:

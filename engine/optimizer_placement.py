@@ -171,11 +171,15 @@ def allocate_host_moments(rt: EngineRuntime) -> None:
 
 
 def _may_stream(rt: EngineRuntime, placement: Placement) -> bool:
-    """Whether the streamed device step can serve this placement's host groups: some groups stay on
-    the host, their param chunks stay on the device (in place), on one rank."""
     moving = [g for g in rt.groups if not g.host_only]
-    return (placement.num_device_groups < len(moving) and placement.params_fit and rt.comm is None
-            and not rt.grad_accumulation)
+    return may_stream(placement, len(moving), rt.comm is None, rt.grad_accumulation)
+
+
+def may_stream(placement: Placement, num_moving: int, one_rank: bool, accumulating: bool) -> bool:
+    """Whether the streamed device step (engine/streamed_adam.py) can serve a placement's host
+    groups: some groups stay on the host, every param chunk stays on the device (in place), on one
+    rank, without gradient accumulation. The engine and `pstar estimate-memory` both ask it."""
+    return placement.num_device_groups < num_moving and placement.params_fit and one_rank and not accumulating
 
 
 def _plan_for_runtime(rt: EngineRuntime, extra_scratch: int = 0) -> Placement:

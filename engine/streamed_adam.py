@@ -22,7 +22,8 @@ the one before run at once. No host thread waits for any of it:
 - the master's and moments' `host_ready_event` is the down stream's end: whatever reads them on the
   host (host Adam of a later step, a checkpoint, a state dict) waits for it, as for a download.
 
-The arithmetic is host Adam's, kernel for kernel (cast, multiply, fused step, cast), so on a CPU
+Each piece is stepped by device Adam's own `adam_on_device_groups` (engine/host_adam.py) over the
+slot: cast, multiply, fused step, cast, which is host Adam's arithmetic elementwise, so on a CPU
 (where the tests run it) the result is bitwise that of host Adam; on CUDA it is the CUDA kernel's,
 as for the device groups. A group's state lives on the host either way, so which of the two steps
 a group can change from one step to the next. Its host buffers are page-locked the first time it
@@ -37,6 +38,7 @@ import torch
 
 from engine.chunk import ChunkGroup
 from engine.device import Copier, pin_in_place
+from engine.host_adam import GroupFlats, adam_on_device_groups
 
 # Elements per streamed piece: a slot holds its fp32 master, moments and gradients (16 B/element),
 # and three slots turn around. Results do not depend on it (Adam is elementwise).
@@ -114,7 +116,7 @@ class StreamedAdam:
             hi = min(lo + piece, end)
             parts = [(max(b, lo), min(e, hi), number, hyper) for b, e, number, hyper in spans if b < hi and e > lo]
             if parts:
-                self._step_piece(lo, hi, parts, host, grad, param, multiplier, state_before)
+                self._step_piece(lo, hi, parts, group.dense, host, grad, param, multiplier, state_before)
         self.numel_this_step += end - begin
         if self._work is not None:
             weights = torch.cuda.Event()
@@ -145,8 +147,9 @@ class StreamedAdam:
         self._timings = waiting
         return numel, seconds
 
-    def _step_piece(self, lo: int, hi: int, parts: list, host: list[torch.Tensor], grad: torch.Tensor,
-                    param: torch.Tensor, multiplier: torch.Tensor | None, state_before: list) -> None:
+    def _step_piece(self, lo: int, hi: int, parts: list, dense: bool, host: list[torch.Tensor],
+                    grad: torch.Tensor, param: torch.Tensor, multiplier: torch.Tensor | None,
+                    state_before: list) -> None:
         k = self._next_slot
         self._next_slot = (k + 1) % NUM_SLOTS
         n = hi - lo
@@ -169,21 +172,10 @@ class StreamedAdam:
             for dst, src in zip((master, exp_avg, exp_avg_sq), host):
                 dst.copy_(src[lo:hi])
         with torch.cuda.stream(self._work) if cuda else contextlib.nullcontext():
-            grad32.copy_(grad[lo:hi])
-            if multiplier is not None:
-                grad32.mul_(multiplier)
-            calls: dict[tuple, list[list[torch.Tensor]]] = {}
-            for b, e, number, hyper in parts:
-                lists = calls.setdefault((number, hyper), [[], [], [], []])
-                for target, tensor in zip(lists, (master, grad32, exp_avg, exp_avg_sq)):
-                    target.append(tensor[b - lo:e - lo])
-            for (number, hyper), (masters, grads, exp_avgs, exp_avg_sqs) in calls.items():
-                kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
-                step = self._step_tensor(number)
-                kernel(masters, grads, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
-                       beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
-                       amsgrad=False, maximize=False)
-            torch._foreach_copy_([param[b:e] for b, e, *_ in parts], [master[b - lo:e - lo] for b, e, *_ in parts])
+            # Device Adam's own path over the piece: the slot holds the state, and its fp32 gradients
+            flats = GroupFlats(grad[lo:hi], param[lo:hi], master, exp_avg, exp_avg_sq)
+            spans = [(b - lo, e - lo, number, hyper) for b, e, number, hyper in parts]
+            adam_on_device_groups([(flats, spans, dense)], multiplier, grad32, self._step_tensors)
         if cuda:
             computed = torch.cuda.Event()
             computed.record(work)
@@ -196,10 +188,3 @@ class StreamedAdam:
         else:
             for dst, src in zip(host, (master, exp_avg, exp_avg_sq)):
                 dst[lo:hi].copy_(src)
-
-    def _step_tensor(self, number: int) -> torch.Tensor:
-        step = self._step_tensors.get(number)
-        if step is None:  # made on the work stream, which alone reads it
-            step = torch.full((), float(number), dtype=torch.float32, device=self._copier.device)
-            self._step_tensors[number] = step
-        return step

@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from engine.optimizer_placement import (GATHER_WINDOW, GroupSizes, Placement, activation_margin_bytes,
-                                        plan_placement_of_sizes)
+                                        may_stream, plan_placement_of_sizes)
 from engine.streamed_adam import STREAM_PIECE_ELEMENTS, ring_bytes
 from pstar_cli.estimate.workload import (DEEPSPEED_BUFFER_FACTOR, Hardware, Side, SystemEstimate, Workload,
                                          activation_bytes, model_fields)
@@ -55,20 +55,18 @@ def plan_pstar_placement(w: Workload, gpu_budget: int | None) -> tuple[Placement
         return plan_placement_of_sizes(groups, gpu_budget or 0, activation_bytes(w), w.margin_use_ratio,
                                        w.use_hybrid_adam, scratch_bytes)
 
+    def streams(plan: Placement) -> bool:
+        return w.stream_host_optimizer and may_stream(plan, len(groups), w.num_gpus == 1, w.grad_accum > 1)
+
     plan = plan_with(scratch)
-    if _may_stream(w, plan, len(groups)):
+    if streams(plan):
         # As the engine does: when host groups may step on the GPU over streamed state, its slots
         # are kept on the device, unless they would push a param chunk off it.
-        largest = max(w.chunk_size, w.largest_layer_params)
-        streaming = plan_with(scratch + ring_bytes(min(STREAM_PIECE_ELEMENTS, largest)))
-        if _may_stream(w, streaming, len(groups)):
-            return streaming, groups, scratch + ring_bytes(min(STREAM_PIECE_ELEMENTS, largest))
+        with_slots = scratch + ring_bytes(min(STREAM_PIECE_ELEMENTS, max(w.chunk_size, w.largest_layer_params)))
+        streaming = plan_with(with_slots)
+        if streams(streaming):
+            return streaming, groups, with_slots
     return plan, groups, scratch
-
-
-def _may_stream(w: Workload, plan: Placement, num_groups: int) -> bool:
-    return (w.stream_host_optimizer and plan.num_device_groups < num_groups and plan.params_fit
-            and w.num_gpus == 1 and w.grad_accum == 1)
 
 
 def place_on_gpu(w: Workload, model_data: dict[str, int], gpu_budget: int | None
