@@ -17,7 +17,8 @@ from torch.distributed.run import parse_args as parse_torchrun_args
 from pstar_cli.launch import launcher as launch
 from pstar_cli.config import load_config
 from pstar_cli.observe.metrics import read_metrics
-from pstar_cli.launch.worker import parse_args as parse_worker_args
+from pstar_cli.launch import worker as worker_module
+from pstar_cli.launch.worker import parse_args as parse_worker_args, record_failure
 from pstar_cli.launch.process_group import resolve_backend
 from tests.test_train import REPO, TINY, needs_engine
 
@@ -139,6 +140,43 @@ def test_failure_report_falls_back_to_the_stderr_log(tmp_path):
     assert lines[-2] == "Segmentation fault" and "line 39" in lines and "line 10" not in lines
 
 
+def test_a_workers_error_file_is_what_torchrun_reads(tmp_path):
+    error_file = tmp_path / "error.json"
+    try:
+        raise RuntimeError("boom on rank 1")
+    except RuntimeError as exc:
+        record_failure(exc, str(error_file))
+    failure = ProcessFailure(local_rank=1, pid=7, exitcode=1, error_file=str(error_file))
+    assert failure.message["message"] == "RuntimeError: boom on rank 1"
+    assert "boom on rank 1" in failure.message["extraInfo"]["py_callstack"]
+
+
+def test_an_error_file_cut_short_is_never_left_where_torchrun_reads(tmp_path, monkeypatch, capsys):
+    def dump_then_die(data, fp):
+        fp.write('{"message": {"mess')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(worker_module.json, "dump", dump_then_die)
+    error_file = tmp_path / "error.json"
+    record_failure(RuntimeError("boom"), str(error_file))
+    assert not error_file.exists()  # torchrun then reports the rank from its stderr log
+    assert "could not write the error file" in capsys.readouterr().err
+
+
+def test_an_unreadable_error_file_still_reports_every_ranks_log(tmp_path):
+    for local_rank in (0, 1):
+        log = tmp_path / "logs" / "run_abc" / "attempt_0" / str(local_rank) / "stderr.log"
+        log.parent.mkdir(parents=True)
+        log.write_text(f"rank {local_rank} said this\n")
+    try:
+        json.loads('{"message": ')
+    except json.JSONDecodeError as exc:
+        error = launch.unreadable_failure(exc, tmp_path / "logs", nproc_per_node=2)
+    lines = error.message_lines()
+    assert lines[0].startswith("a worker failed and the job was stopped; its error file could not be read")
+    assert "rank 0 said this" in lines and "rank 1 said this" in lines and error.exit_code == 1
+
+
 # ---- real launches through torch.distributed.run (gloo on CPU) ----
 
 
@@ -157,7 +195,8 @@ def test_a_failing_worker_stops_the_job_with_its_message(tmp_path):
     result = run_pstar(["train", str(TINY), "distributed.nproc_per_node=2", "train.steps=50",
                         "--output-dir", str(tmp_path)], extra_env={"PSTAR_TEST_FAIL_RANK": "1"})
     assert result.returncode != 0
-    assert "worker rank 1" in result.stderr and "injected failure on rank 1" in result.stderr
+    saved = "".join(path.read_text() for path in tmp_path.glob("traceback-*.txt"))
+    assert "worker rank 1" in result.stderr and "injected failure on rank 1" in result.stderr, saved
     assert "Traceback" not in result.stderr.split("error: ")[-1]
     assert time.monotonic() - started < 300  # rank 0, waiting for rank 1, was stopped, not left hanging
     metrics = tmp_path / "metrics.jsonl"

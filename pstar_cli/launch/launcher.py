@@ -14,6 +14,7 @@ also costs no extra interpreter. A failed worker's exit code becomes ours.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -80,6 +81,8 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
         torchrun(parse_torchrun_args(args))
     except ChildFailedError as exc:
         raise worker_failure(exc, output_dir / "logs") from None
+    except json.JSONDecodeError as exc:  # a worker's error file was cut short: its logs still tell
+        raise unreadable_failure(exc, output_dir / "logs", cfg.distributed.nproc_per_node) from None
     except SignalException as exc:
         # the agent passed the signal on to the workers: they finished their step and wrote a
         # checkpoint (pstar_cli/training/guards.py), unless it took longer than the agent waits (30 s)
@@ -196,6 +199,17 @@ def worker_failure(exc, log_dir: Path) -> WorkerFailed:
     return WorkerFailed(lines, failure.exitcode)
 
 
+def unreadable_failure(exc: Exception, log_dir: Path, nproc_per_node: int) -> WorkerFailed:
+    """The job stopped on a worker's failure but an error file could not be parsed (a worker killed
+    while writing it): the last lines of every rank's stderr instead."""
+    lines = [f"a worker failed and the job was stopped; its error file could not be read "
+             f"({type(exc).__name__}: {exc})"]
+    for local_rank in range(nproc_per_node):
+        lines += stderr_tail(log_dir, local_rank)
+    lines.append(f"logs of every rank: {log_dir}")
+    return WorkerFailed(lines, 1)
+
+
 def signal_name(failure) -> str:
     try:
         return signal.Signals(-failure.exitcode).name
@@ -211,11 +225,16 @@ def failure_details(failure, log_dir: Path) -> list[str]:
     if os.path.isfile(failure.error_file):  # torch sets "<N/A>" when the worker wrote none
         return [str(message)]
     lines = [str(message)] if failure.exitcode < 0 else []  # e.g. "Signal 9 (SIGKILL) received by PID 7"
-    stderr_log = latest_rank_log(log_dir, failure.local_rank, "stderr.log")
-    if stderr_log is not None:
-        tail = stderr_log.read_text(encoding="utf-8", errors="replace").splitlines()[-NUM_ERROR_LOG_LINES:]
-        lines += [f"last lines of {stderr_log}:", *tail]
-    return lines
+    return lines + stderr_tail(log_dir, failure.local_rank)
+
+
+def stderr_tail(log_dir: Path, local_rank: int) -> list[str]:
+    """The last lines of a rank's newest stderr log, under a line naming it; none without a log."""
+    stderr_log = latest_rank_log(log_dir, local_rank, "stderr.log")
+    if stderr_log is None:
+        return []
+    tail = stderr_log.read_text(encoding="utf-8", errors="replace").splitlines()[-NUM_ERROR_LOG_LINES:]
+    return [f"last lines of {stderr_log}:", *tail]
 
 
 def latest_rank_log(log_dir: Path, local_rank: int, name: str) -> Path | None:

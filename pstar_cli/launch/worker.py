@@ -11,8 +11,11 @@ rank failed and why; a user mistake also prints one `error:` line and exits with
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -50,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    error_handler = get_error_handler()
-    error_handler.initialize()
+    get_error_handler().initialize()
     try:
         run_worker(args.config, args.overrides, args.output_dir, args.resume)
     except Exception as exc:
-        # torchrun's error file for this rank: the launcher shows the message from it
-        error_handler.record_exception(exc)
+        # The agent stops the other ranks with SIGTERM as soon as one fails, possibly while this
+        # one is writing its own report: hold those signals from here on (os._exit follows)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        record_failure(exc)
         exit_code = report_error(exc)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -64,6 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         # and tearing the process group down could wait for them or abort.
         os._exit(exit_code)
     return 0
+
+
+def record_failure(exc: BaseException, error_file: str | None = None) -> None:
+    """torchrun's error file for this rank (TORCHELASTIC_ERROR_FILE), in the format of its own
+    ErrorHandler, which the launcher reads for its message. Written whole or not at all (a temporary
+    file renamed into place): the agent parses it once this process is gone, and a file cut short by
+    a SIGKILL would make it fail on the report instead of naming this rank's error."""
+    path = error_file or os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    report = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(exc)), "timestamp": str(int(time.time()))}}}
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w", encoding="utf-8") as fp:
+            json.dump(report, fp)
+        os.replace(partial, path)
+    except OSError as write_error:  # the console still gets the error itself (report_error)
+        print(f"pstar: could not write the error file {path}: {write_error}", file=sys.stderr)
 
 
 def report_error(exc: Exception) -> int:
