@@ -11,6 +11,12 @@ optimizer settings). "no moves" gives pstar a device budget that holds everythin
 evicted or fetched: all it adds is bookkeeping); "moves" gives it a budget that forces evictions
 every step. The ratio is the median pstar step over the median plain step, after warm-up steps
 (pstar's first steps trace and place). It is a benchmark figure, not a pass/fail check.
+
+Where chunks move, pstar's extra time is split by its own step timings (`model.step_timings()`):
+"copies" is the time its chunk copies took (on a CPU the copy runs while it is issued), "waits" the
+time it waited for copies and for the host optimizer's worker (the host groups' Adam, which runs
+beside the next forward), and "rest" is what is left of the extra over plain PyTorch: the hooks'
+and the step's bookkeeping.
 """
 
 from __future__ import annotations
@@ -76,9 +82,22 @@ def _batches(shape: Shape, num_steps: int):
              torch.randint(VOCAB, (shape.batch, shape.seq), generator=gen)) for _ in range(num_steps)]
 
 
-def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> tuple[float, float, int]:
-    """(median plain step seconds, median pstar step seconds) over the steps after warm-up, and
-    the chunks pstar evicted in its last step."""
+@dataclass(frozen=True)
+class Measured:
+    plain_s: float  # median step, after warm-up
+    pstar_s: float
+    copies_s: float  # median over pstar's steps of its chunk copies' time
+    waits_s: float  # ... and of its waits for copies and for the host optimizer
+    evictions: int  # chunks pstar evicted in its last step
+
+    @property
+    def rest_s(self) -> float:
+        """pstar's extra over plain that is neither copies nor waits: its bookkeeping."""
+        return self.pstar_s - self.plain_s - self.copies_s - self.waits_s
+
+
+def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> Measured:
+    """Both systems' steps, alternating, on the same batches (module doc)."""
     torch.manual_seed(0)
     model, optimizer = initialize_engine(model_func=lambda: build_model(_model_cfg(shape)),
                                          config=_engine_cfg(shape, clipping))
@@ -86,7 +105,7 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> t
     plain.load_state_dict(model.state_dict())
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                   weight_decay=WEIGHT_DECAY, fused=True)
-    plain_s, pstar_s = [], []
+    plain_s, pstar_s, copies_s, waits_s = [], [], [], []
     for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
         start = time.perf_counter()
         plain_opt.zero_grad()
@@ -102,8 +121,13 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> t
         if index >= num_warmup:
             plain_s.append(middle - start)
             pstar_s.append(end - middle)
+            timings = model.step_timings()
+            copies_s.append(timings["transfer"])
+            waits_s.append(timings["wait"])
     model._rt.finish_host_updates()
-    return statistics.median(plain_s), statistics.median(pstar_s), model.chunk_stats()["step_evictions"]
+    median = statistics.median
+    return Measured(median(plain_s), median(pstar_s), median(copies_s), median(waits_s),
+                    model.chunk_stats()["step_evictions"])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -117,14 +141,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'shape':28s} {'clipping':>8s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} {'evictions':>10s}")
+    print(f"{'shape':26s} {'clip':>4s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} "
+          f"{'copies ms':>9s} {'waits ms':>8s} {'rest ms':>7s} {'evictions':>9s}")
     for shape in SHAPES[args.shapes]:
         for clipping in (0.0, 1.0):
-            plain_s, pstar_s, evictions = measure(shape, clipping, args.steps, args.warmup)
-            rows.append({"shape": shape.name, "clipping": clipping, "plain_s": plain_s, "pstar_s": pstar_s,
-                         "ratio": pstar_s / plain_s, "evictions_per_step": evictions})
-            print(f"{shape.name:28s} {clipping:8.1f} {plain_s * 1e3:9.2f} {pstar_s * 1e3:9.2f} "
-                  f"{pstar_s / plain_s:11.3f} {evictions:10d}", flush=True)
+            m = measure(shape, clipping, args.steps, args.warmup)
+            rows.append({"shape": shape.name, "clipping": clipping, "plain_s": m.plain_s, "pstar_s": m.pstar_s,
+                         "ratio": m.pstar_s / m.plain_s, "copies_s": m.copies_s, "waits_s": m.waits_s,
+                         "rest_s": m.rest_s, "evictions_per_step": m.evictions})
+            print(f"{shape.name:26s} {clipping:4.1f} {m.plain_s * 1e3:9.2f} {m.pstar_s * 1e3:9.2f} "
+                  f"{m.pstar_s / m.plain_s:11.3f} {m.copies_s * 1e3:9.2f} {m.waits_s * 1e3:8.2f} "
+                  f"{m.rest_s * 1e3:7.2f} {m.evictions:9d}", flush=True)
     return rows
 
 

@@ -69,6 +69,7 @@ class TensorInfo:
     state: TensorState = TensorState.FREE
     num_users: int = 0  # modules currently computing with it (tied params, re-entrant calls)
     _has_grad: bool = field(default=False, repr=False)  # see has_grad
+    _strides: tuple[int, ...] | None = field(default=None, repr=False)  # see stride
     num_steps: int = 0  # Adam steps applied to this tensor (bias correction is per tensor)
     param_group: int = 0  # index of its optimizer parameter group (lr, betas, eps, weight_decay)
 
@@ -84,6 +85,17 @@ class TensorInfo:
             self._has_grad = value
             if self.group is not None:
                 self.group.num_grads += 1 if value else -1
+
+    def stride(self, step: int = 1) -> tuple[int, ...]:
+        """The strides of the tensor laid out contiguously (step 1), or broadcast from one element
+        (step 0: every stride 0)."""
+        if self._strides is None:
+            strides, size = [], 1
+            for dim in reversed(self.shape):
+                strides.append(size)
+                size *= dim
+            self._strides = tuple(reversed(strides))
+        return self._strides if step else (0,) * len(self._strides)
 
     def view_of(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.narrow(0, self.offset, self.numel).view(self.shape)
@@ -146,7 +158,6 @@ class Chunk:
         self.num_grads_expected: int | None = None
         self.pinned_forever = False  # optimizer state of a device group: never evicted
         # Param chunks: (host buffer or placeholder, its views per tensor), reused while it lasts
-        self.home_views: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.ready_event = None  # CUDA: upload finished (compute stream waits on it)
         self.host_ready_event = None  # CUDA: download finished (host readers wait on it)
 

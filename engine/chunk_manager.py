@@ -138,7 +138,6 @@ class ChunkManager:
         self._by_storage.pop(chunk.host_flat.untyped_storage().data_ptr(), None)
         self.host_allocated_bytes -= chunk.nbytes
         chunk.host_flat = None
-        chunk.home_views = None  # they would keep the buffer alive
         if chunk.location is Location.HOST:
             chunk.location = Location.NOWHERE
 
@@ -250,24 +249,17 @@ class ChunkManager:
         """
         if chunk is not chunk.group.working:
             return
+        group = chunk.group
         on_host = chunk.location is Location.HOST and not self.copier.is_cuda
-        tensors = chunk.group.tensors
-        if chunk.location is Location.DEVICE and not chunk.group.host_only:
-            flat = chunk.flat  # a new buffer at every upload: its views are made afresh
-            for info in tensors:
-                info.param.data = info.view_of(flat)
-            return
-        # The host buffer and the placeholder outlive many moves: their views are kept and reused.
-        base = chunk.flat if on_host or chunk.group.host_only else self.copier.placeholder(chunk.dtype)
-        cached = chunk.home_views
-        if cached is None or cached[0] is not base:
-            if base.dim() == 0:
-                views = [base.expand(info.shape) for info in tensors]
-            else:
-                views = [info.view_of(base) for info in tensors]
-            cached = chunk.home_views = (base, views)
-        for info, view in zip(tensors, cached[1]):
-            info.param.data = view
+        if chunk.location is Location.DEVICE or group.host_only or on_host:
+            base, step = chunk.flat, 1
+        else:
+            base, step = self.copier.placeholder(chunk.dtype), 0  # one element, broadcast
+        # One as_strided view per parameter (not narrow + view), assigned through `.data`, which
+        # keeps the parameter's autograd accumulator (an in-place `set_` would drop it)
+        first = base.storage_offset()
+        for info in group.tensors:
+            info.param.data = base.as_strided(info.shape, info.stride(step), first + info.offset * step)
 
     def _count(self, h2d: int = 0, d2h: int = 0) -> None:
         self.totals.h2d_bytes += h2d

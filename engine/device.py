@@ -69,10 +69,14 @@ def device_capacity_bytes(device: torch.device, resident_chunk_bytes: int) -> in
     return resident_chunk_bytes + free_bytes + max(0, cached_bytes)
 
 
-def host_adam_threads() -> int:
-    """Intra-op threads for host Adam: the physical cores this process may run on, shared among the
-    ranks of the machine. Adam is memory-bound, so hyper-threads add nothing but contention; and
-    launchers such as torchrun set OMP_NUM_THREADS=1, which would leave host Adam on one core."""
+def host_adam_threads(compute_device: torch.device) -> int:
+    """Intra-op threads for host Adam: this rank's share of the physical cores it may run on, less
+    the cores its own compute keeps busy meanwhile (host Adam runs beside the next forward and the
+    backward). Adam is memory-bound, so hyper-threads add nothing but contention; torchrun's
+    OMP_NUM_THREADS=1 would leave host Adam on one core; and a thread team bigger than the cores
+    left free stalls both sides (on 2 cores, a 2-thread host Adam beside a CPU forward took 20×
+    its time alone). On a GPU the compute is the one thread that drives it; on a CPU it is the
+    caller's own intra-op threads."""
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     usable = physical
     if hasattr(os, "sched_getaffinity"):  # the CPUs this process may run on (containers, taskset)
@@ -81,7 +85,8 @@ def host_adam_threads() -> int:
     if quota is not None:
         usable = min(usable, quota)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, usable // max(1, local_ranks))
+    compute_threads = 1 if compute_device.type == "cuda" else torch.get_num_threads()
+    return max(1, usable // max(1, local_ranks) - compute_threads)
 
 
 def to_device_without_sync(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -137,7 +137,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._device_scratch: torch.Tensor | None = None  # settled with room: all fp32 gradients at once
         streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
-                                 HostAdamWorker(runtime.copier, host_adam_threads()), streamer)
+                                 HostAdamWorker(runtime.copier, host_adam_threads(runtime.copier.device)), streamer)
         runtime.manager.host_updates = self._host  # chunk accesses wait for a group's update
         runtime.host_updates = self._host
         runtime.param_groups = self.param_groups

@@ -332,12 +332,19 @@ def test_host_adam_calls_the_kernel_per_chunk_span_not_per_parameter(monkeypatch
     assert 0 < len(calls) <= len(model._rt.groups) < num_params
 
 
-def test_host_adam_threads_are_the_cores_shared_by_local_ranks(monkeypatch):
+def test_host_adam_threads_are_the_cores_left_beside_each_ranks_compute(monkeypatch):
+    monkeypatch.setattr(device_module.psutil, "cpu_count", lambda logical=True: 16)
+    monkeypatch.setattr(device_module.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr(device_module, "_cgroup_cpu_quota", lambda: None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    alone = host_adam_threads()
-    assert alone >= 1
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert host_adam_threads(cuda) == 15  # one core drives the GPU
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert host_adam_threads(cpu) == 12  # a CPU compute keeps its own intra-op threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert host_adam_threads(cuda) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
-    assert host_adam_threads() == max(1, alone // 64)
+    assert host_adam_threads(cuda) == 1 and host_adam_threads(cpu) == 1  # never none
 
 
 # ---- placement ---------------------------------------------------------------------------------
