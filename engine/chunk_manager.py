@@ -58,6 +58,7 @@ class ChunkManager:
         self.device_budget_bytes = device_budget_bytes
         self.host_budget_bytes = host_budget_bytes
         self.groups: list[ChunkGroup] = []
+        self.layout_version = 0  # bumped whenever groups are added or replaced
         self.chunks: list[Chunk] = []  # indexed by chunk_id
         self._on_device: dict[int, Chunk] = {}
         self._by_storage: dict[int, Chunk] = {}  # storage data_ptr -> chunk owning that buffer
@@ -79,6 +80,7 @@ class ChunkManager:
     # ---- registry -------------------------------------------------------------------------
 
     def add_groups(self, groups: list[ChunkGroup]) -> None:
+        self.layout_version += 1  # what was derived from the old layout is stale
         for group in groups:
             self.groups.append(group)
             for chunk in group.chunks:
@@ -105,7 +107,7 @@ class ChunkManager:
 
     def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
         """The chunk whose buffer `tensor` lives in (None for any other tensor)."""
-        if tensor.layout is not torch.strided or tensor.device.type == "meta":
+        if tensor.layout is not torch.strided or tensor.is_meta:
             return None
         chunk = self._by_storage.get(tensor.untyped_storage().data_ptr())
         if chunk is None or chunk.dtype != tensor.dtype:

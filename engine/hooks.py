@@ -45,7 +45,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -59,14 +58,14 @@ from engine.device import to_device_without_sync
 from engine.errors import EngineError
 
 
-@dataclass(frozen=True)
 class ChunkRef:
-    """Where a saved tensor lives inside a chunk (element offsets within the chunk's buffer)."""
+    """Where a saved tensor lives inside a chunk (element offsets within the chunk's buffer).
+    A plain slotted class: one is made for every weight autograd saves, every step."""
 
-    chunk: Chunk
-    storage_offset: int
-    size: torch.Size
-    stride: tuple[int, ...]
+    __slots__ = ("chunk", "storage_offset", "size", "stride")
+
+    def __init__(self, chunk: Chunk, storage_offset: int, size: torch.Size, stride: tuple[int, ...]):
+        self.chunk, self.storage_offset, self.size, self.stride = chunk, storage_offset, size, stride
 
 
 class EngineHooks:
@@ -84,6 +83,7 @@ class EngineHooks:
         self.first_used = first_used  # filled during the warm-up forward, in order of first use
         self._first_used_ids: set[int] = set()
         self._direct: dict[nn.Module, list[TensorInfo]] = {}
+        self._plans: dict[nn.Module, tuple[int, list]] = {}  # see _by_chunk
         self._pinned: list[Chunk] = []
         self._pinned_node = None  # the autograd node the pinned chunks are pinned for
         self._backward_end_queued = False
@@ -214,17 +214,29 @@ class EngineHooks:
 
     def _pre_forward(self, module: nn.Module, args) -> None:
         infos = self._direct[module]
-        with self.manager.lock:
-            if self.manager.schedule.recording:
+        manager = self.manager
+        with manager.lock:
+            if manager.schedule.recording:
                 self._note_first_use(infos)
-            for chunk in _unique_chunks(infos):
-                if not self.grad_accumulation:
-                    self._refuse_pending_grads(chunk, infos)
-                self.manager.access(chunk)
+            for chunk, in_chunk in self._by_chunk(module, infos):
+                if not self.grad_accumulation and chunk.group.num_grads:
+                    self._refuse_pending_grads(chunk, in_chunk)
+                manager.access(chunk)
                 # In COMPUTE right away, so fetching the module's next chunk cannot evict this one.
-                for info in infos:
-                    if info.group.working is chunk:
-                        info.start_compute()
+                for info in in_chunk:
+                    info.start_compute()
+
+    def _by_chunk(self, module: nn.Module, infos: list[TensorInfo]) -> list[tuple[Chunk, list[TensorInfo]]]:
+        """The module's direct parameters by param chunk, in order of first appearance; kept until
+        the chunk layout changes (a re-packing gives the tensors new groups)."""
+        cached = self._plans.get(module)
+        if cached is not None and cached[0] == self.manager.layout_version:
+            return cached[1]
+        plan: dict[Chunk, list[TensorInfo]] = {}
+        for info in infos:
+            plan.setdefault(info.group.working, []).append(info)
+        self._plans[module] = (self.manager.layout_version, list(plan.items()))
+        return self._plans[module][1]
 
     def _note_first_use(self, infos: list[TensorInfo]) -> None:
         if not self.first_used:  # a new warm-up began (the runtime emptied the list)
@@ -270,10 +282,11 @@ class EngineHooks:
     def _unpack(self, packed):
         if type(packed) is ChunkRef:
             chunk = packed.chunk
-            with self.manager.lock:
+            manager = self.manager
+            with manager.lock:
                 self._pin_for_current_node(chunk)
-                flat = self.manager.access(chunk)
-            return torch.as_strided(flat, packed.size, packed.stride, packed.storage_offset)
+                flat = manager.access(chunk)
+            return flat.as_strided(packed.size, packed.stride, packed.storage_offset)
         tensor = getattr(packed, "tensor", None)  # the memory tracer's wrapper during warm-up
         return tensor if tensor is not None else packed
 
@@ -398,14 +411,6 @@ def _accumulate(info: TensorInfo, place: torch.Tensor, grad: torch.Tensor) -> No
     else:
         place.copy_(grad.reshape(place.shape))
         info.has_grad = True
-
-
-def _unique_chunks(infos: list[TensorInfo]) -> list[Chunk]:
-    chunks: list[Chunk] = []
-    for info in infos:
-        if info.group.working not in chunks:
-            chunks.append(info.group.working)
-    return chunks
 
 
 class _OutsideReadWatch(TorchFunctionMode):
