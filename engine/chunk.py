@@ -140,6 +140,9 @@ class Chunk:
         self.chunk_id = chunk_id
         self.kind = kind
         self.numel = numel
+        # the parameters' views of the host buffer (or of the device placeholder), reused at each
+        # eviction: (the buffer, one view per tensor of the group)
+        self.home_views: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.dtype = dtype
         self.group: ChunkGroup | None = None
         self.device_flat: torch.Tensor | None = None

@@ -140,6 +140,7 @@ class ChunkManager:
         self._by_storage.pop(chunk.host_flat.untyped_storage().data_ptr(), None)
         self.host_allocated_bytes -= chunk.nbytes
         chunk.host_flat = None
+        chunk.home_views = None  # they would keep the buffer alive
         if chunk.location is Location.HOST:
             chunk.location = Location.NOWHERE
 
@@ -253,15 +254,28 @@ class ChunkManager:
             return
         group = chunk.group
         on_host = chunk.location is Location.HOST and not self.copier.is_cuda
-        if chunk.location is Location.DEVICE or group.host_only or on_host:
+        if chunk.location is Location.DEVICE and not group.host_only:
+            # a new buffer at every upload: one as_strided view per parameter (not narrow + view),
+            # assigned through `.data`, which keeps the parameter's autograd accumulator (an
+            # in-place `set_` would drop it)
+            flat = chunk.flat
+            first = flat.storage_offset()
+            for info in group.tensors:
+                info.param.data = flat.as_strided(info.shape, info.stride(), first + info.offset)
+            return
+        # The host buffer and the placeholder outlive many moves: their views are kept and reused.
+        if on_host or group.host_only:
             base, step = chunk.flat, 1
         else:
             base, step = self.copier.placeholder(chunk.dtype), 0  # one element, broadcast
-        # One as_strided view per parameter (not narrow + view), assigned through `.data`, which
-        # keeps the parameter's autograd accumulator (an in-place `set_` would drop it)
-        first = base.storage_offset()
-        for info in group.tensors:
-            info.param.data = base.as_strided(info.shape, info.stride(step), first + info.offset * step)
+        cached = chunk.home_views
+        if cached is None or cached[0] is not base:
+            first = base.storage_offset()
+            views = [base.as_strided(info.shape, info.stride(step), first + info.offset * step)
+                     for info in group.tensors]
+            cached = chunk.home_views = (base, views)
+        for info, view in zip(group.tensors, cached[1]):
+            info.param.data = view
 
     def _count(self, h2d: int = 0, d2h: int = 0) -> None:
         self.totals.h2d_bytes += h2d
