@@ -163,6 +163,41 @@ def test_an_error_file_cut_short_is_never_left_where_torchrun_reads(tmp_path, mo
     assert "could not write the error file" in capsys.readouterr().err
 
 
+WORKER_STOPPED_WHILE_REPORTING = """
+import json, sys, time
+import pstar_cli.launch.worker as worker
+
+def fail(*args):
+    raise RuntimeError("boom on this rank")
+
+real_dump = json.dump
+
+def slow_dump(data, fp):
+    print("writing", flush=True)
+    time.sleep(1.0)  # the agent's SIGTERM arrives in here
+    real_dump(data, fp)
+
+worker.run_worker = fail
+json.dump = slow_dump
+worker.main(["cfg.yaml", "--output-dir", "out"])
+"""
+
+
+def test_a_sigterm_while_a_worker_writes_its_report_waits_for_the_report(tmp_path):
+    import signal
+
+    error_file = tmp_path / "error.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHELASTIC_ERROR_FILE": str(error_file)}
+    child = subprocess.Popen([sys.executable, "-c", WORKER_STOPPED_WHILE_REPORTING], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGTERM)  # what torchrun's agent sends the ranks still running
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 1, stderr  # the worker's own failure, not the signal's
+    failure = ProcessFailure(local_rank=0, pid=child.pid, exitcode=1, error_file=str(error_file))
+    assert failure.message["message"] == "RuntimeError: boom on this rank"
+
+
 def test_an_unreadable_error_file_still_reports_every_ranks_log(tmp_path):
     for local_rank in (0, 1):
         log = tmp_path / "logs" / "run_abc" / "attempt_0" / str(local_rank) / "stderr.log"

@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.config, args.overrides, args.output_dir, args.resume)
     except Exception as exc:
         # The agent stops the other ranks with SIGTERM as soon as one fails, possibly while this
-        # one is writing its own report: hold those signals from here on (os._exit follows)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        # one is writing its own report: ignore those signals from here on (os._exit follows).
+        # Ignored for the whole process: a signal blocked only in this thread would still end it
+        # through any other thread (torch's own threads).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         record_failure(exc)
         exit_code = report_error(exc)
         sys.stdout.flush()
