@@ -140,9 +140,6 @@ class Chunk:
         self.chunk_id = chunk_id
         self.kind = kind
         self.numel = numel
-        # the parameters' views of the host buffer (or of the device placeholder), reused at each
-        # eviction: (the buffer, one view per tensor of the group)
-        self.home_views: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.dtype = dtype
         self.group: ChunkGroup | None = None
         self.device_flat: torch.Tensor | None = None
@@ -161,6 +158,7 @@ class Chunk:
         self.num_grads_expected: int | None = None
         self.pinned_forever = False  # optimizer state of a device group: never evicted
         # Param chunks: (host buffer or placeholder, its views per tensor), reused while it lasts
+        self.home_views: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.ready_event = None  # CUDA: upload finished (compute stream waits on it)
         self.host_ready_event = None  # CUDA: download finished (host readers wait on it)
 
