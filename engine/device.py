@@ -74,8 +74,8 @@ def host_adam_threads(compute_device: torch.device) -> int:
     the cores its own compute keeps busy meanwhile (host Adam runs beside the next forward and the
     backward). Adam is memory-bound, so hyper-threads add nothing but contention; torchrun's
     OMP_NUM_THREADS=1 would leave host Adam on one core; and a thread team bigger than the cores
-    left free stalls both sides (on 2 cores, a 2-thread host Adam beside a CPU forward took 20×
-    its time alone). On a GPU the compute is the one thread that drives it; on a CPU it is the
+    left free stalls both sides (on 2 cores, a 2-thread host Adam beside a CPU forward took about
+    18× its time alone). On a GPU the compute is the one thread that drives it; on a CPU it is the
     caller's own intra-op threads."""
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     usable = physical

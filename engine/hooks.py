@@ -232,11 +232,12 @@ class EngineHooks:
         cached = self._plans.get(module)
         if cached is not None and cached[0] == self.manager.layout_version:
             return cached[1]
-        plan: dict[Chunk, list[TensorInfo]] = {}
+        by_chunk: dict[Chunk, list[TensorInfo]] = {}
         for info in infos:
-            plan.setdefault(info.group.working, []).append(info)
-        self._plans[module] = (self.manager.layout_version, list(plan.items()))
-        return self._plans[module][1]
+            by_chunk.setdefault(info.group.working, []).append(info)
+        plan = list(by_chunk.items())
+        self._plans[module] = (self.manager.layout_version, plan)
+        return plan
 
     def _note_first_use(self, infos: list[TensorInfo]) -> None:
         if not self.first_used:  # a new warm-up began (the runtime emptied the list)

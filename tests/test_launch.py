@@ -17,7 +17,6 @@ from torch.distributed.run import parse_args as parse_torchrun_args
 from pstar_cli.launch import launcher as launch
 from pstar_cli.config import load_config
 from pstar_cli.observe.metrics import read_metrics
-from pstar_cli.launch import worker as worker_module
 from pstar_cli.launch.worker import parse_args as parse_worker_args, record_failure
 from pstar_cli.launch.process_group import resolve_backend
 from tests.test_train import REPO, TINY, needs_engine
@@ -156,7 +155,7 @@ def test_an_error_file_cut_short_is_never_left_where_torchrun_reads(tmp_path, mo
         fp.write('{"message": {"mess')
         raise OSError("disk full")
 
-    monkeypatch.setattr(worker_module.json, "dump", dump_then_die)
+    monkeypatch.setattr(json, "dump", dump_then_die)  # inside torch's ErrorHandler
     error_file = tmp_path / "error.json"
     record_failure(RuntimeError("boom"), str(error_file))
     assert not error_file.exists()  # torchrun then reports the rank from its stderr log

@@ -11,11 +11,9 @@ rank failed and why; a user mistake also prints one `error:` line and exits with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -73,23 +71,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun's agent reads this rank's error
+
+
 def record_failure(exc: BaseException, error_file: str | None = None) -> None:
-    """torchrun's error file for this rank (TORCHELASTIC_ERROR_FILE), in the format of its own
-    ErrorHandler, which the launcher reads for its message. Written whole or not at all (a temporary
-    file renamed into place): the agent parses it once this process is gone, and a file cut short by
-    a SIGKILL would make it fail on the report instead of naming this rank's error."""
-    path = error_file or os.environ.get("TORCHELASTIC_ERROR_FILE")
+    """torchrun's error file for this rank, written by torch's own ErrorHandler (the launcher reads
+    its message), but whole or not at all: into a temporary file renamed into place. The agent parses
+    it once this process is gone, and a file cut short by a kill would make it fail on the report
+    instead of naming this rank's error."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    path = error_file or os.environ.get(ERROR_FILE_ENV)
     if not path:
         return
-    report = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
-        "py_callstack": "".join(traceback.format_exception(exc)), "timestamp": str(int(time.time()))}}}
     partial = f"{path}.partial"
+    previous = os.environ.get(ERROR_FILE_ENV)
+    os.environ[ERROR_FILE_ENV] = partial  # the handler writes where this names
     try:
-        with open(partial, "w", encoding="utf-8") as fp:
-            json.dump(report, fp)
+        get_error_handler().record_exception(exc)
         os.replace(partial, path)
     except OSError as write_error:  # the console still gets the error itself (report_error)
         print(f"pstar: could not write the error file {path}: {write_error}", file=sys.stderr)
+    finally:
+        if previous is None:
+            del os.environ[ERROR_FILE_ENV]
+        else:
+            os.environ[ERROR_FILE_ENV] = previous
 
 
 def report_error(exc: Exception) -> int:
