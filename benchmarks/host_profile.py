@@ -40,7 +40,7 @@ def spec_for(system: str, args: argparse.Namespace, device: str, shipped: dict |
                     num_warmup=args.warmup, device=device, clip=args.clip, **pstar_settings)
 
 
-def profile_system(spec: CaseSpec, runtime: Runtime, top: int) -> dict:
+def profile_system(spec: CaseSpec, runtime: Runtime, top: int, kernels: bool = False) -> dict:
     trainer = build_trainer(spec, runtime)
     batches = random_batches(spec, runtime)
     for index in range(spec.num_warmup):
@@ -65,8 +65,27 @@ def profile_system(spec: CaseSpec, runtime: Runtime, top: int) -> dict:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     details = trainer.details()
-    return {"issue_s": statistics.median(issue_s), "step_s": statistics.median(step_s),
-            "profile": text.getvalue(), "step_timings": details.get("step_timings")}
+    result = {"issue_s": statistics.median(issue_s), "step_s": statistics.median(step_s),
+              "profile": text.getvalue(), "step_timings": details.get("step_timings")}
+    if kernels and runtime.device.type == "cuda":
+        result.update(kernel_profile(trainer, batches, spec.num_steps, runtime, top))
+    return result
+
+
+def kernel_profile(trainer, batches, num_steps: int, runtime: Runtime, top: int) -> dict:
+    """The device's side of a few steps: kernel time a step (the GPU busy) against the step."""
+    from torch.profiler import ProfilerActivity, profile
+    synchronize(runtime.device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for index in range(num_steps):
+            trainer.step(*batches[index % len(batches)])
+        synchronize(runtime.device)
+    wall = (time.perf_counter() - start) / num_steps
+    averages = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6 / num_steps
+    table = averages.table(sort_by="self_device_time_total", row_limit=top)
+    return {"device_busy_s": busy, "profiled_step_s": wall, "kernels": table}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -82,6 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--kernels", action="store_true",
+                        help="also profile the device's kernels (CUDA): busy time a step, the top kernels")
     args = parser.parse_args(argv)
     try:  # a user mistake (unknown size, a config that is not there) is one line and exit code 2
         model_shapes([args.model], args.seq)
@@ -91,13 +112,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runtime = Runtime(device=torch.device(args.device))
     results = []
     for system in args.systems.split(","):
-        result = profile_system(spec_for(system, args, args.device, shipped), runtime, args.top)
+        result = profile_system(spec_for(system, args, args.device, shipped), runtime, args.top, args.kernels)
         results.append({"system": system, **result})
         print(f"== {system} {args.model} b{args.batch} s{args.seq}: host issue {result['issue_s'] * 1e3:.2f} ms, "
               f"step {result['step_s'] * 1e3:.2f} ms")
         if result["step_timings"]:
             print("   engine step timings (s):", {k: round(v, 5) for k, v in result["step_timings"].items()})
         print(result["profile"], flush=True)
+        if "kernels" in result:
+            print(f"   device busy {result['device_busy_s'] * 1e3:.2f} ms a step of "
+                  f"{result['profiled_step_s'] * 1e3:.2f} ms (profiled)")
+            print(result["kernels"], flush=True)
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
     return results

@@ -89,10 +89,11 @@ class ChunkManager:
                 if chunk.host_flat is not None:
                     self._register_host(chunk)
 
-    def add_settled_grad_chunk(self, group: ChunkGroup) -> Chunk:
-        """A zeroed grad chunk on the device for good, in the compute dtype, made after placement
-        for a settled run (engine/hooks.py): autograd accumulates the group's gradients into it."""
-        chunk = Chunk(len(self.chunks), ChunkKind.GRAD, group.param.numel, group.param.dtype)
+    def add_settled_grad_chunk(self, group: ChunkGroup, dtype: torch.dtype) -> Chunk:
+        """A zeroed grad chunk on the device for good, made after placement for a settled run
+        (engine/hooks.py): step() casts the group's gradients into it. Zeroed, so that its padding
+        between tensors, read with them, holds no garbage."""
+        chunk = Chunk(len(self.chunks), ChunkKind.GRAD, group.param.numel, dtype)
         chunk.group = group
         chunk.device_flat = torch.zeros(chunk.numel, dtype=chunk.dtype, device=self.copier.device)
         chunk.location = Location.DEVICE

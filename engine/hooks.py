@@ -23,12 +23,14 @@
   by one bound to the gradient's fixed place in its chunk (a copy and a flag). What is left per
   step is one small hook per parameter; the check that a forward does not run over gradients
   still in place of weights moves to the start of the engine model's forward.
-  On a GPU with room for one more copy of the trainable param chunks (`grad_chunks`), each
-  trainable group gets a grad chunk of its own instead, and each parameter's `.grad` is a view
-  into it: autograd accumulates the gradient straight into chunk memory, the weights are never
-  overwritten (a forward before `step()`, or a second backward that accumulates, work as in torch),
-  and the hook left per parameter only notes that its gradient arrived. A `.grad` replaced by
-  the user (`model.zero_grad()` sets it to None) is copied into its place and the view restored.
+  On a GPU with room for the gradients beside the weights (`grad_chunks`), each trainable group
+  gets an fp32 grad chunk instead and no gradient hook is left at all: autograd leaves each
+  gradient in `.grad` as torch does (it hands over the tensor it computed, no copy, no kernel),
+  and `step()` takes them into the grad chunk in one foreach cast, which is also device Adam's
+  fp32 input. So backward issues exactly what plain PyTorch's does; the weights are never
+  overwritten (a forward before `step()`, a second backward that accumulates, `.grad` read or
+  changed by the user, `model.zero_grad()`: all as in torch). A `.grad` view into a chunk instead
+  would make autograd add each new gradient into it, a kernel launch per parameter.
 - Compiled blocks (`compile_blocks`): settled, no engine hook runs inside a block, so each repeated
   block (every member of an nn.ModuleList) can be compiled whole by torch.compile, its backward
   included; the gradient hooks run after it, on the parameters' accumulators. Before settling the
@@ -96,13 +98,34 @@ class EngineHooks:
         self.settled = False  # nothing moves any more: the lean hooks only (module doc)
         self.grads_in_place = False  # settled: a backward wrote gradients that no step consumed yet
         self.compiled_blocks = 0
-        self.grad_views: list[torch.Tensor] = []  # settled with grad chunks: their buffers
+        # settled with grad chunks: (info, its place in the fp32 grad chunk) of every trainable
+        # parameter, in the model's parameters() order (the norm's)
+        self.grad_places: list[tuple[TensorInfo, torch.Tensor]] = []
 
     def discard_gradients(self) -> None:
-        """Settled with grad chunks: zero them (autograd accumulates into them) for the next backward."""
-        if self.grad_views and self.grads_in_place:  # (untouched since the last discard: zeros)
-            torch._foreach_zero_(self.grad_views)
+        """Gradients since the last step are dropped (settled with grad chunks: `.grad`, as torch's
+        zero_grad does)."""
+        for info, _ in self.grad_places:
+            info.param.grad = None
         self.grads_in_place = False
+
+    def take_gradients(self) -> list[torch.Tensor]:
+        """Settled with grad chunks: the gradients autograd left in `.grad`, cast into their places
+        in the grad chunks by one foreach copy and marked; `.grad` is cleared. Returns them (still
+        in the compute dtype), in parameters() order, for the norm."""
+        grads, places = [], []
+        for info, place in self.grad_places:
+            param = info.param
+            grad = param.grad
+            if grad is not None:  # (torch has checked its shape and dtype when it was set)
+                grads.append(grad)
+                places.append(place)
+                param.grad = None
+                if not info._has_grad:
+                    info.has_grad = True
+        if grads:
+            torch._foreach_copy_(places, grads)
+        return grads
 
     # ---- installation --------------------------------------------------------------------
 
@@ -124,9 +147,10 @@ class EngineHooks:
         unique = {id(info.param): info for info in self.infos.values() if info.requires_grad}
         return list(unique.values())
 
-    def settle(self, compile_blocks: bool = False, grad_chunks: bool = False) -> None:
+    def settle(self, order: list[TensorInfo], compile_blocks: bool = False, grad_chunks: bool = False) -> None:
         """Nothing will move any more: drop the module and saved-tensor hooks and bind each
-        gradient hook to its gradient's place (module doc), then compile the blocks if asked.
+        gradient hook to its gradient's place, or with `grad_chunks` leave gradients to autograd
+        (module doc), then compile the blocks if asked. `order`: the parameters() order.
         Gradient hooks registered after the engine's (the optimizer's) must have been removed by
         their owner."""
         for handle in self._module_handles + self._grad_handles:
@@ -134,26 +158,25 @@ class EngineHooks:
         self._module_handles, self._grad_handles = [], []
         copier = self.manager.copier
         trainable = self._trainable_infos()
-        if grad_chunks:
+        if grad_chunks:  # no hook: autograd keeps each gradient in .grad (module doc)
             for group in {id(info.group): info.group for info in trainable}.values():
-                self.grad_views.append(self.manager.add_settled_grad_chunk(group).device_flat)
+                self.manager.add_settled_grad_chunk(group, torch.float32)
+            trainable = [info for info in order if info.requires_grad]
+            self.grad_places = [(info, info.view_of(copier.current_flat(info.group.grad_chunk)))
+                                for info in trainable]
         for info in trainable:
             chunk = info.group.grad_chunk
             assert chunk.pinned_forever and chunk.location is Location.DEVICE, f"{chunk} may still move"
-            if grad_chunks:
-                view = info.view_of(copier.current_flat(chunk))
-                info.param.grad = view
-                hook = _GradientIntoChunk(self, info, view)
-            else:
+            if not grad_chunks:
                 hook = _SettledGradient(self, info, info.region_of(copier.current_flat(chunk)))
-            self._grad_handles.append(info.param.register_post_accumulate_grad_hook(hook))
+                self._grad_handles.append(info.param.register_post_accumulate_grad_hook(hook))
         self.settled = True
         if compile_blocks:
             self.compiled_blocks = compile_repeated_blocks(self.root)
 
     def refuse_forward_over_gradients(self) -> None:
         """Settled: a forward may not compute with gradients sitting where the weights belong."""
-        if self.grads_in_place and not self.grad_views:
+        if self.grads_in_place and not self.grad_places:
             pending = [info for info in self.infos.values() if info.has_grad]
             self._refuse_pending_grads(pending[0].group.working, pending[:1])
 
@@ -380,28 +403,6 @@ class _SettledGradient:
         if not hooks._backward_end_queued:
             hooks._queue_backward_end()
         _accumulate(self.info, self.region, grad)  # a second backward before a step: refused at the next forward
-        hooks.grads_in_place = True
-
-
-class _GradientIntoChunk:
-    """A settled parameter's gradient hook when `.grad` is a view into its grad chunk: autograd
-    has accumulated into the chunk already; note it (and restore the view if it was replaced)."""
-
-    __slots__ = ("hooks", "info", "view")
-
-    def __init__(self, hooks: EngineHooks, info: TensorInfo, view: torch.Tensor):
-        self.hooks, self.info, self.view = hooks, info, view
-
-    def __call__(self, param: nn.Parameter) -> None:
-        hooks = self.hooks
-        if not hooks._backward_end_queued:
-            hooks._queue_backward_end()
-        if param.grad is not self.view:  # the user set .grad (None, or a tensor of their own)
-            grad = param.grad
-            param.grad = self.view
-            if grad is not None:
-                _accumulate(self.info, self.view, grad)
-        self.info.has_grad = True
         hooks.grads_in_place = True
 
 

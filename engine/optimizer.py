@@ -134,7 +134,7 @@ class HybridAdam(torch.optim.Optimizer):
         self.last_step_overlapped_groups = 0  # host groups whose gradients went down in backward
         self._said_not_compiled = False
         self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
-        self._device_scratch: torch.Tensor | None = None  # settled with room: all fp32 gradients at once
+        self._taken: list[torch.Tensor] | None = None  # settled with grad chunks: this step's gradients
         streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
                                  HostAdamWorker(runtime.copier, host_adam_threads(runtime.copier.device)), streamer)
@@ -172,6 +172,8 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         with rt.manager.lock:
             self._host.finish()  # the last step's host updates (the forward waited for most)
+            if rt.hooks.grad_places:  # settled with grad chunks: the gradients autograd left in .grad
+                self._taken = rt.hooks.take_gradients()
             if not rt.optimizer_placed:
                 settle_optimizer_placement(rt, self._host)
             self._step_hypers = [AdamHyper.read(rt.config.optimizer.type, g) for g in self.param_groups]
@@ -192,6 +194,7 @@ class HybridAdam(torch.optim.Optimizer):
             if not rt.grad_accumulation:
                 self._clear_grads(groups)  # consumed: the param chunks hold weights again
             rt.num_micro_steps = 0
+            self._taken = None
             busy_s, wait_s = self._host.take_seconds()
             _add_seconds(rt, "optimizer_host", busy_s)
             _add_seconds(rt, "wait", wait_s)
@@ -214,11 +217,8 @@ class HybridAdam(torch.optim.Optimizer):
         for handle in self._gradient_handles:
             handle.remove()
         self._gradient_handles = []
-        roomy = self._use_grad_chunks()
-        self._rt.hooks.settle(compile_blocks=self._rt.config.compile_blocks, grad_chunks=roomy)
-        if roomy:  # every device group's fp32 gradients at once: device Adam in a few calls
-            numel = sum(g.numel for g in self._rt.groups if g.trainable)
-            self._device_scratch = torch.empty(numel, dtype=torch.float32, device=self._rt.device)
+        self._rt.hooks.settle(self._rt.param_order, compile_blocks=self._rt.config.compile_blocks,
+                              grad_chunks=self._use_grad_chunks())
         if self._rt.config.compile_blocks:
             log.info("pstar: settled; %d blocks compiled with torch.compile", self._rt.hooks.compiled_blocks)
 
@@ -259,15 +259,16 @@ class HybridAdam(torch.optim.Optimizer):
         return on_host, self._rt.copier.compute_point()
 
     def _use_grad_chunks(self) -> bool:
-        """Settled on a GPU with room: `.grad` views into grad chunks (engine/hooks.py). There the
-        copy per parameter that they spare is a kernel launch issued from Python; on a CPU it is a
-        memory pass cheaper than zeroing a grad chunk and accumulating into it."""
+        """Settled on a GPU with room: gradients left in `.grad` and cast into fp32 grad chunks by
+        step() (engine/hooks.py). There the copy per parameter into the param chunk that they spare
+        is a kernel launch issued from Python; on a CPU it is a memory pass like the cast."""
         return self._rt.copier.is_cuda and self._room_for_grad_chunks()
 
     def _room_for_grad_chunks(self) -> bool:
         """Whether the device has room, beside what placement counted (every chunk, the traced
-        activation peak with its margin, a step's scratch), for a grad chunk per trainable group
-        and an fp32 copy of all their gradients (device Adam's cast, for every group at once)."""
+        activation peak with its margin, a step's scratch), for the gradients autograd leaves in
+        `.grad` and an fp32 grad chunk per trainable group (device Adam's input, for every group at
+        once)."""
         rt = self._rt
         need = sum(g.param.nbytes + 4 * g.numel for g in rt.groups if g.trainable)
         peak = rt.tracer.peak_non_model_bytes
@@ -428,6 +429,9 @@ class HybridAdam(torch.optim.Optimizer):
         if self._rt.comm is not None:  # several ranks: one all-reduce of per-tensor partial sums
             return global_grad_norm(self._rt.param_order, self._rt.copier.current_flat, self._rt.comm,
                                     self._rt.device)
+        if self._taken is not None:  # settled with grad chunks: as autograd left them, in torch's order
+            per_device = {self._rt.device: self._taken} if self._taken else {}
+            return _norm_of(per_device, self._rt.device)
         every = all(group.dense for group in self._rt.groups)  # every tensor has a gradient
         per_device = self._settled_grad_regions if every and self._rt.hooks.settled else None
         if per_device is None:
@@ -438,13 +442,7 @@ class HybridAdam(torch.optim.Optimizer):
                     per_device.setdefault(flat.device, []).append(info.region_of(flat))
             if every and self._rt.hooks.settled:
                 self._settled_grad_regions = per_device  # settled: the regions never move again
-        if not per_device:
-            return torch.zeros((), device=self._rt.device)
-        # One copy of each device's norms to the compute device, not one per tensor.
-        norms = [to_device_without_sync(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)),
-                                        self._rt.device)
-                 for grads in per_device.values()]
-        return torch.linalg.vector_norm(torch.cat(norms), 2)
+        return _norm_of(per_device, self._rt.device)
 
     def _adam(self, groups: list[ChunkGroup], multiplier: torch.Tensor | None) -> None:
         """Device groups: the fused kernel on the compute stream, each group's spans in place."""
@@ -456,12 +454,12 @@ class HybridAdam(torch.optim.Optimizer):
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
             dense = group.dense
-            if self._device_scratch is not None:
+            if rt.hooks.grad_places:  # fp32 grad chunks: every group in a few calls
                 items.append((flats, self._step_spans(group), dense))
             else:
                 adam_on_device_spans(flats, self._step_spans(group), multiplier, dense, step_tensors)
         if items:
-            adam_on_device_groups(items, multiplier, self._device_scratch, step_tensors)
+            adam_on_device_groups(items, multiplier, None, step_tensors)
         for group in groups:
             dense = group.dense
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
@@ -498,6 +496,17 @@ class HybridAdam(torch.optim.Optimizer):
                 info.has_grad = False
                 if info.num_users == 0:
                     info.state = TensorState.HOLD
+
+
+def _norm_of(per_device: dict[torch.device, list[torch.Tensor]], compute_device: torch.device) -> torch.Tensor:
+    """The L2 norm of gradient lists grouped by device, as an fp32 scalar on the compute device:
+    one copy of each device's per-tensor norms, not one per tensor."""
+    if not per_device:
+        return torch.zeros((), device=compute_device)
+    norms = [to_device_without_sync(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)),
+                                    compute_device)
+             for grads in per_device.values()]
+    return torch.linalg.vector_norm(torch.cat(norms), 2)
 
 
 def nothing_moves(rt: EngineRuntime) -> bool:

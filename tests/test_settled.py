@@ -1,6 +1,6 @@
 """A run whose chunks all stay on the device settles after its first step: the module and
-saved-tensor hooks go, each gradient hook is bound to its place, and with room each group gets a
-grad chunk that `.grad` views point into (engine/hooks.py). Settling must change no number, keep
+saved-tensor hooks go, each gradient hook is bound to its place, or with room no gradient hook is
+left: autograd keeps gradients in `.grad` and step() casts them into fp32 grad chunks (engine/hooks.py). Settling must change no number, keep
 torch's semantics (a discarded backward; a forward over unconsumed gradients refused where they
 overwrite the weights, allowed where they do not) and never happen while chunks can still move."""
 
@@ -76,8 +76,9 @@ def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semant
 
 
 def test_grad_chunks_accumulate_like_torch_and_survive_a_module_zero_grad(monkeypatch):
-    """`.grad` views: two backward passes before a step sum their gradients, as torch does; and
-    nn.Module.zero_grad() (which sets every .grad to None) changes nothing."""
+    """Gradients left in `.grad`: two backward passes before a step sum their gradients, and
+    nn.Module.zero_grad() (which sets every .grad to None) before a backward drops nothing that
+    counts, as in torch."""
     monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: True)
     cfg = engine_config(device_memory_limit=ROOMY)
     model, optimizer, reference = build_pair("gpt", cfg)
@@ -97,6 +98,34 @@ def test_grad_chunks_accumulate_like_torch_and_survive_a_module_zero_grad(monkey
             reference(x2, y2).backward()
         ref_opt.step()
     assert model.chunk_stats()["grad_chunks_device"] > 0
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_with_grad_chunks_backward_runs_no_engine_code_and_grads_are_torchs(monkeypatch):
+    """No hook of the engine is left on a parameter; after backward `.grad` holds torch's gradient,
+    and what the caller does to it (here: halved, one parameter's dropped) is what step() uses,
+    as with torch.optim."""
+    monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: True)
+    cfg = engine_config(device_memory_limit=ROOMY)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    engine_params, ref_params = list(model.module.parameters()), list(reference.parameters())
+    for step, (x, y) in enumerate(batches("gpt", 4)):
+        model.backward(model(x, y))
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        if step >= 1:  # settled
+            assert not any(p._post_accumulate_grad_hooks for p in engine_params)
+            for mine, theirs in zip(engine_params, ref_params):
+                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+            for p in engine_params + ref_params:
+                p.grad.mul_(0.5)
+            engine_params[step].grad = None
+            ref_params[step].grad = None
+        optimizer.step()
+        optimizer.zero_grad()
+        ref_opt.step()
+        assert all(p.grad is None for p in engine_params)
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -268,7 +297,7 @@ def test_settling_changes_no_bit_in_bf16_with_clipping(monkeypatch):
         model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
         losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
         assert model.chunk_stats()["settled"] == (limit is not None)
-        assert (optimizer._device_scratch is not None) == chunks
+        assert bool(model._rt.hooks.grad_places) == chunks
         runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
     (losses, state), *others = runs
     for other_losses, other_state in others:
