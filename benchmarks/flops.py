@@ -20,16 +20,19 @@ def train_flops_per_step(
     num_tokens: int,
     vocab_size: int = BENCHMARK_VOCAB_SIZE,
     recompute: bool = False,
+    recompute_layers: int | None = None,
 ) -> int:
     """FLOPs of one training step over `num_tokens` tokens: 6·N·tokens + 12·L·h·s·tokens.
 
     Backward costs twice the forward, so a forward is a third of that; recomputing activations
-    (activation checkpointing) runs the forward once more and adds that third.
+    (activation checkpointing) runs the forward once more and adds that third, or the
+    `recompute_layers / layers` part of it when only that many of the blocks are recomputed.
     """
     num_params = gpt_num_params(hidden, layers, vocab_size)
     flops = 6 * num_params * num_tokens + 12 * layers * hidden * seq_len * num_tokens
     if recompute:
-        flops += flops // 3
+        recomputed = layers if recompute_layers is None else recompute_layers
+        flops += flops // 3 * recomputed // layers
     return flops
 
 

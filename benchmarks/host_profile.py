@@ -35,7 +35,8 @@ def spec_for(system: str, args: argparse.Namespace, device: str, shipped: dict |
     if system == "pstar" and shipped is not None:
         pstar_settings = {"config": shipped["path"], "engine": shipped["engine"],
                           "weight_decay_on": shipped["weight_decay_on"],
-                          "activation_checkpointing": shipped["activation_checkpointing"]}
+                          "activation_checkpointing": shipped["activation_checkpointing"],
+                          "recompute_layers": shipped["recompute_layers"]}
     return CaseSpec(system=system, model=args.model, batch=args.batch, seq=args.seq, num_steps=args.steps,
                     num_warmup=args.warmup, device=device, clip=args.clip, **pstar_settings)
 

@@ -25,7 +25,8 @@ def build_row(spec: CaseSpec, shape: dict, outcome: CaseOutcome, machine: str) -
     tokens = spec.batch * spec.seq
     flops = train_flops_per_step(shape["hidden"], shape["layers"], spec.seq, tokens, shape["vocab_size"])
     hardware_flops = train_flops_per_step(shape["hidden"], shape["layers"], spec.seq, tokens, shape["vocab_size"],
-                                          recompute=spec.activation_checkpointing)
+                                          recompute=spec.activation_checkpointing,
+                                          recompute_layers=spec.recompute_layers)
     step_s = lead.get("step_s") if outcome.status == "ok" else None
     row = {
         "system": spec.system,
@@ -58,6 +59,7 @@ def _extras(spec: CaseSpec, shape: dict, outcome: CaseOutcome, lead: dict, flops
         "device": spec.device,
         "device_name": lead.get("device_name"),
         "activation_checkpointing": spec.activation_checkpointing,
+        "recompute_layers": spec.recompute_layers,
         "num_params_formula": gpt_num_params(shape["hidden"], shape["layers"], shape["vocab_size"]),
         "model_flops_per_step_per_gpu": flops,
         "tokens_per_s": round(spec.batch * spec.seq * spec.gpus / step_s, 1) if step_s else None,

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available")
     add("--activation-checkpointing", action="store_true",
         help="recompute activations (all systems; pstar with --config follows the config)")
+    add("--recompute-layers", type=int, default=None, metavar="N",
+        help="with --activation-checkpointing: recompute only the first N blocks (default: all)")
     add("--clip", type=float, default=1.0, help="global gradient-norm clipping in every system (0: off)")
     add("--config", type=Path, default=None,
         help="a shipped pstar config (e.g. configs/gpt-12b.yaml): pstar runs its engine and model settings, "
@@ -121,6 +123,7 @@ def shipped_config(path: Path | None, gpus: int, overrides: list[str] = ()) -> d
     return {"path": label, "engine": cfg.engine_dict(), "weight_decay_on": cfg.train.weight_decay_on,
             "model": cfg.model.size,
             "activation_checkpointing": cfg.model.activation_checkpointing,
+            "recompute_layers": cfg.model.recompute_layers,
             "batch": cfg.micro_batch_size, "seq": cfg.train.seq_len}
 
 
@@ -140,16 +143,24 @@ def build_specs(args: argparse.Namespace, device: str, shapes: dict[str, dict],
         raise UsageError("--warmup must be 0 or more")
     if args.clip < 0:
         raise UsageError("--clip must be 0 (off) or more")
+    if args.recompute_layers is not None:
+        if not args.activation_checkpointing:
+            raise UsageError("--recompute-layers needs --activation-checkpointing")
+        for model, shape in shapes.items():
+            if not 0 <= args.recompute_layers <= shape["layers"]:
+                raise UsageError(f"--recompute-layers {args.recompute_layers}: {model} has {shape['layers']} blocks")
     specs = []
     for model in shapes:
         for batch in batches:
             for system in args.systems:
                 from_config = shipped if system == "pstar" and shipped else None
                 recompute = from_config["activation_checkpointing"] if from_config else args.activation_checkpointing
+                recompute_layers = from_config["recompute_layers"] if from_config else args.recompute_layers
                 specs.append(CaseSpec(
                     system=system, model=model, batch=batch, seq=args.seq or shapes[model]["seq_len"],
                     num_steps=args.steps, num_warmup=args.warmup, device=device, gpus=args.gpus,
-                    activation_checkpointing=recompute, chunk_size=args.chunk_size,
+                    activation_checkpointing=recompute, recompute_layers=recompute_layers,
+                    chunk_size=args.chunk_size,
                     device_memory_limit=args.device_memory_limit, host_memory_limit=args.host_memory_limit,
                     clip=args.clip, config=from_config["path"] if from_config else None,
                     engine=from_config["engine"] if from_config else None,

@@ -32,6 +32,7 @@ class CaseSpec:
     device: str  # "cuda" or "cpu"
     gpus: int = 1  # processes, one per GPU (on CPU: one per process group member)
     activation_checkpointing: bool = False
+    recompute_layers: int | None = None  # with activation_checkpointing: the first that many blocks; None: all
     chunk_size: int | None = None  # pstar's default_chunk_size in elements; None = engine default
     device_memory_limit: int | None = None  # pstar only, bytes
     host_memory_limit: int | None = None  # pstar only, bytes
@@ -54,6 +55,7 @@ class CaseSpec:
             "size": self.model,
             "seq_len": self.seq,
             "activation_checkpointing": self.activation_checkpointing,
+            "recompute_layers": self.recompute_layers,
             "dropout": 0.0,
         }
 

@@ -18,7 +18,7 @@ END = "<!-- tables:end -->"
 
 COLUMNS = (  # header, how to show a row's value
     ("system", lambda r: r["system"]),
-    ("model", lambda r: r["model"] + (", recompute" if r.get("activation_checkpointing") else "")),
+    ("model", lambda r: r["model"] + _recompute_note(r)),
     ("batch", lambda r: str(r["batch"])),
     ("clip", lambda r: "–" if r.get("clip") is None else f"{r['clip']:g}"),
     ("config", lambda r: f"`{Path(r['config']).name}`" if r.get("config") else "–"),
@@ -33,6 +33,13 @@ COLUMNS = (  # header, how to show a row's value
     ("status", lambda r: r["status"][:60]),
     ("date", lambda r: (r.get("date") or "")[:10]),
 )
+
+
+def _recompute_note(row: dict) -> str:
+    if not row.get("activation_checkpointing"):
+        return ""
+    count = row.get("recompute_layers")
+    return ", recompute" if count is None else f", recompute {count} blocks"
 
 
 def _num(value, fmt: str) -> str:

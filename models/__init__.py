@@ -14,13 +14,14 @@ import dataclasses
 from torch import nn
 
 from models.config import (FAMILIES, ModelConfigError, default_ffn_hidden, model_config_problems,
-                           resolve_model_config)
+                           recomputed_layers, resolve_model_config)
 from models.counting import flops_per_token, num_params
 from models.sizes import GPT_SIZES, LLAMA_SIZES
 
 __all__ = [
     "FAMILIES", "GPT_SIZES", "LLAMA_SIZES", "ModelConfigError", "build_model", "default_ffn_hidden",
-    "flops_per_token", "model_config_problems", "model_func", "num_params", "resolve_model_config",
+    "flops_per_token", "model_config_problems", "model_func", "num_params", "recomputed_layers",
+    "resolve_model_config",
 ]
 
 
@@ -28,7 +29,9 @@ def build_model(model_cfg: dict) -> nn.Module:
     """Build the model a config describes (see the module docstring for the init contract).
     With `hf_path`: the Hugging Face model of that directory, on meta (models/hf.py)."""
     if model_cfg.get("hf_path") is not None:
-        from models.hf import build_hf_model
+        from models.hf import RECOMPUTE_LAYERS_PROBLEM, build_hf_model
+        if model_cfg.get("recompute_layers") is not None:  # it would be ignored: say so
+            raise ModelConfigError([RECOMPUTE_LAYERS_PROBLEM])
         return build_hf_model(model_cfg["hf_path"], model_cfg.get("pretrained", True),
                               bool(model_cfg.get("activation_checkpointing")))
     cfg = resolve_model_config(model_cfg)

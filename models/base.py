@@ -39,10 +39,16 @@ class MetaInitModel(nn.Module):
 
     def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, *args) -> torch.Tensor:
         # with activation checkpointing a block keeps only its input; its activations are
-        # recomputed in backward
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in blocks:
-            x = checkpoint(block, x, *args, use_reentrant=False) if recompute else block(x, *args)
+        # recomputed in backward. With recompute_layers only the first blocks are: backward reaches
+        # them last, when the activations the later blocks kept are already freed
+        recomputed = 0
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            recomputed = len(blocks) if self.recompute_layers is None else self.recompute_layers
+        for index, block in enumerate(blocks):
+            if index < recomputed:
+                x = checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
         return x
 
 

@@ -11,15 +11,16 @@ from models.sizes import SIZES_BY_FAMILY
 FAMILIES = ("gpt", "llama")
 
 _COMMON_KEYS = ("family", "size", "hidden", "layers", "heads", "vocab_size", "seq_len",
-                "activation_checkpointing", "dropout")
+                "activation_checkpointing", "recompute_layers", "dropout")
 _FAMILY_KEYS = {
     "gpt": _COMMON_KEYS,
     "llama": _COMMON_KEYS + ("kv_heads", "ffn_hidden", "rope_theta", "tie_embeddings"),
 }
 _DEFAULTS = {
-    "gpt": {"vocab_size": 50304, "seq_len": 1024, "activation_checkpointing": False, "dropout": 0.0},
-    "llama": {"vocab_size": 32000, "seq_len": 2048, "activation_checkpointing": False, "dropout": 0.0,
-              "rope_theta": 10000.0, "tie_embeddings": False},
+    "gpt": {"vocab_size": 50304, "seq_len": 1024, "activation_checkpointing": False, "recompute_layers": None,
+            "dropout": 0.0},
+    "llama": {"vocab_size": 32000, "seq_len": 2048, "activation_checkpointing": False, "recompute_layers": None,
+              "dropout": 0.0, "rope_theta": 10000.0, "tie_embeddings": False},
 }
 _POSITIVE_INT_KEYS = ("hidden", "layers", "heads", "vocab_size", "seq_len", "kv_heads", "ffn_hidden")
 _BOOL_KEYS = ("activation_checkpointing", "tie_embeddings")
@@ -92,6 +93,15 @@ def default_ffn_hidden(hidden: int, multiple_of: int = 256) -> int:
     return multiple_of * ((width + multiple_of - 1) // multiple_of)
 
 
+def recomputed_layers(model: dict) -> int:
+    """How many blocks a resolved model recomputes in backward: the first `recompute_layers` of them
+    (null: all) with activation checkpointing, none without."""
+    if not model.get("activation_checkpointing"):
+        return 0
+    count = model.get("recompute_layers")
+    return model["layers"] if count is None else count
+
+
 def _family_of(cfg: dict) -> tuple[str | None, list[str]]:
     family, size = cfg.get("family"), cfg.get("size")
     if family is None and isinstance(size, str):
@@ -150,6 +160,13 @@ def _value_problems(cfg: dict) -> list[str]:
     if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                                 or not 0.0 <= dropout < 1.0):
         problems.append(f"model.dropout: expected a number in [0, 1), got {dropout!r}")
+    count, checkpointing = cfg.get("recompute_layers"), cfg.get("activation_checkpointing")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        problems.append(f"model.recompute_layers: expected 0 or more blocks, or null (every block), "
+                        f"got {count!r}")
+    elif count is not None and (checkpointing is None or checkpointing is False):  # not when it is invalid
+        problems.append(f"model.recompute_layers: only used with model.activation_checkpointing: true "
+                        f"(it says how many blocks to recompute); set that or remove recompute_layers")
     theta = cfg.get("rope_theta")
     if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
                               or not 0 < theta < float("inf")):
@@ -158,18 +175,26 @@ def _value_problems(cfg: dict) -> list[str]:
 
 
 def _shape_problems(merged: dict) -> list[str]:
+    problems = _recompute_count_problems(merged)
     hidden, heads = merged["hidden"], merged["heads"]
     if hidden % heads:
-        return [f"model.hidden: {hidden} is not divisible by model.heads={heads}"]
+        return problems + [f"model.hidden: {hidden} is not divisible by model.heads={heads}"]
     if merged["family"] != "llama":
-        return []
-    problems = []
+        return problems
     if heads % merged["kv_heads"]:
         problems.append(f"model.kv_heads: model.heads={heads} is not a multiple of "
                         f"model.kv_heads={merged['kv_heads']}")
     if (hidden // heads) % 2:
         problems.append(f"model.heads: head size hidden/heads = {hidden // heads} must be even for RoPE")
     return problems
+
+
+def _recompute_count_problems(merged: dict) -> list[str]:
+    count, layers = merged.get("recompute_layers"), merged.get("layers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (count, layers)) or count <= layers:
+        return []  # unset, or a wrong type or layer count that _value_problems reported
+    return [f"model.recompute_layers: {count} is more than the model's {layers} blocks (model.layers); "
+            f"use at most {layers}, or null to recompute every block"]
 
 
 def _known_sizes() -> str:

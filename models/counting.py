@@ -6,10 +6,12 @@ model.parameters())`), learned positions and final norm included, a tied embeddi
 `flops_per_token` follows benchmarks/README.md so pstar's TFLOPS compare with the recorded peers:
 6·N + 12·L·h·s per trained token, where N counts the weights that take part in matrix multiplies
 (for GPT exactly BENCHMARKS' N = V·h + L·(12h² + 13h): the tied output head, not the position
-table, which is only a lookup). Recomputing activations adds one forward's worth, 2·N + 4·L·h·s.
+table, which is only a lookup). Recomputing activations adds one forward's worth, 2·N + 4·L·h·s
+(benchmarks/README.md's convention, the output head included); recomputing only k of the L blocks
+(`recompute_layers`) adds k/L of it, so the two ends are no recompute and the full one.
 """
 
-from models.config import resolve_model_config
+from models.config import recomputed_layers, resolve_model_config
 
 
 def num_params(model_cfg: dict) -> int:
@@ -27,7 +29,8 @@ def num_params(model_cfg: dict) -> int:
 
 
 def flops_per_token(model_cfg: dict, seq_len: int, recompute: bool = False) -> int:
-    """Training FLOPs (forward + backward) per token at sequence length seq_len."""
+    """Training FLOPs (forward + backward) per token at sequence length seq_len; with `recompute`,
+    plus the recomputed forward of the blocks the config's `recompute_layers` names (null: all)."""
     cfg = resolve_model_config(model_cfg)
     if cfg["family"] == "hf":
         from models import hf
@@ -37,7 +40,10 @@ def flops_per_token(model_cfg: dict, seq_len: int, recompute: bool = False) -> i
     # forward: 2 FLOPs per weight per token, plus QK^T and attention·V (2·2·s·h per layer);
     # backward costs twice the forward
     forward = 2 * matmul_params + 4 * num_layers * h * seq_len
-    return (4 if recompute else 3) * forward
+    if not recompute:
+        return 3 * forward
+    recomputed = recomputed_layers({**cfg, "activation_checkpointing": True})
+    return 3 * forward + forward * recomputed // num_layers
 
 
 def _matmul_params(cfg: dict) -> int:

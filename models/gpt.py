@@ -18,6 +18,7 @@ class GPTConfig:
     vocab_size: int = 50304
     seq_len: int = 1024
     activation_checkpointing: bool = False
+    recompute_layers: int | None = None  # with activation_checkpointing: the first that many blocks; None: all
     dropout: float = 0.0
 
 
@@ -73,6 +74,7 @@ class GPT(MetaInitModel):
         super().__init__()
         self.config = cfg
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.recompute_layers = cfg.recompute_layers
         with torch.device("meta"):
             self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden)
             self.wpe = nn.Embedding(cfg.seq_len, cfg.hidden)

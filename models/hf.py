@@ -213,13 +213,20 @@ def resolve_hf_model_config(model_cfg: dict) -> dict:
 # ---- the model section of a config -----------------------------------------------------------
 
 _HF_KEYS = ("hf_path", "pretrained", "activation_checkpointing", "seq_len", "dropout")
+# transformers' gradient checkpointing is one switch for every decoder layer; pstar's own block loop
+# (models/base.py), which can leave some blocks out, is not the one that runs
+RECOMPUTE_LAYERS_PROBLEM = ("model.recompute_layers: not supported with model.hf_path (the Hugging Face "
+                            "model recomputes every decoder layer); remove it")
 
 
 def hf_model_problems(cfg: dict) -> list[str]:
     """Problems of a model section with `hf_path`: keys that config.json owns, the directory itself,
     the sequence length against the model's positions."""
     problems = [f"model.{key}: not allowed beside model.hf_path (the directory's config.json sets the "
-                f"model); remove it" for key, value in cfg.items() if key not in _HF_KEYS and value is not None]
+                f"model); remove it" for key, value in cfg.items()
+                if key not in _HF_KEYS and key != "recompute_layers" and value is not None]
+    if cfg.get("recompute_layers") is not None:
+        problems.append(RECOMPUTE_LAYERS_PROBLEM)
     if cfg.get("dropout"):
         problems.append("model.dropout: not allowed beside model.hf_path (config.json sets the model's "
                         "dropout); remove it")

@@ -22,6 +22,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     activation_checkpointing: bool = False
+    recompute_layers: int | None = None  # with activation_checkpointing: the first that many blocks; None: all
     dropout: float = 0.0
     norm_eps: float = 1e-5
 
@@ -142,6 +143,7 @@ class Llama(MetaInitModel):
         super().__init__()
         self.config = cfg
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.recompute_layers = cfg.recompute_layers
         with torch.device("meta"):
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
             self.rope = RotaryEmbedding(cfg.hidden // cfg.heads, cfg.seq_len, cfg.rope_theta)

@@ -68,6 +68,15 @@ def test_recompute_adds_one_forward():
     assert train_flops_per_step(2048, 24, 1024, 8192, recompute=True) == 92_555_471_486_976
 
 
+def test_recomputing_some_blocks_adds_their_part_of_the_forward():
+    plain = train_flops_per_step(2048, 24, 1024, 8192)
+    full = train_flops_per_step(2048, 24, 1024, 8192, recompute=True)
+    counted = [train_flops_per_step(2048, 24, 1024, 8192, recompute=True, recompute_layers=k) for k in range(25)]
+    assert counted[0] == plain and counted[24] == full and counted[6] == plain + plain // 3 // 4
+    assert all(a < b for a, b in zip(counted, counted[1:]))
+    assert train_flops_per_step(2048, 24, 1024, 8192, recompute_layers=6) == plain  # no recompute: no count
+
+
 # ---- rows, ratios, table ----
 
 def ok_outcome(step_s: float, host_bytes: int = 2**30) -> CaseOutcome:
@@ -98,6 +107,29 @@ def test_recompute_counts_in_hardware_flops_only():
     flops = train_flops_per_step(64, 2, 64, 2 * 64, vocab_size=256)
     assert row["model_tflops"] == pytest.approx(flops / 0.4 / 1e12, rel=1e-3)
     assert row["hardware_tflops"] == pytest.approx(flops * 4 / 3 / 0.4 / 1e12, rel=1e-3)
+
+
+def test_hardware_flops_count_only_the_recomputed_blocks():
+    spec = tiny_spec("pstar", activation_checkpointing=True, recompute_layers=1)  # of gpt-tiny's 2
+    row = build_row(spec, TINY_SHAPE, ok_outcome(0.4), "m")
+    flops = train_flops_per_step(64, 2, 64, 2 * 64, vocab_size=256)
+    assert row["model_tflops"] == pytest.approx(flops / 0.4 / 1e12, rel=1e-3)
+    assert row["hardware_tflops"] == pytest.approx(flops * 7 / 6 / 0.4 / 1e12, rel=1e-3)
+    assert row["recompute_layers"] == 1
+    assert spec.model_config()["recompute_layers"] == 1 and CaseSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_shipped_configs_recompute_count_reaches_the_pstar_case_only():
+    args = bench_run.build_parser().parse_args(["--systems", "pstar,pytorch", "--batch", "8"])
+    shipped = bench_run.shipped_config(REPO_ROOT / "configs/gpt-12b.yaml", 1, ["model.recompute_layers=24"])
+    assert shipped["recompute_layers"] == 24
+    pstar, pytorch = bench_run.build_specs(args, "cuda", bench_run.model_shapes(["gpt-12b"], 1024), shipped)
+    assert (pstar.activation_checkpointing, pstar.recompute_layers) == (True, 24)
+    assert (pytorch.activation_checkpointing, pytorch.recompute_layers) == (False, None)
+    too_many = bench_run.build_parser().parse_args(["--batch", "8", "--activation-checkpointing",
+                                                    "--recompute-layers", "39"])
+    with pytest.raises(bench_run.UsageError, match="gpt-12b has 38 blocks"):
+        bench_run.build_specs(too_many, "cuda", bench_run.model_shapes(["gpt-12b"], 1024))
 
 
 def test_multi_gpu_row_sums_host_memory_and_takes_largest_gpu_peak():
@@ -382,3 +414,5 @@ def test_tables_give_legacy_rows_model_flops_and_keep_the_prose():
     legacy_line, current_line = [line for line in out.splitlines() if line.startswith("| pstar")]
     assert "| 300.0 | 400.0 |" in legacy_line  # recompute: model FLOPs are 3/4 of what it counted
     assert "| 300.0 | 400.0 |" in current_line and "`gpt-12b.yaml`" in current_line
+    some = tables.render(text, [dict(current, recompute_layers=24)])
+    assert "| gpt-12b, recompute 24 blocks |" in some

@@ -235,6 +235,25 @@ def test_model_section_uses_the_models_rules():
         .startswith("model.vocab_size: data.kind text needs at least 256")
 
 
+def test_recompute_layers_is_a_model_key_checked_against_the_model():
+    on = {"size": "gpt-mini", "activation_checkpointing": True}  # 4 layers
+    cfg = config_from_dict({**BASE, "model": {**on, "recompute_layers": 3}}, bf16_supported=False)
+    assert cfg.model.recompute_layers == 3 and cfg.model_spec["recompute_layers"] == 3
+    assert config_from_dict({**BASE, "model": on}, bf16_supported=False).model_dict().get("recompute_layers") is None
+    assert problems_of({**BASE, "model": {**on, "recompute_layers": 5}}) == [
+        "model.recompute_layers: 5 is more than the model's 4 blocks (model.layers); use at most 4, "
+        "or null to recompute every block"]
+    assert problems_of({**BASE, "model": {"size": "gpt-mini", "recompute_layers": 2}})[0].startswith(
+        "model.recompute_layers: only used with model.activation_checkpointing: true")
+    assert problems_of({**BASE, "model": {**on, "recompute_layers": -1}}) == [
+        "model.recompute_layers: must be >= 0 (got -1)"]
+    assert problems_of({**BASE, "model": {**on, "recompute_layers": "half"}}) == [
+        "model.recompute_layers: must be an integer or null (got 'half')"]
+    overrides = ["model.activation_checkpointing=true", "model.recompute_layers=2"]
+    shipped = load_config(REPO / "configs/tiny.yaml", overrides, bf16_supported=False)
+    assert shipped.model_spec["recompute_layers"] == 2
+
+
 def test_to_dict_round_trips_and_hash_ignores_length_and_logging():
     cfg = config_from_dict(BASE, bf16_supported=False)
     again = config_from_dict(cfg.to_dict(), bf16_supported=True)  # precision was fixed at first load
@@ -253,8 +272,9 @@ def test_each_setting_declares_what_changing_it_on_resume_does():
 
     assert [resume_effect(k) for k in ("train.lr", "train.min_lr", "train.warmup_steps", "train.steps",
                                        "engine.gradient_clipping")] == [ResumeEffect.NUMBERS] * 5
-    free = ("train.log_interval", "train.grad_accum", "model.activation_checkpointing", "checkpoint.interval",
-            "distributed.nproc_per_node", "engine.device_memory_limit", "engine.default_chunk_size",
+    free = ("train.log_interval", "train.grad_accum", "model.activation_checkpointing", "model.recompute_layers",
+            "checkpoint.interval", "distributed.nproc_per_node", "engine.device_memory_limit",
+            "engine.default_chunk_size",
             "engine.client.mem_tracer.margin_use_ratio", "engine.client.opts.with_async_move",
             "engine.optimizer.params.use_hybrid_adam", "engine.use_fake_dist")
     assert all(resume_effect(k) is ResumeEffect.NONE for k in free)

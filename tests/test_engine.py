@@ -375,9 +375,11 @@ def test_init_equals_a_plain_build_for_pstar_gpt():
         assert torch.equal(ours[key].cpu(), value), key
 
 
-def test_pstar_gpt_with_activation_checkpointing_matches_plain_pytorch():
+@pytest.mark.parametrize("recompute_layers", [None, 1])  # every block; the first of gpt-tiny's two only
+def test_pstar_gpt_with_activation_checkpointing_matches_plain_pytorch(recompute_layers):
     models = pytest.importorskip("models")
-    cfg = {"family": "gpt", "size": "gpt-tiny", "activation_checkpointing": True}
+    cfg = {"family": "gpt", "size": "gpt-tiny", "activation_checkpointing": True,
+           "recompute_layers": recompute_layers}
     torch.manual_seed(0)
     model, optimizer = initialize_engine(model_func=lambda: models.build_model(cfg),
                                          config=engine_config(default_chunk_size=16 * 1024,

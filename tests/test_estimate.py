@@ -47,6 +47,46 @@ def test_activations_with_and_without_recomputation():
     assert activation_bytes(fp32) == 2 * 24 * 570_425_344 + loss
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_activations_shrink_with_each_recomputed_block(family):
+    work = GPT_1_3B if family == "gpt" else dataclasses.replace(
+        GPT_1_3B, family="llama", layers=16, heads=32, ffn_hidden=8192, vocab_size=32000)
+    full = dataclasses.replace(work, activation_checkpointing=True)
+    layers = work.layers
+    peaks = [activation_bytes(dataclasses.replace(full, recompute_layers=k)) for k in range(layers + 1)]
+    assert peaks[0] == activation_bytes(work) and peaks[layers] == activation_bytes(full)
+    assert all(a > b for a, b in zip(peaks[:layers], peaks[1:layers]))
+    # the last block's activations are needed first in backward: recomputing it too saves nothing, and
+    # the full-recompute count keeps its input beside the layer it rebuilds
+    block_input = 2 * 1024 * 8 * 2048
+    assert peaks[layers] == peaks[layers - 1] + block_input
+    # gpt-1.3b: 10 of 24 recomputed keep 10 inputs and the other 14 layers in full
+    if family == "gpt":
+        loss = 8 * 1024 * 50304 * 12
+        assert peaks[10] == 10 * block_input + 14 * 570_425_344 + loss
+
+
+def test_recompute_count_reaches_the_estimate_and_its_summary_lines():
+    from pstar_cli.commands.estimate_memory import footer_lines
+    from pstar_cli.commands.validate import summary_lines
+
+    raw = {"model": {"size": "gpt-1.3b", "activation_checkpointing": True, "recompute_layers": 10},
+           "train": {"seq_len": 1024, "batch_size": 8}, "engine": {"bf16": {"enabled": True}}}
+    cfg = config_from_dict(raw, bf16_supported=True)
+    w = workload_from_config(cfg)
+    assert w.recompute_layers == 10 and w.recomputed_layers == 10
+    assert activation_bytes(w) == activation_bytes(dataclasses.replace(GPT_1_3B, activation_checkpointing=True,
+                                                                       recompute_layers=10))
+    report = estimate_report(w, H200)
+    assert report["workload"]["recompute_layers"] == 10
+    assert ", activation checkpointing (10 of 24 blocks)," in footer_lines(report)[0]
+    assert summary_lines(cfg)[0].endswith(", activation checkpointing (10 of 24 blocks)")
+    every = config_from_dict({**raw, "model": {"size": "gpt-1.3b", "activation_checkpointing": True}},
+                             bf16_supported=True)
+    assert summary_lines(every)[0].endswith(", activation checkpointing")
+    assert workload_from_config(every).recomputed_layers == 24
+
+
 def test_llama_layers_keep_their_swiglu_and_fp32_norm_tensors():
     # llama-1b at b8 s2048: s·b·(26·2048 + 8·8192) bytes per layer
     assert llama_layer_activation_bytes(2048, 8, 2048, 8192) == 2048 * 8 * 118_784

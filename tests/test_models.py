@@ -218,6 +218,81 @@ def test_activation_checkpointing_gives_identical_loss_and_grads(cfg):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0, msg=name)
 
 
+# four blocks, so that recompute_layers can fall strictly between none and all of them
+FOUR_BLOCKS = [
+    {"family": "gpt", "layers": 4, "hidden": 32, "heads": 4, "vocab_size": 64, "seq_len": 16},
+    {"family": "llama", "layers": 4, "hidden": 32, "heads": 4, "kv_heads": 2, "vocab_size": 64, "seq_len": 16},
+]
+
+
+def loss_and_grads(cfg: dict, idx: torch.Tensor, targets: torch.Tensor):
+    torch.manual_seed(0)
+    model = models.build_model(cfg)
+    torch.manual_seed(1)  # the same dropout masks in every build
+    loss = model(idx, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg", FOUR_BLOCKS, ids=lambda c: c["family"])
+@pytest.mark.parametrize("count", [0, 1, 3, 4])
+def test_recomputing_some_blocks_gives_the_same_loss_and_grads(cfg, count):
+    # with dropout, so that a recomputed block must also replay its random masks
+    cfg = {**cfg, "dropout": 0.1}
+    idx, targets = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(3))
+    loss_a, grads_a = loss_and_grads(cfg, idx, targets)
+    loss_b, grads_b = loss_and_grads({**cfg, "activation_checkpointing": True, "recompute_layers": count},
+                                     idx, targets)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def block_forward_calls(cfg: dict, grad: bool = True) -> list[int]:
+    """How often each block's forward ran in one forward + backward (a recomputed one: twice)."""
+    model = models.build_model(cfg)
+    calls = [0] * len(model.blocks)
+    for index, block in enumerate(model.blocks):
+        # a pre-hook: checkpoint's recompute stops as soon as it has the saved tensors, before a
+        # forward hook would run
+        block.register_forward_pre_hook(lambda module, args, i=index: calls.__setitem__(i, calls[i] + 1))
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.set_grad_enabled(grad):
+        loss = model(idx, idx)
+        if grad:
+            loss.backward()
+    return calls
+
+
+@pytest.mark.parametrize("cfg", FOUR_BLOCKS, ids=lambda c: c["family"])
+def test_only_the_first_recompute_layers_blocks_are_recomputed(cfg):
+    on = {**cfg, "activation_checkpointing": True}
+    assert block_forward_calls(cfg) == [1, 1, 1, 1]
+    assert block_forward_calls(on) == [2, 2, 2, 2]  # null: every block
+    assert block_forward_calls({**on, "recompute_layers": 0}) == [1, 1, 1, 1]
+    assert block_forward_calls({**on, "recompute_layers": 3}) == [2, 2, 2, 1]
+    assert block_forward_calls({**on, "recompute_layers": 4}) == [2, 2, 2, 2]
+    assert block_forward_calls({**on, "recompute_layers": 3}, grad=False) == [1, 1, 1, 1]  # no backward
+
+
+@pytest.mark.parametrize("cfg", [{"size": "gpt-12b"}, {"size": "llama-1b"}], ids=lambda c: c["size"])
+def test_flops_count_the_recomputed_fraction_of_the_forward(cfg):
+    on = {**cfg, "activation_checkpointing": True}
+    layers = models.resolve_model_config(cfg)["layers"]
+    plain = models.flops_per_token(cfg, 1024)
+    full = models.flops_per_token(on, 1024, recompute=True)
+    assert full == plain * 4 // 3
+    counted = [models.flops_per_token({**on, "recompute_layers": k}, 1024, recompute=True)
+               for k in range(layers + 1)]
+    assert counted[0] == plain and counted[-1] == full
+    forward = plain // 3
+    assert counted == [plain + forward * k // layers for k in range(layers + 1)]
+    assert all(a < b for a, b in zip(counted, counted[1:]))
+    # model FLOPs give no credit for recomputing, whatever the count
+    assert models.flops_per_token({**on, "recompute_layers": 5}, 1024) == plain
+
+
 def test_grouped_query_attention_equals_mha_with_repeated_kv_weights():
     torch.manual_seed(0)
     gqa = models.build_model({"size": "llama-tiny"})  # 4 query heads share 2 kv heads
@@ -292,12 +367,36 @@ def test_explicit_keys_override_size_and_defaults_fill_in():
     ({"size": "gpt-tiny", "layers": "2"}, "model.layers: expected a positive integer"),
     ({"size": "gpt-tiny", "dropout": 1.5}, "model.dropout"),
     ({"size": "gpt-tiny", "activation_checkpointing": "yes"}, "model.activation_checkpointing"),
+    ({"size": "gpt-tiny", "recompute_layers": 1},
+     "model.recompute_layers: only used with model.activation_checkpointing"),
+    ({"size": "gpt-tiny", "activation_checkpointing": False, "recompute_layers": 0},
+     "model.recompute_layers: only used with model.activation_checkpointing: true"),
+    ({"size": "gpt-tiny", "activation_checkpointing": True, "recompute_layers": 3},
+     "model.recompute_layers: 3 is more than the model's 2 blocks"),
+    ({"size": "llama-tiny", "layers": 4, "activation_checkpointing": True, "recompute_layers": 5},
+     "model.recompute_layers: 5 is more than the model's 4 blocks"),
+    ({"size": "gpt-tiny", "activation_checkpointing": True, "recompute_layers": -1},
+     "model.recompute_layers: expected 0 or more blocks"),
+    ({"size": "gpt-tiny", "activation_checkpointing": True, "recompute_layers": True},
+     "model.recompute_layers: expected 0 or more blocks"),
+    ({"hf_path": "no/such/dir", "activation_checkpointing": True, "recompute_layers": 1},
+     "model.recompute_layers: not supported with model.hf_path"),
 ])
 def test_config_problems_name_the_key(cfg, fragment):
     problems = models.model_config_problems(cfg)
     assert any(fragment in p for p in problems), problems
     with pytest.raises(models.ModelConfigError, match=fragment.split(":")[0]):
         models.build_model(cfg)
+
+
+def test_recompute_layers_within_the_layers_is_valid():
+    on = {"size": "gpt-tiny", "activation_checkpointing": True}
+    for count in (0, 1, 2, None):
+        assert models.model_config_problems({**on, "recompute_layers": count}) == []
+    assert models.resolve_model_config({**on, "recompute_layers": 1})["recompute_layers"] == 1
+    assert models.resolve_model_config(on)["recompute_layers"] is None
+    assert [models.recomputed_layers(models.resolve_model_config(c)) for c in (
+        {"size": "gpt-tiny"}, on, {**on, "recompute_layers": 1})] == [0, 2, 1]
 
 
 def test_all_problems_reported_at_once():

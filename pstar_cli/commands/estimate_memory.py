@@ -81,6 +81,8 @@ def verdict_line(report: dict) -> str:
 
 
 def footer_lines(report: dict) -> list[str]:
+    from pstar_cli.estimate.workload import recompute_note
+
     model, work, hw = report["model"], report["workload"], report["hardware"]
     gpu = (f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})" if hw["gpu_bytes"]
            else "no GPU detected (give its size in GiB with --gpu-mem)")
@@ -91,7 +93,7 @@ def footer_lines(report: dict) -> list[str]:
     lines = [
         f"{model['size'] or model['family']}: {format_count(model['num_params'])} parameters, "
         f"{work['precision']}, micro-batch {work['micro_batch_size']} x sequence {work['seq_len']}"
-        + (", activation checkpointing" if work["activation_checkpointing"] else "")
+        + recompute_note(work["activation_checkpointing"], work["recompute_layers"], work["layers"])
         + f", {work['gpus_per_node']} GPU(s) per node x {work['num_nodes']} node(s)",
         f"hardware: {gpu}; host {format_bytes(hw['host_bytes'])} ({hw['host_source']})",
         "activations: Korthikanti et al. 2022, fused attention (scores never stored), fp32 logits for the loss",

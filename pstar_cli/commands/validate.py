@@ -13,6 +13,7 @@ from pstar_cli.observe.metrics import format_count
 def summary_lines(cfg: Config) -> list[str]:
     """A few lines that say what the config will run."""
     import models
+    from pstar_cli.estimate.workload import recompute_note
 
     model = cfg.model_spec
     num_params = models.num_params(model)
@@ -25,7 +26,7 @@ def summary_lines(cfg: Config) -> list[str]:
     return [
         f"model      {model['family']} {name}: {format_count(num_params)} parameters, "
         f"vocab {model['vocab_size']}, sequence {cfg.train.seq_len}"
-        + (", activation checkpointing" if model["activation_checkpointing"] else ""),
+        + recompute_note(model["activation_checkpointing"], model.get("recompute_layers"), model["layers"]),
         f"precision  {cfg.precision}",
         f"world size {cfg.world_size} ({dist.nnodes} node(s) x {dist.nproc_per_node} process(es)); "
         f"micro-batch {cfg.micro_batch_size} x {cfg.train.grad_accum} accumulation per rank",

@@ -50,6 +50,8 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # llama only (GPT always ties input and output embedding)
     vocab_size: int | None = _key(None, min=1)
     activation_checkpointing: bool = _key(False, resume=ResumeEffect.NONE)  # recomputes the same numbers
+    # with activation_checkpointing: recompute the first N blocks, the others keep their activations; null: all
+    recompute_layers: int | None = _key(None, min=0, resume=ResumeEffect.NONE)
     dropout: float = _key(0.0, min=0.0, below=1.0)
     # a local Hugging Face model directory (config.json, safetensors, tokenizer): models/hf.py
     hf_path: str | None = None

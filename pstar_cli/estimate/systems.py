@@ -235,6 +235,7 @@ def estimate_report(w: Workload, hw: Hardware) -> dict:
         "model": {"family": w.family, "size": w.size, "num_params": w.num_params},
         "workload": {"seq_len": w.seq_len, "micro_batch_size": w.micro_batch_size,
                      "precision": w.precision, "activation_checkpointing": w.activation_checkpointing,
+                     "recompute_layers": w.recompute_layers, "layers": w.layers,
                      "gpus_per_node": w.gpus_per_node, "num_nodes": w.num_nodes},
         "hardware": dataclasses.asdict(hw),
         "systems": {name: e.to_dict() for name, e in estimate_systems(w, hw).items()},

@@ -20,7 +20,9 @@ were materialised; `F.scaled_dot_product_attention`'s fused kernels never store 
 off by default. The Llama blocks of `models/` keep s·b·(26·h + 8·ffn): two RMSNorms normalising in
 fp32 (6h each), attention inputs, q, k, v repeated to all heads and the output (12h), and the four
 SwiGLU tensors (8·ffn) plus its input (2h). With full recomputation a layer keeps only its 2·s·b·h
-input and the layer being recomputed needs its full activations once. The loss keeps fp32
+input and the layer being recomputed needs its full activations once; recomputing only the first k
+blocks (`model.recompute_layers`), the other L−k keep their full activations, which backward frees
+before it reaches the recomputed ones: k inputs plus max(L−k, 1) full layers. The loss keeps fp32
 log-probabilities (4·b·s·V) and needs 8·b·s·V more during its backward.
 Checked against peaks measured on one H200 (torch 2.11; tests/test_estimate.py keeps the numbers):
 activations within 9% for gpt-1.3b b8 (with and without recomputation), gpt-6.7b b4 and llama-1b
@@ -69,6 +71,14 @@ class Workload:
     margin_use_ratio: float = 0.8  # the engine's margin over the warm-up's activation peak
     use_hybrid_adam: bool = True  # False: every optimizer group steps on the host
     stream_host_optimizer: bool = True  # host groups may step on the GPU over streamed state
+    recompute_layers: int | None = None  # with activation_checkpointing: the first that many blocks; None: all
+
+    @property
+    def recomputed_layers(self) -> int:
+        """The blocks recomputed in backward (a count above `layers`, from another size's, means all)."""
+        if not self.activation_checkpointing:
+            return 0
+        return self.layers if self.recompute_layers is None else min(self.recompute_layers, self.layers)
 
     @property
     def num_gpus(self) -> int:
@@ -150,12 +160,24 @@ def activation_bytes(w: Workload, materialised_scores: bool = False) -> int:
         full_layer = llama_layer_activation_bytes(s, b, h, w.ffn_hidden, w.compute_bytes)
     else:
         full_layer = layer_activation_bytes(s, b, h, w.heads, w.compute_bytes, materialised_scores)
-    if w.activation_checkpointing:
-        # every layer keeps only its input; the layer recomputed in backward needs everything once
-        kept = w.layers * 2 * s * b * h * w.compute_bytes // 2 + full_layer
+    recomputed = w.recomputed_layers
+    if recomputed:
+        # a recomputed layer keeps only its input and needs everything once, when backward recomputes
+        # it; by then the layers after it that kept theirs have been through backward and freed them
+        inputs = recomputed * 2 * s * b * h * w.compute_bytes // 2
+        kept = inputs + max(w.layers - recomputed, 1) * full_layer
     else:
         kept = w.layers * full_layer
     return kept + b * s * w.vocab_size * LOSS_BYTES_PER_LOGIT
+
+
+def recompute_note(activation_checkpointing: bool, recompute_layers: int | None, layers: int) -> str:
+    """The summary lines' ", activation checkpointing", with the count when a config names one."""
+    if not activation_checkpointing:
+        return ""
+    if recompute_layers is None:
+        return ", activation checkpointing"
+    return f", activation checkpointing ({min(recompute_layers, layers)} of {layers} blocks)"
 
 
 # ---- from a config ----
@@ -180,7 +202,8 @@ def workload_from_config(cfg, gpus_per_node: int | None = None) -> Workload:
     return Workload(
         **model_fields(model), family=model["family"], seq_len=cfg.train.seq_len,
         micro_batch_size=split.micro_batch,
-        activation_checkpointing=model["activation_checkpointing"], precision=cfg.precision,
+        activation_checkpointing=model["activation_checkpointing"],
+        recompute_layers=model.get("recompute_layers"), precision=cfg.precision,
         grad_accum=cfg.train.grad_accum, gpus_per_node=gpus_per_node,
         num_nodes=cfg.distributed.nnodes, chunk_size=engine.default_chunk_size,
         device_memory_limit=engine.device_memory_limit, host_memory_limit=engine.host_memory_limit,

@@ -137,8 +137,8 @@ def memory_context(trainer) -> list[str]:
 
 def _advice(which: str) -> list[str]:
     first = ("a smaller micro-batch (a larger train.grad_accum or a smaller train.batch_size), "
-             "model.activation_checkpointing=true, or a lower engine.device_memory_limit (more GPU "
-             "memory left to activations)" if which == "GPU" else
+             "model.activation_checkpointing=true (or a larger model.recompute_layers), or a lower "
+             "engine.device_memory_limit (more GPU memory left to activations)" if which == "GPU" else
              "fewer processes per machine, a lower engine.host_memory_limit (pstar then refuses an "
              "impossible plan up front), a higher engine.device_memory_limit, or a smaller model")
     return ["see what this config needs with `pstar estimate-memory CONFIG`; then try " + first]

@@ -121,7 +121,7 @@ class Trainer:
         self.split = BatchSplit.of(cfg.train.batch_size, ranks.world_size, cfg.train.grad_accum)
         self.model_cfg = cfg.model_dict()
         self.schedule = build_lr_schedule(cfg.train)
-        recompute = cfg.model_spec["activation_checkpointing"]
+        recompute = cfg.model_spec["activation_checkpointing"]  # of the blocks model.recompute_layers names
         self.flops_per_token = models.flops_per_token(self.model_cfg, cfg.train.seq_len, recompute)
         self.state = TrainState()
         self.last_loss: torch.Tensor | None = None  # this rank's mean loss of the last step, on the device
