@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_session.sh one     # nvidia-h200: GPU tests; gpt-1.3b b8/b1 and gpt-4b b8 against
 #                                          # the plain-PyTorch recipes, gpt-1.3b with compile_blocks too
 #   bash benchmarks/gpu_session.sh twelve  # nvidia-h200: configs/gpt-12b.yaml, clipping 1 and 0
+#   bash benchmarks/gpu_session.sh recompute  # nvidia-h200: GPU tests; gpt-1.3b b1 (30 steps) and b8
+#                                          # against pytorch-bf16; configs/gpt-12b.yaml recomputing
+#                                          # all of its 38 blocks, then fewer (RECOMPUTE="30 24")
 #   bash benchmarks/gpu_session.sh large   # nvidia-h200: configs/gpt-15b.yaml, gpt-18b on one GPU, and a
 #                                          # >= 14B Hugging Face Llama loaded from safetensors
 #   bash benchmarks/gpu_session.sh multi   # nvidia-h200-x2/-x4: multi-GPU tests, then the largest GPT
@@ -49,6 +52,18 @@ twelve)
     bench 230 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2
     bench 230 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2 --clip 0
     ;;
+recompute)
+    machine=nvidia-h200
+    timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -8 | tee "$out/gpu-tests.log"
+    bench 60 --systems pytorch-bf16,pstar --models gpt-1.3b --batch 1 --steps 30 --warmup 5 \
+        --config configs/gpt-1.3b.yaml
+    bench 50 --systems pytorch-bf16,pstar --models gpt-1.3b --batch 8 --steps 5 --warmup 2 \
+        --config configs/gpt-1.3b.yaml
+    bench 120 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2
+    for n in ${RECOMPUTE:-30 24}; do
+        bench 120 --systems pstar --config configs/gpt-12b.yaml --steps 4 --warmup 2 --set model.recompute_layers=$n
+    done
+    ;;
 large)
     machine=nvidia-h200
     bench 220 --systems pstar --config configs/gpt-15b.yaml --steps 3 --warmup 2
@@ -72,7 +87,7 @@ multi)
         --config configs/gpt-4b.yaml
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh one|twelve|large|multi" >&2
+    echo "usage: bash benchmarks/gpu_session.sh one|twelve|recompute|large|multi" >&2
     exit 2
     ;;
 esac
