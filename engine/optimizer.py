@@ -10,9 +10,10 @@ of their own, without any optimizer state.
 
 On the device the spans of a chunk group go to the kernel as one multi-tensor call per (step
 number, parameter group), after one cast of the group's gradients to fp32. A settled run
-(engine/hooks.py) with room for it goes further: one fp32 scratch holds every device group's
-gradients, so the whole step is one foreach cast, one foreach multiply (unscale/clip), one fused
-call per parameter group and one foreach copy of the new weights, whatever the number of chunks.
+(engine/hooks.py) with room for it goes further: the gradients autograd left in `.grad` are cast
+into an fp32 grad chunk per group by one foreach copy, so the whole step is that cast, one foreach
+multiply (unscale/clip), one fused call per parameter group and one foreach copy of the new
+weights, whatever the number of chunks.
 The arithmetic is elementwise the same on every path, so the numbers are too.
 
 Parameter groups (torch.optim's format, engine/param_groups.py): `optimizer.param_groups` holds one
