@@ -70,6 +70,8 @@ def profile_system(spec: CaseSpec, runtime: Runtime, top: int, kernels: bool = F
               "profile": text.getvalue(), "step_timings": details.get("step_timings")}
     if kernels and runtime.device.type == "cuda":
         result.update(kernel_profile(trainer, batches, spec.num_steps, runtime, top))
+    elif kernels:
+        print("   --kernels: the device profile is for CUDA; not taken on", runtime.device.type)
     return result
 
 
