@@ -168,17 +168,63 @@ def adam_on_device_groups(items: list[tuple[GroupFlats, list[Span], bool]], mult
             for target, tensor in zip(lists, (flats.master[begin:end], grad, flats.exp_avg[begin:end],
                                               flats.exp_avg_sq[begin:end])):
                 target.append(tensor)
-    for (step_number, hyper), (masters, grad_list, exp_avgs, exp_avg_sqs) in calls.items():
-        kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
-        step = step_tensors.get(step_number)
-        if step is None:
-            step = step_tensors[step_number] = torch.full((), float(step_number), dtype=torch.float32,
-                                                          device=masters[0].device)
-        kernel(masters, grad_list, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
-               beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
-               amsgrad=False, maximize=False)
+    for (step_number, hyper), lists in calls.items():
+        _fused_call(hyper, step_number, lists, step_tensors)
     torch._foreach_copy_([flats.param[begin:end] for flats, begin, end in ranges],
                          [flats.master[begin:end] for flats, begin, end in ranges])
+
+
+def _fused_call(hyper: AdamHyper, step_number: int, lists: list[list[torch.Tensor]],
+                step_tensors: dict[int, torch.Tensor]) -> None:
+    """One multi-tensor fused Adam/AdamW call over (masters, grads, exp_avgs, exp_avg_sqs)."""
+    masters, grads, exp_avgs, exp_avg_sqs = lists
+    kernel = torch._fused_adamw_ if hyper.decoupled else torch._fused_adam_
+    step = step_tensors.get(step_number)
+    if step is None:
+        step = step_tensors[step_number] = torch.full((), float(step_number), dtype=torch.float32,
+                                                      device=masters[0].device)
+    kernel(masters, grads, exp_avgs, exp_avg_sqs, [], [step] * len(masters), lr=hyper.lr,
+           beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay, eps=hyper.eps,
+           amsgrad=False, maximize=False)
+
+
+class DeviceAdamPlan:
+    """`adam_on_device_groups`' tensor lists for dense groups with fp32 gradients whose buffers
+    never move (a settled run's), built once: a step then issues its kernels without slicing
+    each span's buffers again (a few hundred spans with two parameter groups).
+
+    `items`: (flats, spans) per group, spans as (begin, end, tensors). Each fused call keeps its
+    first tensor, whose step count and parameter group give the call's step number and
+    hyper-parameters at every step: a dense group steps all its tensors together, so spans that
+    shared a step count still do. The arithmetic is `adam_on_device_groups`' element for element."""
+
+    def __init__(self, items: list[tuple[GroupFlats, list[tuple[int, int, list]]]]):
+        self.spans_lists = [spans for _, spans in items]  # held: identity says the plan still applies
+        self.grads, self.params, self.masters = [], [], []
+        calls: dict[tuple[int, int], list] = {}
+        for flats, spans in items:
+            lo, hi = spans[0][0], spans[-1][1]
+            self.grads.append(flats.grad[lo:hi])  # dense: gradients and zero padding only
+            self.params.append(flats.param[lo:hi])
+            self.masters.append(flats.master[lo:hi])
+            for begin, end, infos in spans:
+                first = infos[0]
+                call = calls.setdefault((first.num_steps, first.param_group), [first, [], [], [], []])
+                for target, flat in zip(call[1:], (flats.master, flats.grad, flats.exp_avg, flats.exp_avg_sq)):
+                    target.append(flat[begin:end])
+        self.calls = list(calls.values())
+
+    def matches(self, spans_lists: list) -> bool:
+        return (len(spans_lists) == len(self.spans_lists)
+                and all(mine is theirs for mine, theirs in zip(self.spans_lists, spans_lists)))
+
+    def run(self, hypers: list[AdamHyper], multiplier: torch.Tensor | None,
+            step_tensors: dict[int, torch.Tensor]) -> None:
+        if multiplier is not None:
+            torch._foreach_mul_(self.grads, multiplier)  # in place, as clip_grad_norm_ does
+        for first, *lists in self.calls:
+            _fused_call(hypers[first.param_group], first.num_steps + 1, lists, step_tensors)
+        torch._foreach_copy_(self.params, self.masters)
 
 
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,

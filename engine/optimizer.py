@@ -13,7 +13,9 @@ number, parameter group), after one cast of the group's gradients to fp32. A set
 (engine/hooks.py) with room for it goes further: the gradients autograd left in `.grad` are cast
 into an fp32 grad chunk per group by one foreach copy, so the whole step is that cast, one foreach
 multiply (unscale/clip), one fused call per parameter group and one foreach copy of the new
-weights, whatever the number of chunks.
+weights, whatever the number of chunks; the lists of views those calls take are built once and
+kept while the spans stay the same (host_adam.DeviceAdamPlan), so a step does not slice a few
+hundred spans again.
 The arithmetic is elementwise the same on every path, so the numbers are too.
 
 Parameter groups (torch.optim's format, engine/param_groups.py): `optimizer.param_groups` holds one
@@ -65,8 +67,8 @@ import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
 from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
-from engine.host_adam import (AdamHyper, GroupFlats, HostAdamWorker, HostUpdates, Span, adam_on_device_groups,
-                              adam_on_device_spans)
+from engine.host_adam import (AdamHyper, DeviceAdamPlan, GroupFlats, HostAdamWorker, HostUpdates, Span,
+                              adam_on_device_groups, adam_on_device_spans)
 from engine.distributed import gather_flat, global_grad_norm
 from engine.optimizer_placement import (activation_margin_bytes, allocate_host_moments, settle_optimizer_placement,
                                         step_scratch_bytes)
@@ -136,6 +138,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._said_not_compiled = False
         self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
         self._taken: list[torch.Tensor] | None = None  # settled with grad chunks: this step's gradients
+        self._device_plan: DeviceAdamPlan | None = None  # settled with grad chunks: device Adam's lists
         streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
                                  HostAdamWorker(runtime.copier, host_adam_threads(runtime.copier.device)), streamer)
@@ -451,7 +454,10 @@ class HybridAdam(torch.optim.Optimizer):
         start = time.perf_counter()
         step_tensors: dict[int, torch.Tensor] = {}  # one device tensor per step number, for every group
         items = []
-        for group in groups:
+        plan = self._device_plan_for(groups)
+        if plan is not None:
+            plan.run(self._step_hypers, multiplier, step_tensors)
+        for group in groups if plan is None else ():
             flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
                 group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
             dense = group.dense
@@ -468,6 +474,22 @@ class HybridAdam(torch.optim.Optimizer):
                     info.num_steps += 1
             self._mark_written(group)
         rt.add_time("optimizer_device", start)
+
+    def _device_plan_for(self, groups: list[ChunkGroup]) -> DeviceAdamPlan | None:
+        """Settled with grad chunks, every group dense: device Adam's lists, kept while the groups'
+        spans stay the same (DeviceAdamPlan); None where they are built for this step alone."""
+        if not self._rt.hooks.grad_places or not all(group.dense for group in groups):
+            return None
+        spans_lists = [_spans(group) for group in groups]
+        if any(not spans for spans in spans_lists):
+            return None
+        if self._device_plan is None or not self._device_plan.matches(spans_lists):
+            copier = self._rt.copier
+            items = [(GroupFlats(*(copier.current_flat(c) for c in (group.grad_chunk, group.param, group.master,
+                                                                    group.exp_avg, group.exp_avg_sq))), spans)
+                     for group, spans in zip(groups, spans_lists)]
+            self._device_plan = DeviceAdamPlan(items)
+        return self._device_plan
 
     def _restore_weights(self, groups: list[ChunkGroup]) -> None:
         """Put the compute weights back (cast from the untouched masters) where grads overwrote them."""

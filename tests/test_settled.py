@@ -14,6 +14,7 @@ import torch
 from engine import initialize_engine
 from engine.errors import EngineError
 from engine.optimizer import HybridAdam
+from engine.param_groups import weight_decay_groups
 from tests.engine_models import TinyGPT, load_training_state, reference_step, save_training_state
 from tests.test_engine import (DEVICE, assert_state_close, batches, build_pair, engine_config, engine_step,
                                plain_optimizer, snapshot)
@@ -303,6 +304,44 @@ def test_settling_changes_no_bit_in_bf16_with_clipping(monkeypatch):
     for other_losses, other_state in others:
         assert other_losses == losses
         assert all(torch.equal(a, b) for a, b in zip(state, other_state))
+
+
+def test_device_adams_kept_lists_change_no_bit_and_follow_the_spans(monkeypatch):
+    """Settled with grad chunks, device Adam's lists are built once (DeviceAdamPlan) and built
+    again when the spans change (a step where one parameter got no gradient): with two weight-decay
+    groups, clipping firing and an lr changed in param_groups, bitwise the run whose lists are
+    built at every step."""
+    monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: True)
+    runs = []
+    for kept in (True, False):
+        if not kept:
+            monkeypatch.setattr(HybridAdam, "_device_plan_for", lambda self, groups: None)
+        torch.manual_seed(0)
+        cfg = engine_config(bf16={"enabled": True}, gradient_clipping=0.05, device_memory_limit=ROOMY)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg,
+                                             param_groups=lambda m: weight_decay_groups(m, 0.1))
+        params = list(model.module.parameters())
+        losses, plans = [], []
+        for step, (x, y) in enumerate(batches("gpt", 7)):
+            if step == 3:
+                optimizer.param_groups[1]["lr"] *= 0.5
+            loss = model(x, y)
+            model.backward(loss)
+            if step == 4:
+                params[3].grad = None  # this step is not dense: its spans differ
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            plans.append(optimizer._device_plan)
+        if kept:
+            assert plans[0] is None and plans[1] is not None  # settled by step 0, kept from step 1
+            assert plans[1] is plans[2] is plans[3] is plans[4]  # (step 4 built its own lists)
+            assert plans[5] is not plans[4] and plans[5] is plans[6]
+            assert len(plans[1].calls) >= 2  # the two weight-decay groups
+        runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
+    (losses, state), (other_losses, other_state) = runs
+    assert losses == other_losses
+    assert all(torch.equal(a, b) for a, b in zip(state, other_state))
 
 
 @pytest.mark.gpu
