@@ -455,20 +455,20 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         start = time.perf_counter()
         step_tensors: dict[int, torch.Tensor] = {}  # one device tensor per step number, for every group
-        items = []
         plan = self._device_plan_for(groups)
         if plan is not None:
             plan.run(self._step_hypers, multiplier, step_tensors)
-        for group in groups if plan is None else ():
-            flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
-                group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
-            dense = group.dense
-            if rt.hooks.grad_places:  # fp32 grad chunks: every group in a few calls
-                items.append((flats, self._step_spans(group), dense))
-            else:
-                adam_on_device_spans(flats, self._step_spans(group), multiplier, dense, step_tensors)
-        if items:
-            adam_on_device_groups(items, multiplier, None, step_tensors)
+        else:
+            items = []
+            for group in groups:
+                flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
+                    group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
+                if rt.hooks.grad_places:  # fp32 grad chunks: every group in a few calls
+                    items.append((flats, self._step_spans(group), group.dense))
+                else:
+                    adam_on_device_spans(flats, self._step_spans(group), multiplier, group.dense, step_tensors)
+            if items:
+                adam_on_device_groups(items, multiplier, None, step_tensors)
         for group in groups:
             dense = group.dense
             for info in group.tensors:  # every rank counts every tensor's steps, in its shard or not
