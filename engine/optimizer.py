@@ -195,8 +195,8 @@ class HybridAdam(torch.optim.Optimizer):
             self._host.end_step(wait=not self.overlap_backward)
             rt.scaler.update(overflow)
             self.last_step_skipped = overflow
-            if not rt.grad_accumulation:
-                self._clear_grads(groups)  # consumed: the param chunks hold weights again
+            if not rt.grad_accumulation:  # consumed: the param chunks hold weights again
+                self._clear_grads(groups, taken=self._taken is not None)
             rt.num_micro_steps = 0
             self._taken = None
             busy_s, wait_s = self._host.take_seconds()
@@ -266,8 +266,9 @@ class HybridAdam(torch.optim.Optimizer):
         """Settled on a GPU with room: gradients left in `.grad` and cast into fp32 grad chunks by
         step() (engine/hooks.py). There the copy per parameter into the param chunk that they spare
         is a kernel launch issued from Python. On a CPU that copy is a memory pass like the cast,
-        and autograd's fresh gradient tensors each step cost more than it (benchmarks.overhead,
-        wide shape: 1.06 against 1.01-1.02 for gradients over the weights)."""
+        and autograd's fresh gradient tensors each step cost more than it (benchmarks.overhead
+        with the mode forced, wide shape: 1.06-1.07 against 1.01-1.04 for gradients over the
+        weights)."""
         return self._rt.copier.is_cuda and self._room_for_grad_chunks()
 
     def _room_for_grad_chunks(self) -> bool:
@@ -514,8 +515,10 @@ class HybridAdam(torch.optim.Optimizer):
     def _groups_with_grads(self) -> list[ChunkGroup]:
         return [g for g in self._rt.groups if g.num_grads]
 
-    def _clear_grads(self, groups: list[ChunkGroup]) -> None:
-        self._rt.hooks.discard_gradients()
+    def _clear_grads(self, groups: list[ChunkGroup], taken: bool = False) -> None:
+        """`taken`: the gradients left in `.grad` were taken by this step (nothing left to drop)."""
+        if not taken:
+            self._rt.hooks.discard_gradients()
         for group in groups:
             for info in group.tensors:
                 info.has_grad = False

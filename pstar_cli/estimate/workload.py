@@ -76,9 +76,10 @@ class Workload:
     @property
     def recomputed_layers(self) -> int:
         """The blocks recomputed in backward (a count above `layers`, from another size's, means all)."""
-        if not self.activation_checkpointing:
-            return 0
-        return self.layers if self.recompute_layers is None else min(self.recompute_layers, self.layers)
+        from models import recomputed_layers
+        count = recomputed_layers({"activation_checkpointing": self.activation_checkpointing,
+                                   "recompute_layers": self.recompute_layers, "layers": self.layers})
+        return min(count, self.layers)
 
     @property
     def num_gpus(self) -> int:
