@@ -11,7 +11,7 @@ bytes of the device. During warm-up itself only `warmup_gpu_chunk_mem_ratio` of 
 How it is measured:
 - CUDA: the caching allocator's peak (`max_memory_allocated`, reset at each moment) minus the chunk
   bytes resident on the device and minus what was allocated before the warm-up began (other
-  models, the user's tensors). This is exact for everything torch allocates on the device, so no
+  models, the user's tensors; unreachable garbage is collected first). This is exact for everything torch allocates on the device, so no
   sampling thread is needed (`use_async_mem_monitor` is accepted for compatibility). An explicit
   `device_memory_limit` bounds pstar's own use; a budget taken as a share of the GPU's memory also
   leaves room for what others had allocated at warm-up.
@@ -21,6 +21,8 @@ How it is measured:
 """
 
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -65,6 +67,10 @@ class MemoryTracer:
         self.non_model_bytes.clear()
         self.chunk_bytes_device.clear()
         if self.is_cuda:
+            # Unreachable objects still holding device memory (a dropped model or engine in a reference
+            # cycle) would count as outside here and, once the garbage collector runs during the
+            # warm-up, make its peaks read that much low: they go first.
+            gc.collect()
             self.outside_bytes = max(0, torch.cuda.memory_allocated(self.device) - device_chunk_bytes)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._peak_saved_bytes = self._live_saved_bytes

@@ -42,6 +42,18 @@ def _limit(**overrides) -> int:
     return _split_limit(**overrides) + ring_bytes(PIECE)
 
 
+def _why_not_streamed(optimizer) -> str:
+    """What decided, for each host group, that the device did not step it (a failure's message)."""
+    host = optimizer._host
+    lines = [f"rates {host.rates}, in place {host.keep_resident}, measured {host.measured_rates}"]
+    for group in optimizer._rt.groups:
+        if group.trainable and not group.optimizer_on_device:
+            pinned = None if group.exp_avg.host_flat is None else host.streamer.can_stream(group)
+            lines.append(f"group {group.param.chunk_id}: chosen {id(group) in host._streamed}, state can stream {pinned}, "
+                         f"grad chunk {group.grad is not None}, param {group.param.location}")
+    return "\n".join(lines)
+
+
 def _train(cfg: dict, num_steps: int, rates: list[float] | None, poison_steps=()):
     """TinyGPT from seed 0 with the streamed pipeline allowed on the CPU and the given starting
     rates (None: the engine's own); returns losses, snapshot, streamed groups per step, model."""
@@ -184,7 +196,7 @@ def test_on_cuda_streamed_groups_run_on_side_streams_and_equal_torch_adamw():
             optimizer.step()
             optimizer._host.rates[1] = ALL_STREAMED[1]
             losses.append(loss.item())
-        assert model.chunk_stats()["step_host_groups_streamed"] > 0
+        assert model.chunk_stats()["step_host_groups_streamed"] > 0, _why_not_streamed(optimizer)
         runs[overlap] = (losses, snapshot(model, optimizer), model)
     assert runs[True][0] == runs[False][0]
     _assert_bitwise(runs[True][1], runs[False][1])
