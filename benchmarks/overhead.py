@@ -15,11 +15,13 @@ host optimizer updates, which in training run on beside its next forward, are wa
 end of its own step here, so that they never run during (and slow) the plain step that follows:
 a figure on the safe side for pstar.
 
-Where chunks move, pstar's extra time is split by its own step timings (`model.step_timings()`):
-"copies" is the time its chunk copies took (on a CPU the copy runs while it is issued), "waits" the
-time it waited for copies and for the host optimizer's worker (the host groups' Adam, which runs
-beside the next forward), and "rest" is what is left of the extra over plain PyTorch: the hooks'
-and the step's bookkeeping.
+pstar's extra time is split three ways. "copies" is the time its chunk copies took in the step
+(the engine's copier's own count; on a CPU a copy runs while it is issued). "optimizer" is what its
+optimizer phase (`step()`, with the host updates waited for) took beyond plain PyTorch's
+(`clip_grad_norm_` and AdamW), less the copies inside it: the host optimizer's worker in place of
+the fused step, the norm, the step's books. "rest" is the remainder, the forward's and backward's
+bookkeeping: the module, saved-tensor and gradient hooks, the chunk manager's decisions, pointing
+parameters at a moved chunk's new buffer.
 """
 
 from __future__ import annotations
@@ -90,13 +92,14 @@ class Measured:
     plain_s: float  # median step, after warm-up
     pstar_s: float
     copies_s: float  # median over pstar's steps of its chunk copies' time
-    waits_s: float  # ... and of its waits for copies and for the host optimizer
+    optimizer_s: float  # median of pstar's optimizer phase less its copies, less plain's median one
     evictions: int  # chunks pstar evicted in its last step
 
     @property
     def rest_s(self) -> float:
-        """pstar's extra over plain that is neither copies nor waits: its bookkeeping."""
-        return self.pstar_s - self.plain_s - self.copies_s - self.waits_s
+        """pstar's extra over plain that is neither copies nor optimizer: its forward's and
+        backward's bookkeeping."""
+        return self.pstar_s - self.plain_s - self.copies_s - self.optimizer_s
 
 
 def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> Measured:
@@ -108,31 +111,33 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
     plain.load_state_dict(model.state_dict())
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                   weight_decay=WEIGHT_DECAY, fused=True)
-    plain_s, pstar_s, copies_s, waits_s = [], [], [], []
+    copier = model._rt.copier
+    plain_s, pstar_s, copies_s, plain_opt_s, pstar_opt_s = [], [], [], [], []
     for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
         start = time.perf_counter()
         plain_opt.zero_grad()
         plain(x, y).backward()
+        plain_step = time.perf_counter()
         if clipping > 0:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), clipping)
         plain_opt.step()
-        middle = time.perf_counter()
+        middle, copied_before = time.perf_counter(), copier.transfer_s
         optimizer.zero_grad()
         model.backward(model(x, y))
+        pstar_step, copied = time.perf_counter(), copier.transfer_s
         optimizer.step()
         # pstar's host updates would run on into its next forward; here that would be the plain
         # step, on the same cores: they are waited for inside pstar's step instead
-        finishing = time.perf_counter()
         model._rt.finish_host_updates()
         end = time.perf_counter()
         if index >= num_warmup:
             plain_s.append(middle - start)
             pstar_s.append(end - middle)
-            timings = model.step_timings()
-            copies_s.append(timings["transfer"])
-            waits_s.append(timings["wait"] + end - finishing)
+            copies_s.append(copier.transfer_s - copied_before)
+            plain_opt_s.append(middle - plain_step)
+            pstar_opt_s.append(end - pstar_step - (copier.transfer_s - copied))
     median = statistics.median
-    return Measured(median(plain_s), median(pstar_s), median(copies_s), median(waits_s),
+    return Measured(median(plain_s), median(pstar_s), median(copies_s), median(pstar_opt_s) - median(plain_opt_s),
                     model.chunk_stats()["step_evictions"])
 
 
@@ -148,15 +153,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = []
     print(f"{'shape':26s} {'clip':>4s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} "
-          f"{'copies ms':>9s} {'waits ms':>8s} {'rest ms':>7s} {'evictions':>9s}")
+          f"{'copies ms':>9s} {'optim ms':>8s} {'rest ms':>7s} {'evictions':>9s}")
     for shape in SHAPES[args.shapes]:
         for clipping in (0.0, 1.0):
             m = measure(shape, clipping, args.steps, args.warmup)
             rows.append({"shape": shape.name, "clipping": clipping, "plain_s": m.plain_s, "pstar_s": m.pstar_s,
-                         "ratio": m.pstar_s / m.plain_s, "copies_s": m.copies_s, "waits_s": m.waits_s,
+                         "ratio": m.pstar_s / m.plain_s, "copies_s": m.copies_s, "optimizer_s": m.optimizer_s,
                          "rest_s": m.rest_s, "evictions_per_step": m.evictions})
             print(f"{shape.name:26s} {clipping:4.1f} {m.plain_s * 1e3:9.2f} {m.pstar_s * 1e3:9.2f} "
-                  f"{m.pstar_s / m.plain_s:11.3f} {m.copies_s * 1e3:9.2f} {m.waits_s * 1e3:8.2f} "
+                  f"{m.pstar_s / m.plain_s:11.3f} {m.copies_s * 1e3:9.2f} {m.optimizer_s * 1e3:8.2f} "
                   f"{m.rest_s * 1e3:7.2f} {m.evictions:9d}", flush=True)
     return rows
 

@@ -221,6 +221,7 @@ class ChunkGroup:
     # The optimizer's spans of the group when every tensor has a gradient (engine/optimizer.py):
     # they stay the same while every step steps every tensor; None once that may have changed
     dense_spans: list | None = None
+    _view_args: list | None = field(default=None, repr=False)  # see view_args
 
     def __post_init__(self):
         self.chunks = [c for c in (self.gathered, self.param, self.grad, self.master, self.exp_avg,
@@ -230,6 +231,13 @@ class ChunkGroup:
         for info in self.tensors:
             info.group = self
         self.num_grads = sum(info.has_grad for info in self.tensors)
+
+    def view_args(self) -> list[tuple[TensorInfo, torch.Size, tuple[int, ...], int]]:
+        """(info, shape, contiguous strides, offset) of each tensor: what its parameter's view into
+        a new buffer of the chunk is made from, at every upload."""
+        if self._view_args is None:
+            self._view_args = [(info, info.shape, info.stride(), info.offset) for info in self.tensors]
+        return self._view_args
 
     @property
     def dense(self) -> bool:

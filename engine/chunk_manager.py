@@ -261,8 +261,8 @@ class ChunkManager:
             # in-place `set_` would drop it)
             flat = chunk.flat
             first = flat.storage_offset()
-            for info in group.tensors:
-                info.param.data = flat.as_strided(info.shape, info.stride(), first + info.offset)
+            for info, shape, stride, offset in group.view_args():
+                info.param.data = flat.as_strided(shape, stride, first + offset)
             return
         # The host buffer and the placeholder outlive many moves: their views are kept and reused.
         if on_host or group.host_only:
@@ -365,6 +365,11 @@ class ChunkManager:
     def access(self, chunk: Chunk) -> torch.Tensor:
         """A moment: the chunk is about to be used on the compute device. Returns its buffer."""
         with self.lock:
+            last = self._last_access
+            if (last is not None and last[0] == chunk.chunk_id and chunk.ready_event is None
+                    and (self.host_updates is None or not self.host_updates.running)
+                    and self._same_moment_again(chunk)):
+                return chunk.device_flat  # what the last access settled still holds (the common case)
             if self.host_updates is not None:
                 self.host_updates.wait_for(chunk.group)  # its weights are being written
             if not chunk.group.host_only and not self._same_moment_again(chunk):

@@ -15,6 +15,8 @@
   weight (or added to the grad chunk with gradient accumulation) and `param.grad` is dropped. With
   several ranks it is written over the weight in the gathered chunk, and the chunk manager reduces
   the chunk's gradients over ranks into this rank's shard once the chunk's backward is over.
+  The optimizer's part (counting a host group's gradients, engine/host_adam.py) is called from this
+  same hook (`after_gradient`): autograd's call of a Python hook costs more than what either does.
 - A callback queued on the autograd engine marks the end of each backward.
 - Settled (`settle`, chosen by the optimizer after placement when nothing can move any more: one
   rank, every chunk resident on the device for good, every optimizer group on the device): the
@@ -98,6 +100,9 @@ class EngineHooks:
         self.settled = False  # nothing moves any more: the lean hooks only (module doc)
         self.grads_in_place = False  # settled: a backward wrote gradients that no step consumed yet
         self.compiled_blocks = 0
+        # The optimizer's part of a gradient's arrival (one rank, before settling): called with the
+        # TensorInfo once the gradient is in its chunk, under the manager's lock.
+        self.after_gradient: Callable[[TensorInfo], None] | None = None
         # settled with grad chunks: (info, its place in the fp32 grad chunk) of every trainable
         # parameter, in the model's parameters() order (the norm's)
         self.grad_places: list[tuple[TensorInfo, torch.Tensor]] = []
@@ -151,8 +156,7 @@ class EngineHooks:
         """Nothing will move any more: drop the module and saved-tensor hooks and bind each
         gradient hook to its gradient's place, or with `grad_chunks` leave gradients to autograd
         (module doc), then compile the blocks if asked. `order`: the parameters() order.
-        Gradient hooks registered after the engine's (the optimizer's) must have been removed by
-        their owner."""
+        `after_gradient` is not called from here on: settled, no host group waits for gradients."""
         for handle in self._module_handles + self._grad_handles:
             handle.remove()
         self._module_handles, self._grad_handles = [], []
@@ -345,15 +349,24 @@ class EngineHooks:
         with self.manager.lock:
             self._queue_backward_end()
             self._switch_node()
-            if info.group.gathered is not None:
+            group = info.group
+            if group.gathered is not None:
                 self._write_grad_for_reduction(info, grad)
                 return
-            chunk = info.group.grad_chunk
-            _accumulate(info, info.region_of(self.manager.access(chunk)), grad)  # over several backwards
+            chunk = group.grad_chunk
+            flat = self.manager.access(chunk)
+            if chunk is group.param and not torch.is_grad_enabled():
+                # The parameter is a view of that buffer (the manager points it there): written
+                # through it, no view of the chunk is made per gradient.
+                _accumulate(info, param, grad)
+            else:
+                _accumulate(info, info.region_of(flat), grad)  # over several backwards
             if chunk.location is Location.DEVICE:
                 chunk.dirty = True
             if info.num_users == 0:
                 info.state = TensorState.HOLD_AFTER_BWD
+            if self.after_gradient is not None:
+                self.after_gradient(info)
 
     def _write_grad_for_reduction(self, info: TensorInfo, grad: torch.Tensor) -> None:
         """Several ranks: this rank's whole gradient goes over the weight in the gathered chunk
@@ -408,10 +421,12 @@ class _SettledGradient:
 
 def _accumulate(info: TensorInfo, place: torch.Tensor, grad: torch.Tensor) -> None:
     """A gradient into its place: copied if it is the first since the last step, else added."""
-    if info.has_grad:
-        place.add_(grad.reshape(place.shape))
+    if place.shape != grad.shape:
+        grad = grad.reshape(place.shape)
+    if info._has_grad:
+        place.add_(grad)
     else:
-        place.copy_(grad.reshape(place.shape))
+        place.copy_(grad)
         info.has_grad = True
 
 

@@ -490,6 +490,11 @@ class HostUpdates:
         self.busy_s = self.wait_s = 0.0
         return seconds
 
+    @property
+    def running(self) -> bool:
+        """Some submitted update is not waited for yet."""
+        return bool(self._jobs)
+
     def pending(self, group: ChunkGroup) -> bool:
         return id(group) in self._jobs
 

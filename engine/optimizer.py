@@ -138,6 +138,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._said_not_compiled = False
         self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
         self._taken: list[torch.Tensor] | None = None  # settled with grad chunks: this step's gradients
+        self._host_regions: dict[int, tuple] = {}  # id(info) -> (host grad buffer, its gradient's view)
         self._device_plan: DeviceAdamPlan | None = None  # settled with grad chunks: device Adam's lists
         streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
@@ -146,11 +147,9 @@ class HybridAdam(torch.optim.Optimizer):
         runtime.host_updates = self._host
         runtime.param_groups = self.param_groups
         self._step_hypers: list[AdamHyper] = []
-        self._info_of = {id(info.param): info for info in runtime.infos}
-        # Registered after the model wrapper's own hooks (it is built first), so each of these runs
-        # once the gradient is in its chunk.
-        self._gradient_handles = [info.param.register_post_accumulate_grad_hook(self._on_gradient)
-                                  for info in runtime.infos if info.requires_grad]
+        # Called by the engine's own gradient hook once a gradient is in its chunk: one Python hook
+        # per parameter and backward, not two (autograd's call of a hook costs more than its work).
+        runtime.hooks.after_gradient = self._on_gradient
 
     @property
     def loss_scale(self) -> float:
@@ -218,9 +217,6 @@ class HybridAdam(torch.optim.Optimizer):
     def _settle(self) -> None:
         """Nothing moves from here on (`nothing_moves`): no host group waits for gradients in
         backward, and the model's hooks shrink to one lean gradient hook per parameter."""
-        for handle in self._gradient_handles:
-            handle.remove()
-        self._gradient_handles = []
         self._rt.hooks.settle(self._rt.param_order, compile_blocks=self._rt.config.compile_blocks,
                               grad_chunks=self._use_grad_chunks())
         if self._rt.config.compile_blocks:
@@ -294,20 +290,17 @@ class HybridAdam(torch.optim.Optimizer):
 
     # ---- host groups' gradients during backward ----------------------------------------------
 
-    def _on_gradient(self, param: torch.nn.Parameter) -> None:
-        """A parameter's gradient is in its chunk: start its host group's download if complete."""
-        info = self._info_of.get(id(param))
-        if info is None or not info.has_grad:
-            return  # several ranks: gradients count once reduced, in step()
+    def _on_gradient(self, info: TensorInfo) -> None:
+        """A parameter's gradient is in its chunk (one rank; the manager's lock is held): start its
+        host group's download if complete."""
         rt = self._rt
-        with rt.manager.lock:
-            if not (self.overlap_backward and rt.optimizer_placed and rt.manager.in_fwd_bwd):
-                return
-            if rt.num_micro_steps + 1 < rt.config.gradient_accumulation_steps:
-                return  # accumulating: only the last micro-batch's backward makes gradients final
-            group = self._host.on_gradient(info)
-            if group is not None:
-                self._host.start_in_backward(group)
+        if not (self.overlap_backward and rt.optimizer_placed and rt.manager.in_fwd_bwd):
+            return
+        if rt.num_micro_steps + 1 < rt.config.gradient_accumulation_steps:
+            return  # accumulating: only the last micro-batch's backward makes gradients final
+        group = self._host.on_gradient(info)
+        if group is not None:
+            self._host.start_in_backward(group)
 
     def state_dict(self) -> dict:
         """Adam state by parameter name (a tied parameter under its first name): `step` and the
@@ -443,10 +436,22 @@ class HybridAdam(torch.optim.Optimizer):
         per_device = self._settled_grad_regions if every and self._rt.hooks.settled else None
         if per_device is None:
             per_device = {}
+            regions = self._host_regions
+            chunk = flat = None
             for info in self._rt.param_order:  # torch's order, so the norm rounds the same way
-                if info.has_grad:
-                    flat = self._rt.copier.current_flat(info.group.grad_chunk)
-                    per_device.setdefault(flat.device, []).append(info.region_of(flat))
+                if not info.has_grad:
+                    continue
+                if info.group.grad_chunk is not chunk:
+                    chunk = info.group.grad_chunk
+                    flat = self._rt.copier.current_flat(chunk)
+                if chunk.location is Location.HOST:  # host buffers outlive the moves: views kept
+                    kept = regions.get(id(info))
+                    if kept is None or kept[0] is not flat:
+                        kept = regions[id(info)] = (flat, info.region_of(flat))
+                    region = kept[1]
+                else:  # a device buffer is new at every upload (and a view would keep it alive)
+                    region = info.region_of(flat)
+                per_device.setdefault(flat.device, []).append(region)
             if every and self._rt.hooks.settled:
                 self._settled_grad_regions = per_device  # settled: the regions never move again
         return _norm_of(per_device, self._rt.device)
