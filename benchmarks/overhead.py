@@ -5,9 +5,9 @@
     python -m benchmarks.overhead --threads 1        # steadier where other jobs share the cores
 
 Each shape is trained twice side by side from the same weights on the same batches, steps
-alternating (plain, pstar, plain, ...) so that both see the same machine state: plain PyTorch
-(fp32, `torch.optim.AdamW(fused=True)`, `clip_grad_norm_` when clipping) and pstar (fp32, the same
-optimizer settings). "no moves" gives pstar a device budget that holds everything (nothing is
+alternating, each system first in every other step, so that both see the same machine state:
+plain PyTorch (fp32, `torch.optim.AdamW(fused=True)`, `clip_grad_norm_` when clipping) and pstar
+(fp32, the same optimizer settings). "no moves" gives pstar a device budget that holds everything (nothing is
 evicted or fetched: all it adds is bookkeeping); "moves" gives it a budget that forces evictions
 every step. The ratio is the median pstar step over the median plain step, after warm-up steps
 (pstar's first steps trace and place). It is a benchmark figure, not a pass/fail check. pstar's
@@ -113,29 +113,42 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
                                   weight_decay=WEIGHT_DECAY, fused=True)
     copier = model._rt.copier
     plain_s, pstar_s, copies_s, plain_opt_s, pstar_opt_s = [], [], [], [], []
-    for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
+
+    def plain_step(x, y) -> None:
         start = time.perf_counter()
         plain_opt.zero_grad()
         plain(x, y).backward()
-        plain_step = time.perf_counter()
+        optimizing = time.perf_counter()
         if clipping > 0:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), clipping)
         plain_opt.step()
-        middle, copied_before = time.perf_counter(), copier.transfer_s
+        end = time.perf_counter()
+        if measured:
+            plain_s.append(end - start)
+            plain_opt_s.append(end - optimizing)
+
+    def pstar_step(x, y) -> None:
+        start, copied_before = time.perf_counter(), copier.transfer_s
         optimizer.zero_grad()
         model.backward(model(x, y))
-        pstar_step, copied = time.perf_counter(), copier.transfer_s
+        optimizing, copied = time.perf_counter(), copier.transfer_s
         optimizer.step()
         # pstar's host updates would run on into its next forward; here that would be the plain
         # step, on the same cores: they are waited for inside pstar's step instead
         model._rt.finish_host_updates()
         end = time.perf_counter()
-        if index >= num_warmup:
-            plain_s.append(middle - start)
-            pstar_s.append(end - middle)
+        if measured:
+            pstar_s.append(end - start)
             copies_s.append(copier.transfer_s - copied_before)
-            plain_opt_s.append(middle - plain_step)
-            pstar_opt_s.append(end - pstar_step - (copier.transfer_s - copied))
+            pstar_opt_s.append(end - optimizing - (copier.transfer_s - copied))
+
+    for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
+        measured = index >= num_warmup
+        # Which system goes first alternates (plain, pstar, pstar, plain, ...): whichever follows
+        # the other finds the allocator as that one left it (measured: the second one's backward
+        # page-faulted its fresh gradients in, 40 MB a step on the wide shape, either way round).
+        for step in (plain_step, pstar_step) if index % 2 == 0 else (pstar_step, plain_step):
+            step(x, y)
     median = statistics.median
     return Measured(median(plain_s), median(pstar_s), median(copies_s), median(pstar_opt_s) - median(plain_opt_s),
                     model.chunk_stats()["step_evictions"])

@@ -106,6 +106,24 @@ class ChunkManager:
         self._by_storage[chunk.device_flat.untyped_storage().data_ptr()] = chunk
         return chunk
 
+    def make_param_the_master(self, group: ChunkGroup) -> None:
+        """A settled fp32 group (engine/hooks.py): its param chunk, which holds the same numbers as
+        its fp32 master after every step, becomes the master, and the master chunk is freed. Both
+        are on the device for good."""
+        master, param = group.master, group.param
+        assert param.dtype == master.dtype == torch.float32 and param.location is Location.DEVICE
+        self.copier.current_flat(param).copy_(self.copier.current_flat(master))  # (equal already)
+        if master.host_flat is not None:
+            self.free_host(master)
+        if master.location is Location.DEVICE:
+            self._by_storage.pop(master.device_flat.untyped_storage().data_ptr(), None)
+            del self._on_device[master.chunk_id]
+            self.device_bytes -= master.nbytes
+            master.device_flat = None  # the allocator reuses it once the compute stream is done
+        master.location = Location.NOWHERE
+        group.master = param
+        group.chunks = [c for c in group.chunks if c is not master]
+
     def chunk_of(self, tensor: torch.Tensor) -> Chunk | None:
         """The chunk whose buffer `tensor` lives in (None for any other tensor)."""
         if tensor.layout is not torch.strided or tensor.is_meta:

@@ -33,6 +33,10 @@
   overwritten (a forward before `step()`, a second backward that accumulates, `.grad` read or
   changed by the user, `model.zero_grad()`: all as in torch). A `.grad` view into a chunk instead
   would make autograd add each new gradient into it, a kernel launch per parameter.
+  With fp32 weights (`SETTLED_PARAMS_AS_MASTERS`, on any device) the fp32 master is the weight
+  itself: each group's param chunk becomes its master (the master chunk is freed, which makes room
+  for `.grad`) and step() is torch.optim's own: one fused Adam call over the parameters' views,
+  the gradients in `.grad` and the moments' views, with no cast, no copy, no grad chunk.
 - Compiled blocks (`compile_blocks`): settled, no engine hook runs inside a block, so each repeated
   block (every member of an nn.ModuleList) can be compiled whole by torch.compile, its backward
   included; the gradient hooks run after it, on the parameters' accumulators. Before settling the
@@ -60,6 +64,14 @@ from engine.chunk import Chunk, Location, TensorInfo, TensorState
 from engine.chunk_manager import ChunkManager
 from engine.device import to_device_without_sync
 from engine.errors import EngineError
+
+
+# How a settled run's gradients reach the optimizer (module doc): written over the weights by a
+# hook per parameter; left in `.grad` and cast by step() into an fp32 grad chunk per group; or, with
+# fp32 weights, left in `.grad` and used there, each param chunk being its group's master.
+SETTLED_IN_PLACE = "in place"
+SETTLED_GRAD_CHUNKS = "grad chunks"
+SETTLED_PARAMS_AS_MASTERS = "params as masters"
 
 
 class ChunkRef:
@@ -103,9 +115,11 @@ class EngineHooks:
         # The optimizer's part of a gradient's arrival (one rank, before settling): called with the
         # TensorInfo once the gradient is in its chunk, under the manager's lock.
         self.after_gradient: Callable[[TensorInfo], None] | None = None
-        # settled with grad chunks: (info, its place in the fp32 grad chunk) of every trainable
-        # parameter, in the model's parameters() order (the norm's)
-        self.grad_places: list[tuple[TensorInfo, torch.Tensor]] = []
+        self.settled_mode: str | None = None  # settled: one of the SETTLED_* ways below
+        # settled with gradients left in .grad: (info, its place in the fp32 grad chunk, or None
+        # where the step uses `.grad` itself) of every trainable parameter, in the model's
+        # parameters() order (the norm's)
+        self.grad_places: list[tuple[TensorInfo, torch.Tensor | None]] = []
 
     def discard_gradients(self) -> None:
         """Gradients since the last step are dropped (settled with grad chunks: `.grad`, as torch's
@@ -114,23 +128,25 @@ class EngineHooks:
             info.param.grad = None
         self.grads_in_place = False
 
-    def take_gradients(self) -> list[torch.Tensor]:
-        """Settled with grad chunks: the gradients autograd left in `.grad`, cast into their places
-        in the grad chunks by one foreach copy and marked; `.grad` is cleared. Returns them (still
-        in the compute dtype), in parameters() order, for the norm."""
-        grads, places = [], []
+    def take_gradients(self) -> tuple[list[TensorInfo], list[torch.Tensor]]:
+        """Settled with gradients left in `.grad`: the parameters that have one and their gradients,
+        in parameters() order, marked, and `.grad` cleared. With grad chunks the gradients are also
+        cast into their places there by one foreach copy (the returned ones stay in the compute
+        dtype, for the norm)."""
+        infos, grads, places = [], [], []
         for info, place in self.grad_places:
             param = info.param
             grad = param.grad
             if grad is not None:  # (torch has checked its shape and dtype when it was set)
+                infos.append(info)
                 grads.append(grad)
                 places.append(place)
                 param.grad = None
                 if not info._has_grad:
                     info.has_grad = True
-        if grads:
+        if grads and self.settled_mode == SETTLED_GRAD_CHUNKS:
             torch._foreach_copy_(places, grads)
-        return grads
+        return infos, grads
 
     # ---- installation --------------------------------------------------------------------
 
@@ -152,29 +168,32 @@ class EngineHooks:
         unique = {id(info.param): info for info in self.infos.values() if info.requires_grad}
         return list(unique.values())
 
-    def settle(self, order: list[TensorInfo], compile_blocks: bool = False, grad_chunks: bool = False) -> None:
-        """Nothing will move any more: drop the module and saved-tensor hooks and bind each
-        gradient hook to its gradient's place, or with `grad_chunks` leave gradients to autograd
-        (module doc), then compile the blocks if asked. `order`: the parameters() order.
+    def settle(self, order: list[TensorInfo], mode: str = SETTLED_IN_PLACE, compile_blocks: bool = False) -> None:
+        """Nothing will move any more: drop the module and saved-tensor hooks; then, by `mode`,
+        bind each gradient hook to its gradient's place, or leave gradients to autograd (module
+        doc); then compile the blocks if asked. `order`: the parameters() order. With
+        SETTLED_PARAMS_AS_MASTERS the caller has made each param chunk its group's master.
         `after_gradient` is not called from here on: settled, no host group waits for gradients."""
         for handle in self._module_handles + self._grad_handles:
             handle.remove()
         self._module_handles, self._grad_handles = [], []
         copier = self.manager.copier
         trainable = self._trainable_infos()
-        if grad_chunks:  # no hook: autograd keeps each gradient in .grad (module doc)
+        if mode == SETTLED_GRAD_CHUNKS:
             for group in {id(info.group): info.group for info in trainable}.values():
                 self.manager.add_settled_grad_chunk(group, torch.float32)
+        if mode != SETTLED_IN_PLACE:  # no hook: autograd keeps each gradient in .grad (module doc)
             trainable = [info for info in order if info.requires_grad]
-            self.grad_places = [(info, info.view_of(copier.current_flat(info.group.grad_chunk)))
-                                for info in trainable]
+            self.grad_places = [(info, info.view_of(copier.current_flat(info.group.grad_chunk))
+                                 if mode == SETTLED_GRAD_CHUNKS else None) for info in trainable]
         for info in trainable:
             chunk = info.group.grad_chunk
             assert chunk.pinned_forever and chunk.location is Location.DEVICE, f"{chunk} may still move"
-            if not grad_chunks:
+            if mode == SETTLED_IN_PLACE:
                 hook = _SettledGradient(self, info, info.region_of(copier.current_flat(chunk)))
                 self._grad_handles.append(info.param.register_post_accumulate_grad_hook(hook))
         self.settled = True
+        self.settled_mode = mode
         if compile_blocks:
             self.compiled_blocks = compile_repeated_blocks(self.root)
 

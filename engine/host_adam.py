@@ -227,6 +227,38 @@ class DeviceAdamPlan:
         torch._foreach_copy_(self.params, self.masters)
 
 
+class MastersPlan:
+    """A settled fp32 run's Adam step as torch.optim takes it (engine/hooks.py
+    SETTLED_PARAMS_AS_MASTERS): one fused call per (step count, parameter group) over the
+    parameters' views in their param chunks (which are the masters), the gradients autograd left in
+    `.grad`, and the moments' views. The views are made once, for the parameters that had a
+    gradient when the plan was built; a step whose parameters with a gradient are exactly those
+    (`matches`) keeps it. As in DeviceAdamPlan, each call's step number and hyper-parameters are
+    read from its first tensor at every step."""
+
+    def __init__(self, infos: list[TensorInfo], flats_of: Callable[[ChunkGroup], GroupFlats]):
+        self.infos = infos
+        calls: dict[tuple[int, int], list] = {}
+        for index, info in enumerate(infos):
+            flats = flats_of(info.group)
+            call = calls.setdefault((info.num_steps, info.param_group), [info, [], [], [], []])
+            call[1].append(index)
+            for target, flat in zip(call[2:], (flats.master, flats.exp_avg, flats.exp_avg_sq)):
+                target.append(info.view_of(flat))
+        self.calls = list(calls.values())
+
+    def matches(self, infos: list[TensorInfo]) -> bool:
+        return len(infos) == len(self.infos) and all(a is b for a, b in zip(infos, self.infos))
+
+    def run(self, grads: list[torch.Tensor], hypers: list[AdamHyper], multiplier: torch.Tensor | None,
+            step_tensors: dict[int, torch.Tensor]) -> None:
+        if multiplier is not None:
+            torch._foreach_mul_(grads, multiplier)  # in place, as clip_grad_norm_ does
+        for first, indices, masters, exp_avgs, exp_avg_sqs in self.calls:
+            _fused_call(hypers[first.param_group], first.num_steps + 1,
+                        [masters, [grads[i] for i in indices], exp_avgs, exp_avg_sqs], step_tensors)
+
+
 def _fp32_gradient(grad: torch.Tensor, multiplier: torch.Tensor | None,
                    scratch: HostScratch | None) -> torch.Tensor:
     """The kernel wants fp32 gradients like the masters; a compute-dtype gradient is cast into a

@@ -67,8 +67,9 @@ import torch
 
 from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
 from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
-from engine.host_adam import (AdamHyper, DeviceAdamPlan, GroupFlats, HostAdamWorker, HostUpdates, Span,
-                              adam_on_device_groups, adam_on_device_spans)
+from engine.hooks import SETTLED_GRAD_CHUNKS, SETTLED_IN_PLACE, SETTLED_PARAMS_AS_MASTERS
+from engine.host_adam import (AdamHyper, DeviceAdamPlan, GroupFlats, HostAdamWorker, HostUpdates, MastersPlan,
+                              Span, adam_on_device_groups, adam_on_device_spans)
 from engine.distributed import gather_flat, global_grad_norm
 from engine.optimizer_placement import (activation_margin_bytes, allocate_host_moments, settle_optimizer_placement,
                                         step_scratch_bytes)
@@ -137,7 +138,10 @@ class HybridAdam(torch.optim.Optimizer):
         self.last_step_overlapped_groups = 0  # host groups whose gradients went down in backward
         self._said_not_compiled = False
         self._settled_grad_regions: dict | None = None  # settled: every gradient's place, for the norm
-        self._taken: list[torch.Tensor] | None = None  # settled with grad chunks: this step's gradients
+        # settled with gradients left in .grad: this step's parameters that had one, and those gradients
+        self._taken_infos: list[TensorInfo] = []
+        self._taken: list[torch.Tensor] | None = None
+        self._masters_plan: MastersPlan | None = None  # settled, params as masters: Adam's lists
         self._host_regions: dict[int, tuple] = {}  # id(info) -> (host grad buffer, its gradient's view)
         self._device_plan: DeviceAdamPlan | None = None  # settled with grad chunks: device Adam's lists
         streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
@@ -175,8 +179,8 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         with rt.manager.lock:
             self._host.finish()  # the last step's host updates (the forward waited for most)
-            if rt.hooks.grad_places:  # settled with grad chunks: the gradients autograd left in .grad
-                self._taken = rt.hooks.take_gradients()
+            if rt.hooks.grad_places:  # settled: the gradients autograd left in .grad
+                self._taken_infos, self._taken = rt.hooks.take_gradients()
             if not rt.optimizer_placed:
                 settle_optimizer_placement(rt, self._host)
             self._step_hypers = [AdamHyper.read(rt.config.optimizer.type, g) for g in self.param_groups]
@@ -197,7 +201,7 @@ class HybridAdam(torch.optim.Optimizer):
             if not rt.grad_accumulation:  # consumed: the param chunks hold weights again
                 self._clear_grads(groups, taken=self._taken is not None)
             rt.num_micro_steps = 0
-            self._taken = None
+            self._taken_infos, self._taken = [], None
             busy_s, wait_s = self._host.take_seconds()
             _add_seconds(rt, "optimizer_host", busy_s)
             _add_seconds(rt, "wait", wait_s)
@@ -216,9 +220,14 @@ class HybridAdam(torch.optim.Optimizer):
 
     def _settle(self) -> None:
         """Nothing moves from here on (`nothing_moves`): no host group waits for gradients in
-        backward, and the model's hooks shrink to one lean gradient hook per parameter."""
-        self._rt.hooks.settle(self._rt.param_order, compile_blocks=self._rt.config.compile_blocks,
-                              grad_chunks=self._use_grad_chunks())
+        backward, and the model's hooks shrink to one lean gradient hook per parameter, or none
+        (`_settled_mode`)."""
+        mode = self._settled_mode()
+        if mode == SETTLED_PARAMS_AS_MASTERS:
+            for group in self._rt.groups:
+                if group.trainable:
+                    self._rt.manager.make_param_the_master(group)
+        self._rt.hooks.settle(self._rt.param_order, mode, compile_blocks=self._rt.config.compile_blocks)
         if self._rt.config.compile_blocks:
             log.info("pstar: settled; %d blocks compiled with torch.compile", self._rt.hooks.compiled_blocks)
 
@@ -257,6 +266,15 @@ class HybridAdam(torch.optim.Optimizer):
             return multiplier.to("cpu"), None
         on_host.copy_(multiplier, non_blocking=True)
         return on_host, self._rt.copier.compute_point()
+
+    def _settled_mode(self) -> str:
+        """How a settled run's gradients reach Adam (engine/hooks.py). fp32 weights are their own
+        masters: gradients stay in `.grad` and the step is torch.optim's (the freed masters make
+        room for `.grad`). Other compute dtypes take grad chunks where `_use_grad_chunks` says so,
+        else gradients go over the weights."""
+        if all(group.param.dtype == torch.float32 for group in self._rt.groups if group.trainable):
+            return SETTLED_PARAMS_AS_MASTERS
+        return SETTLED_GRAD_CHUNKS if self._use_grad_chunks() else SETTLED_IN_PLACE
 
     def _use_grad_chunks(self) -> bool:
         """Settled on a GPU with room: gradients left in `.grad` and cast into fp32 grad chunks by
@@ -372,6 +390,7 @@ class HybridAdam(torch.optim.Optimizer):
                 entry[key].reshape(-1).narrow(0, tensor_begin, length))
         info.num_steps = 0 if entry is None else int(entry["step"])
         info.group.dense_spans = None  # the step counts' runs may differ now
+        self._masters_plan = None
 
     # ---- device groups' chunks --------------------------------------------------------
 
@@ -429,9 +448,11 @@ class HybridAdam(torch.optim.Optimizer):
         if self._rt.comm is not None:  # several ranks: one all-reduce of per-tensor partial sums
             return global_grad_norm(self._rt.param_order, self._rt.copier.current_flat, self._rt.comm,
                                     self._rt.device)
-        if self._taken is not None:  # settled with grad chunks: as autograd left them, in torch's order
-            per_device = {self._rt.device: self._taken} if self._taken else {}
-            return _norm_of(per_device, self._rt.device)
+        if self._rt.hooks.grad_places:  # settled, gradients in .grad: as autograd left them, in torch's order
+            grads = self._taken
+            if grads is None:  # asked before step() took them
+                grads = [info.param.grad for info, _ in self._rt.hooks.grad_places if info.param.grad is not None]
+            return _norm_of({self._rt.device: grads} if grads else {}, self._rt.device)
         every = all(group.dense for group in self._rt.groups)  # every tensor has a gradient
         per_device = self._settled_grad_regions if every and self._rt.hooks.settled else None
         if per_device is None:
@@ -462,14 +483,17 @@ class HybridAdam(torch.optim.Optimizer):
         start = time.perf_counter()
         step_tensors: dict[int, torch.Tensor] = {}  # one device tensor per step number, for every group
         plan = self._device_plan_for(groups)
-        if plan is not None:
+        if rt.hooks.settled_mode == SETTLED_PARAMS_AS_MASTERS:
+            if self._masters_plan is None or not self._masters_plan.matches(self._taken_infos):
+                self._masters_plan = MastersPlan(self._taken_infos, self._device_flats)
+            self._masters_plan.run(self._taken, self._step_hypers, multiplier, step_tensors)
+        elif plan is not None:
             plan.run(self._step_hypers, multiplier, step_tensors)
         else:
             items = []
             for group in groups:
-                flats = GroupFlats(*(rt.copier.current_flat(c) for c in (
-                    group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
-                if rt.hooks.grad_places:  # fp32 grad chunks: every group in a few calls
+                flats = self._device_flats(group)
+                if rt.hooks.settled_mode == SETTLED_GRAD_CHUNKS:  # fp32 grad chunks: every group in a few calls
                     items.append((flats, self._step_spans(group), group.dense))
                 else:
                     adam_on_device_spans(flats, self._step_spans(group), multiplier, group.dense, step_tensors)
@@ -486,25 +510,26 @@ class HybridAdam(torch.optim.Optimizer):
     def _device_plan_for(self, groups: list[ChunkGroup]) -> DeviceAdamPlan | None:
         """Settled with grad chunks, every group dense: device Adam's lists, kept while the groups'
         spans stay the same (DeviceAdamPlan); None where they are built for this step alone."""
-        if not self._rt.hooks.grad_places or not all(group.dense for group in groups):
+        if self._rt.hooks.settled_mode != SETTLED_GRAD_CHUNKS or not all(group.dense for group in groups):
             return None
         spans_lists = [_spans(group) for group in groups]
         if any(not spans for spans in spans_lists):
             return None
         if self._device_plan is None or not self._device_plan.matches(spans_lists):
-            copier = self._rt.copier
-            items = [(GroupFlats(*(copier.current_flat(c) for c in (group.grad_chunk, group.param, group.master,
-                                                                    group.exp_avg, group.exp_avg_sq))), spans)
-                     for group, spans in zip(groups, spans_lists)]
-            self._device_plan = DeviceAdamPlan(items)
+            self._device_plan = DeviceAdamPlan([(self._device_flats(group), spans)
+                                                for group, spans in zip(groups, spans_lists)])
         return self._device_plan
+
+    def _device_flats(self, group: ChunkGroup) -> GroupFlats:
+        return GroupFlats(*(self._rt.copier.current_flat(c) for c in (
+            group.grad_chunk, group.param, group.master, group.exp_avg, group.exp_avg_sq)))
 
     def _restore_weights(self, groups: list[ChunkGroup]) -> None:
         """Put the compute weights back (cast from the untouched masters) where grads overwrote them."""
         rt = self._rt
         for group in groups:
-            if group.grad is not None:
-                continue  # grads live in their own chunk; the weights were never overwritten
+            if group.grad is not None or group.master is group.param:
+                continue  # grads live in their own chunk or in .grad; the weights were never overwritten
             param = rt.copier.current_flat(group.param)
             master = rt.copier.current_flat(group.master)
             for begin, end, _ in _spans(group):

@@ -139,14 +139,14 @@ def test_placement_is_the_engines_plan_on_the_configs_numbers():
 def test_pstar_splits_model_data_between_gpu_and_host():
     n = GPT_1_3B.num_params
     est = estimate_systems(GPT_1_3B, H200)["pstar"]
-    # all of it on the GPU, and room to spare: once settled, a grad chunk per group (2 B/param)
-    assert sum(est.gpu.model_data.values()) == 14 * n + 2 * n
-    assert est.gpu.model_data["grad"] == 2 * n
+    # all of it on the GPU, and room to spare: once settled, an fp32 grad chunk per group (4 B/param)
+    assert sum(est.gpu.model_data.values()) == 14 * n + 4 * n
+    assert est.gpu.model_data["grad"] == 4 * n
     assert est.host.model_data["param"] == 0 and est.host.total == 6 * n  # init's params + masters
     assert est.gpu.activations == activation_bytes(GPT_1_3B)
     # the engine's margin over the activations (1 - margin_use_ratio of them), a group's fp32 scratch
-    # and, settled, every group's fp32 gradients at once
-    assert est.gpu.other == math.ceil(0.2 * activation_bytes(GPT_1_3B)) + GPT_1_3B.chunk_size * 4 + 4 * n
+    # and, settled, the bf16 gradients autograd leaves in .grad
+    assert est.gpu.other == math.ceil(0.2 * activation_bytes(GPT_1_3B)) + GPT_1_3B.chunk_size * 4 + 2 * n
     assert est.gpu.budget == int(140 * GIB * 0.9) and est.fits is True
     # a 32 GiB GPU: the leading optimizer groups take the room left after activations and the margin
     small = Hardware(32 * GIB, 128 * GIB, "given", "given")
@@ -322,10 +322,23 @@ def test_sizes_and_counts_read_well():
 def test_settled_extras_only_where_the_gpu_has_room_for_them():
     n = GPT_1_3B.num_params
     roomy = estimate_systems(GPT_1_3B, H200)["pstar"]
-    without_extras = sum(roomy.gpu.model_data.values()) - 2 * n + roomy.gpu.activations + roomy.gpu.other - 4 * n
+    without_extras = sum(roomy.gpu.model_data.values()) - 4 * n + roomy.gpu.activations + roomy.gpu.other - 2 * n
     tight_budget = without_extras + 3 * n  # everything fits, the 6 B/param of settled extras do not
     tight = Hardware(math.ceil(tight_budget / 0.9) + 1, 128 * GIB, "given", "given")
     est = estimate_systems(GPT_1_3B, tight)["pstar"]
     assert est.fits is True and est.gpu.model_data["grad"] == 0
     assert sum(est.gpu.model_data.values()) == 14 * n  # still all on the GPU
-    assert est.gpu.other == roomy.gpu.other - 4 * n
+    assert est.gpu.other == roomy.gpu.other - 2 * n
+
+
+def test_an_fp32_run_that_settles_keeps_its_gradients_beside_the_chunks():
+    """fp32 weights are their own masters once a run settles (engine/optimizer.py): of its 16 B per
+    parameter, the 4 B of gradients are autograd's `.grad`, beside the chunks. A run that cannot
+    settle (gradient accumulation) keeps them in chunks. The total is the same."""
+    fp32 = dataclasses.replace(GPT_1_3B, precision="fp32")
+    n = fp32.num_params
+    settles = estimate_systems(fp32, H200)["pstar"]
+    accumulates = estimate_systems(dataclasses.replace(fp32, grad_accum=2), H200)["pstar"]
+    assert sum(settles.gpu.model_data.values()) == 12 * n and settles.gpu.model_data["grad"] == 0
+    assert sum(accumulates.gpu.model_data.values()) == 16 * n
+    assert settles.gpu.other == accumulates.gpu.other + 4 * n

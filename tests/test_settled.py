@@ -1,7 +1,8 @@
 """A run whose chunks all stay on the device settles after its first step: the module and
-saved-tensor hooks go, each gradient hook is bound to its place, or with room no gradient hook is
-left: autograd keeps gradients in `.grad` and step() casts them into fp32 grad chunks (engine/hooks.py). Settling must change no number, keep
-torch's semantics (a discarded backward; a forward over unconsumed gradients refused where they
+saved-tensor hooks go, and each gradient hook is bound to its place, or no gradient hook is left:
+autograd keeps gradients in `.grad`, and step() casts them into fp32 grad chunks or, with fp32
+weights, steps the parameters (their param chunks made the masters) with them as torch.optim does
+(engine/hooks.py). Settling must change no number, keep torch's semantics (a discarded backward; a forward over unconsumed gradients refused where they
 overwrite the weights, allowed where they do not) and never happen while chunks can still move."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from engine import initialize_engine
 from engine.errors import EngineError
+from engine.hooks import SETTLED_GRAD_CHUNKS, SETTLED_IN_PLACE, SETTLED_PARAMS_AS_MASTERS
 from engine.optimizer import HybridAdam
 from engine.param_groups import weight_decay_groups
 from tests.engine_models import TinyGPT, load_training_state, reference_step, save_training_state
@@ -26,14 +28,29 @@ def _engine_hooks_left(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.module.modules())
 
 
-@pytest.fixture(params=[True, False], ids=["grad-chunks", "grads-in-place"])
-def grad_chunks(request, monkeypatch) -> bool:
-    """Settled with a grad chunk per group (room for it) or with gradients over the weights."""
-    monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: request.param)
+SETTLED_MODES = [SETTLED_PARAMS_AS_MASTERS, SETTLED_GRAD_CHUNKS, SETTLED_IN_PLACE]
+
+
+def _force_mode(monkeypatch, mode: str) -> None:
+    monkeypatch.setattr(HybridAdam, "_settled_mode", lambda self: mode)
+
+
+@pytest.fixture(params=SETTLED_MODES, ids=["params-as-masters", "grad-chunks", "grads-in-place"])
+def settled_mode(request, monkeypatch) -> str:
+    """Settled with the parameters as masters (what fp32 weights get), with a grad chunk per group
+    (room for it), or with gradients over the weights."""
+    _force_mode(monkeypatch, request.param)
     return request.param
 
 
-def test_a_run_that_fits_settles_and_still_equals_plain_pytorch(grad_chunks):
+@pytest.fixture(params=[SETTLED_PARAMS_AS_MASTERS, SETTLED_GRAD_CHUNKS], ids=["params-as-masters", "grad-chunks"])
+def grads_left(request, monkeypatch) -> str:
+    """The two settled ways that leave the gradients in `.grad`."""
+    _force_mode(monkeypatch, request.param)
+    return request.param
+
+
+def test_a_run_that_fits_settles_and_still_equals_plain_pytorch(settled_mode):
     max_norm = 0.05
     cfg = engine_config(device_memory_limit=ROOMY, gradient_clipping=max_norm)
     model, optimizer, reference = build_pair("gpt", cfg)
@@ -48,11 +65,16 @@ def test_a_run_that_fits_settles_and_still_equals_plain_pytorch(grad_chunks):
     assert _engine_hooks_left(model) == 0
     stats = model.chunk_stats()
     assert stats["step_evictions"] == 0
-    assert (stats["grad_chunks_device"] > 0) == grad_chunks
+    assert (stats["grad_chunks_device"] > 0) == (settled_mode == SETTLED_GRAD_CHUNKS)
+    trainable = [g for g in model._rt.groups if g.trainable]
+    masters_freed = settled_mode == SETTLED_PARAMS_AS_MASTERS
+    assert all((g.master is g.param) == masters_freed for g in trainable)
+    moments = sum(g.exp_avg.nbytes + g.exp_avg_sq.nbytes for g in trainable)
+    assert stats["optim_bytes_device"] == moments if masters_freed else moments * 3 // 2
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semantics(grad_chunks):
+def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semantics(settled_mode):
     cfg = engine_config(device_memory_limit=ROOMY)
     model, optimizer, reference = build_pair("gpt", cfg)
     ref_opt = plain_optimizer(reference.parameters(), cfg, model)
@@ -61,7 +83,7 @@ def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semant
         if step == 3:  # a backward the loop throws away; the plain run never sees this batch
             model.backward(model(x, y))
             assert model.chunk_stats()["settled"] == 1
-            if grad_chunks:  # the weights are intact: a forward before step() is fine, as in torch
+            if settled_mode != SETTLED_IN_PLACE:  # the weights are intact: a forward before step() is fine, as in torch
                 with torch.no_grad():
                     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
             else:
@@ -76,11 +98,10 @@ def test_settled_discarded_backward_and_a_forward_before_step_keep_torchs_semant
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_grad_chunks_accumulate_like_torch_and_survive_a_module_zero_grad(monkeypatch):
+def test_grads_left_in_grad_accumulate_like_torch_and_survive_a_module_zero_grad(grads_left):
     """Gradients left in `.grad`: two backward passes before a step sum their gradients, and
     nn.Module.zero_grad() (which sets every .grad to None) before a backward drops nothing that
     counts, as in torch."""
-    monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: True)
     cfg = engine_config(device_memory_limit=ROOMY)
     model, optimizer, reference = build_pair("gpt", cfg)
     ref_opt = plain_optimizer(reference.parameters(), cfg, model)
@@ -98,15 +119,14 @@ def test_grad_chunks_accumulate_like_torch_and_survive_a_module_zero_grad(monkey
         if step >= 1:
             reference(x2, y2).backward()
         ref_opt.step()
-    assert model.chunk_stats()["grad_chunks_device"] > 0
+    assert model._rt.hooks.settled_mode == grads_left
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_with_grad_chunks_backward_runs_no_engine_code_and_grads_are_torchs(monkeypatch):
+def test_with_grads_left_in_grad_backward_runs_no_engine_code_and_grads_are_torchs(grads_left):
     """No hook of the engine is left on a parameter; after backward `.grad` holds torch's gradient,
     and what the caller does to it (here: halved, one parameter's dropped) is what step() uses,
     as with torch.optim."""
-    monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: True)
     cfg = engine_config(device_memory_limit=ROOMY)
     model, optimizer, reference = build_pair("gpt", cfg)
     ref_opt = plain_optimizer(reference.parameters(), cfg, model)
@@ -131,8 +151,11 @@ def test_with_grad_chunks_backward_runs_no_engine_code_and_grads_are_torchs(monk
 
 
 def test_grad_chunks_only_where_the_device_has_room_for_them(monkeypatch):
+    """bf16 weights (fp32 ones are their own masters and need no grad chunk)."""
     monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: self._room_for_grad_chunks())
-    probe, probe_opt = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=ROOMY))
+    bf16 = {"bf16": {"enabled": True}}
+    probe, probe_opt = initialize_engine(model_func=TinyGPT,
+                                         config=engine_config(device_memory_limit=ROOMY, **bf16))
     for x, y in batches("gpt", 2):
         engine_step(probe, probe_opt, x, y)
     stats = probe.chunk_stats()
@@ -142,7 +165,7 @@ def test_grad_chunks_only_where_the_device_has_room_for_them(monkeypatch):
     peak = max(moment["non_model_bytes"] for moment in probe.memory_timeline())
     scratch = max(g.numel for g in probe._rt.groups) * 4
     tight = resident + math.ceil(1.2 * peak) + scratch + grad_bytes // 2
-    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=tight))
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(device_memory_limit=tight, **bf16))
     for x, y in batches("gpt", 2):
         engine_step(model, optimizer, x, y)
     stats = model.chunk_stats()
@@ -260,7 +283,7 @@ def test_settling_changes_no_bit_with_fp16_overflows_and_clipping(monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["state dicts", "shard state"])
-def test_a_settled_run_resumes_exactly(grad_chunks, how):
+def test_a_settled_run_resumes_exactly(settled_mode, how):
     """Saved while settled (a backward's gradients pending in the grad chunks, then discarded),
     loaded into a fresh engine that settles again: the same run, bit for bit."""
     cfg = engine_config(device_memory_limit=ROOMY, gradient_clipping=0.05)
@@ -365,3 +388,62 @@ def test_a_settled_gpu_run_takes_grad_chunks_and_changes_no_bit(monkeypatch):
     (with_chunks, with_state), (without, without_state) = runs
     assert with_chunks == without
     assert all(torch.equal(a, b) for a, b in zip(with_state, without_state))
+
+
+def test_settling_changes_no_bit_in_fp32_with_clipping(monkeypatch):
+    """fp32 (the CPU's default): evicting every step, and settled in each of the three ways — the
+    parameters as masters (what fp32 gets), grad chunks, gradients over the weights — are one run,
+    bit for bit, with clipping firing: Adam is elementwise, so per-tensor lists and whole spans
+    give the same numbers."""
+    runs = []
+    for limit, mode in ((None, None), *((ROOMY, mode) for mode in SETTLED_MODES)):
+        if mode is not None:
+            _force_mode(monkeypatch, mode)
+        overrides = {"gradient_clipping": 0.05}
+        if limit is not None:
+            overrides["device_memory_limit"] = limit
+        torch.manual_seed(0)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
+        losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
+        assert model._rt.hooks.settled_mode == mode
+        runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
+    (losses, state), *others = runs
+    for other_losses, other_state in others:
+        assert other_losses == losses
+        assert all(torch.equal(a, b) for a, b in zip(state, other_state))
+
+
+def test_params_as_masters_keep_one_plan_while_the_same_parameters_step(monkeypatch):
+    """fp32, settled, two weight-decay groups: the masters plan's lists are kept while every
+    parameter steps, built again for a step where one got no gradient and after it, and the run is
+    torch.optim.AdamW's with the same gradients changed the same way (an lr changed in
+    param_groups, one .grad dropped)."""
+    cfg = engine_config(gradient_clipping=0.05, device_memory_limit=ROOMY)
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=cfg,
+                                         param_groups=lambda m: weight_decay_groups(m, 0.1))
+    reference = TinyGPT().to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.AdamW(weight_decay_groups(reference, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8,
+                                fused=True)
+    params, ref_params = list(model.module.parameters()), list(reference.parameters())
+    plans = []
+    for step, (x, y) in enumerate(batches("gpt", 7)):
+        if step == 3:
+            for opt in (optimizer, ref_opt):
+                opt.param_groups[1]["lr"] *= 0.5
+        model.backward(model(x, y))
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        if step == 4:
+            params[3].grad = ref_params[3].grad = None  # not dense: other lists for this step
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        ref_opt.step()
+        plans.append(optimizer._masters_plan)
+    assert model._rt.hooks.settled_mode == SETTLED_PARAMS_AS_MASTERS
+    assert plans[0] is None and plans[1] is plans[2] is plans[3]  # settled by step 0
+    assert plans[4] is not plans[3] and plans[5] is not plans[4] and plans[5] is plans[6]
+    assert len(plans[6].calls) == 3  # two groups, and parameter 3 a step behind in its own
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)

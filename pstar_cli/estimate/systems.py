@@ -109,10 +109,9 @@ def pstar_estimate(w: Workload, hw: Hardware) -> SystemEstimate:
     gpu_budget = pstar_gpu_budget(w, hw)
     activations = activation_bytes(w)
     on_gpu, on_host, working = place_on_gpu(w, model_data, gpu_budget)
-    grad_chunks, scratch = settled_extra_bytes(w, hw, model_data, on_gpu, on_host, activations + working,
-                                               gpu_budget)
-    on_gpu["grad"] += grad_chunks
-    working += scratch
+    in_chunks, beside = settled_extra_bytes(w, hw, model_data, on_gpu, on_host, activations + working, gpu_budget)
+    on_gpu["grad"] += in_chunks
+    working += beside
     on_host["param"] = max(on_host["param"], _param_host_copies(model_data, on_host, w.num_gpus))
     host_budget = (w.host_memory_limit * w.gpus_per_node if w.host_memory_limit is not None
                    else int(hw.host_bytes * w.host_mem_ratio))
@@ -129,14 +128,21 @@ def pstar_estimate(w: Workload, hw: Hardware) -> SystemEstimate:
 
 def settled_extra_bytes(w: Workload, hw: Hardware, model_data: dict[str, int], on_gpu: dict[str, int],
                         on_host: dict[str, int], other_gpu_bytes: int, gpu_budget: int | None) -> tuple[int, int]:
-    """(grad chunks, fp32 gradient scratch) that a run fitting one GPU whole adds once it settles,
-    when the GPU has room for both, as the engine decides it (engine/optimizer.py,
-    `_room_for_grad_chunks`): a compute-dtype grad chunk per group and 4 B/param of fp32 gradients."""
-    if hw.gpu_bytes is None or gpu_budget is None or w.num_gpus > 1 or w.grad_accum > 1 or any(on_host.values()):
+    """(bytes added to the chunks, bytes added beside them) once a run that fits one device whole
+    settles, as the engine decides it (engine/optimizer.py `_settled_mode`). fp32: each param chunk
+    becomes its group's master and the gradients stay in `.grad`, so the 4 B/param counted here as
+    gradients leave the chunks for autograd's own tensors (nothing added overall). Other compute
+    dtypes, on a GPU with room for both (`_room_for_grad_chunks`): an fp32 grad chunk per group
+    (4 B/param) and the compute-dtype gradients in `.grad` beside it."""
+    if gpu_budget is None or w.num_gpus > 1 or w.grad_accum > 1 or any(on_host.values()):
         return 0, 0
-    grad_chunks, scratch = model_data["param"], 4 * w.num_params
-    fits = sum(on_gpu.values()) + other_gpu_bytes + grad_chunks + scratch <= gpu_budget
-    return (grad_chunks, scratch) if fits else (0, 0)
+    if w.precision == "fp32":
+        return -on_gpu["grad"], on_gpu["grad"]
+    if hw.gpu_bytes is None:
+        return 0, 0
+    grad_chunks, grads = 4 * w.num_params, model_data["param"]
+    fits = sum(on_gpu.values()) + other_gpu_bytes + grad_chunks + grads <= gpu_budget
+    return (grad_chunks, grads) if fits else (0, 0)
 
 
 def _param_host_copies(model_data: dict[str, int], on_host: dict[str, int], num_gpus: int) -> int:
