@@ -447,3 +447,21 @@ def test_params_as_masters_keep_one_plan_while_the_same_parameters_step(monkeypa
     assert plans[4] is not plans[3] and plans[5] is not plans[4] and plans[5] is plans[6]
     assert len(plans[6].calls) == 3  # two groups, and parameter 3 a step behind in its own
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_settled_fp32_gpu_run_steps_its_params_as_masters_like_torch():
+    """On CUDA, as users get it: a roomy fp32 run settles with its param chunks as the masters (the
+    master chunks' device memory given back), leaves torch's gradients in `.grad`, and trains like
+    torch.optim.AdamW with clip_grad_norm_ on the same device."""
+    cfg = engine_config(gradient_clipping=0.05, device_memory_limit=ROOMY)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    for x, y in batches("gpt", 6):
+        loss = engine_step(model, optimizer, x, y)
+        assert loss == pytest.approx(reference_step(reference, ref_opt, x, y, 0.05), rel=1e-5)
+    assert model._rt.hooks.settled_mode == SETTLED_PARAMS_AS_MASTERS
+    trainable = [g for g in model._rt.groups if g.trainable]
+    assert model.chunk_stats()["optim_bytes_device"] == sum(g.exp_avg.nbytes + g.exp_avg_sq.nbytes for g in trainable)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
