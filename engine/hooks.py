@@ -16,7 +16,8 @@
   several ranks it is written over the weight in the gathered chunk, and the chunk manager reduces
   the chunk's gradients over ranks into this rank's shard once the chunk's backward is over.
   The optimizer's part (counting a host group's gradients, engine/host_adam.py) is called from this
-  same hook (`after_gradient`): autograd's call of a Python hook costs more than what either does.
+  same hook (`after_gradient`), inside its lock: a second hook per parameter would look the
+  parameter up and take the lock again for every gradient.
 - A callback queued on the autograd engine marks the end of each backward.
 - Settled (`settle`, chosen by the optimizer after placement when nothing can move any more: one
   rank, every chunk resident on the device for good, every optimizer group on the device): the
@@ -122,8 +123,8 @@ class EngineHooks:
         self.grad_places: list[tuple[TensorInfo, torch.Tensor | None]] = []
 
     def discard_gradients(self) -> None:
-        """Gradients since the last step are dropped (settled with grad chunks: `.grad`, as torch's
-        zero_grad does)."""
+        """Gradients since the last step are dropped (settled with gradients left in `.grad`: those,
+        as torch's zero_grad does)."""
         for info, _ in self.grad_places:
             info.param.grad = None
         self.grads_in_place = False

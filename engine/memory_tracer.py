@@ -11,9 +11,9 @@ bytes of the device. During warm-up itself only `warmup_gpu_chunk_mem_ratio` of 
 How it is measured:
 - CUDA: the caching allocator's peak (`max_memory_allocated`, reset at each moment) minus the chunk
   bytes resident on the device and minus what was allocated before the warm-up began (other
-  models, the user's tensors; unreachable garbage is collected first). This is exact for everything torch allocates on the device, so no
-  sampling thread is needed (`use_async_mem_monitor` is accepted for compatibility). An explicit
-  `device_memory_limit` bounds pstar's own use; a budget taken as a share of the GPU's memory also
+  models, the user's tensors; unreachable garbage is collected first). This is exact for
+  everything torch allocates on the device, so no sampling thread is needed
+  (`use_async_mem_monitor` is accepted for compatibility). An explicit `device_memory_limit` bounds pstar's own use; a budget taken as a share of the GPU's memory also
   leaves room for what others had allocated at warm-up.
 - CPU: there is no allocator counter for the CPU, so we count what we can measure exactly: the bytes
   of the tensors autograd keeps for backward (deduplicated by storage), which dominate non-model

@@ -151,8 +151,8 @@ class HybridAdam(torch.optim.Optimizer):
         runtime.host_updates = self._host
         runtime.param_groups = self.param_groups
         self._step_hypers: list[AdamHyper] = []
-        # Called by the engine's own gradient hook once a gradient is in its chunk: one Python hook
-        # per parameter and backward, not two (autograd's call of a hook costs more than its work).
+        # Called by the engine's own gradient hook once a gradient is in its chunk, under its lock
+        # (engine/hooks.py): one hook per parameter and backward, not two.
         runtime.hooks.after_gradient = self._on_gradient
 
     @property

@@ -2,8 +2,9 @@
 saved-tensor hooks go, and each gradient hook is bound to its place, or no gradient hook is left:
 autograd keeps gradients in `.grad`, and step() casts them into fp32 grad chunks or, with fp32
 weights, steps the parameters (their param chunks made the masters) with them as torch.optim does
-(engine/hooks.py). Settling must change no number, keep torch's semantics (a discarded backward; a forward over unconsumed gradients refused where they
-overwrite the weights, allowed where they do not) and never happen while chunks can still move."""
+(engine/hooks.py). Settling must change no number, keep torch's semantics (a discarded backward;
+a forward over unconsumed gradients refused where they overwrite the weights, allowed where they do
+not) and never happen while chunks can still move."""
 
 from __future__ import annotations
 
