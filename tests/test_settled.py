@@ -315,15 +315,26 @@ def test_settling_changes_no_bit_in_bf16_with_clipping(monkeypatch):
     runs = []
     for limit, chunks in ((None, False), (ROOMY, False), (ROOMY, True)):
         monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self, chunks=chunks: chunks)
-        overrides = {"bf16": {"enabled": True}, "gradient_clipping": 0.05}
-        if limit is not None:
-            overrides["device_memory_limit"] = limit
-        torch.manual_seed(0)
-        model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
-        losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
+        model, *run = _train_tiny({"bf16": {"enabled": True}, "gradient_clipping": 0.05}, limit)
         assert model.chunk_stats()["settled"] == (limit is not None)
         assert bool(model._rt.hooks.grad_places) == chunks
-        runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
+        runs.append(run)
+    _assert_one_run(runs)
+
+
+def _train_tiny(overrides: dict, limit: int | None) -> tuple:
+    """TinyGPT from seed 0, six steps (evicting every step without a `limit`): the model, its
+    losses and a snapshot of its state."""
+    if limit is not None:
+        overrides = {**overrides, "device_memory_limit": limit}
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
+    losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
+    return model, losses, [t.clone() for t in snapshot(model, optimizer)]
+
+
+def _assert_one_run(runs: list) -> None:
+    """(losses, state) of several runs: all the first one, bit for bit."""
     (losses, state), *others = runs
     for other_losses, other_state in others:
         assert other_losses == losses
@@ -400,18 +411,10 @@ def test_settling_changes_no_bit_in_fp32_with_clipping(monkeypatch):
     for limit, mode in ((None, None), *((ROOMY, mode) for mode in SETTLED_MODES)):
         if mode is not None:
             _force_mode(monkeypatch, mode)
-        overrides = {"gradient_clipping": 0.05}
-        if limit is not None:
-            overrides["device_memory_limit"] = limit
-        torch.manual_seed(0)
-        model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config(**overrides))
-        losses = [engine_step(model, optimizer, x, y) for x, y in batches("gpt", 6)]
+        model, *run = _train_tiny({"gradient_clipping": 0.05}, limit)
         assert model._rt.hooks.settled_mode == mode
-        runs.append((losses, [t.clone() for t in snapshot(model, optimizer)]))
-    (losses, state), *others = runs
-    for other_losses, other_state in others:
-        assert other_losses == losses
-        assert all(torch.equal(a, b) for a, b in zip(state, other_state))
+        runs.append(run)
+    _assert_one_run(runs)
 
 
 def test_params_as_masters_keep_one_plan_while_the_same_parameters_step(monkeypatch):
