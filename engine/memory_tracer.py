@@ -13,8 +13,9 @@ How it is measured:
   bytes resident on the device and minus what was allocated before the warm-up began (other
   models, the user's tensors; unreachable garbage is collected first). This is exact for
   everything torch allocates on the device, so no sampling thread is needed
-  (`use_async_mem_monitor` is accepted for compatibility). An explicit `device_memory_limit` bounds pstar's own use; a budget taken as a share of the GPU's memory also
-  leaves room for what others had allocated at warm-up.
+  (`use_async_mem_monitor` is accepted for compatibility). An explicit `device_memory_limit`
+  bounds pstar's own use; a budget taken as a share of the GPU's memory also leaves room for what
+  others had allocated at warm-up.
 - CPU: there is no allocator counter for the CPU, so we count what we can measure exactly: the bytes
   of the tensors autograd keeps for backward (deduplicated by storage), which dominate non-model
   memory. Temporaries that live only inside one operator are not seen.
