@@ -116,10 +116,7 @@ class ChunkManager:
         if master.host_flat is not None:
             self.free_host(master)
         if master.location is Location.DEVICE:
-            self._by_storage.pop(master.device_flat.untyped_storage().data_ptr(), None)
-            del self._on_device[master.chunk_id]
-            self.device_bytes -= master.nbytes
-            master.device_flat = None  # the allocator reuses it once the compute stream is done
+            self._drop_device_buffer(master, Location.NOWHERE)
         master.location = Location.NOWHERE
         group.master = param
         group.chunks = [c for c in group.chunks if c is not master]
@@ -221,15 +218,20 @@ class ChunkManager:
         if chunk.dirty:
             self.copier.download(chunk)
             self._count(d2h=chunk.nbytes)
-        self._by_storage.pop(chunk.device_flat.untyped_storage().data_ptr(), None)
-        chunk.device_flat = None  # the allocator reuses it once the streams using it are done
-        chunk.ready_event = None
-        chunk.location = Location.HOST
+        self._drop_device_buffer(chunk, Location.HOST)
         chunk.dirty = False
-        del self._on_device[chunk.chunk_id]
-        self.device_bytes -= chunk.nbytes
         self.totals.evictions += 1
         self._repoint(chunk)
+
+    def _drop_device_buffer(self, chunk: Chunk, now_at: Location) -> None:
+        """Forget a resident chunk's device buffer (the allocator reuses it once the streams using
+        it are done); the chunk is `now_at` from here on."""
+        self._by_storage.pop(chunk.device_flat.untyped_storage().data_ptr(), None)
+        chunk.device_flat = None
+        chunk.ready_event = None
+        chunk.location = now_at
+        del self._on_device[chunk.chunk_id]
+        self.device_bytes -= chunk.nbytes
 
     def move_to_host(self, chunk: Chunk) -> None:
         if chunk.location is Location.DEVICE:
@@ -318,12 +320,7 @@ class ChunkManager:
         """Free a gathered chunk: the shards keep the weights; pending gradients are reduced first."""
         if chunk.unreduced:
             self.reduce_gradients(chunk)
-        self._by_storage.pop(chunk.device_flat.untyped_storage().data_ptr(), None)
-        chunk.device_flat = None
-        chunk.ready_event = None
-        chunk.location = Location.NOWHERE
-        del self._on_device[chunk.chunk_id]
-        self.device_bytes -= chunk.nbytes
+        self._drop_device_buffer(chunk, Location.NOWHERE)
         self.totals.evictions += 1
         self._repoint(chunk)
 

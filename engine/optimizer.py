@@ -142,7 +142,8 @@ class HybridAdam(torch.optim.Optimizer):
         self._taken_infos: list[TensorInfo] = []
         self._taken: list[torch.Tensor] | None = None
         self._masters_plan: MastersPlan | None = None  # settled, params as masters: Adam's lists
-        self._host_regions: dict[int, tuple] = {}  # id(info) -> (host grad buffer, its gradient's view)
+        # id(info) -> (a grad buffer that stays put: host, or on the device for good; the gradient's view)
+        self._kept_regions: dict[int, tuple] = {}
         self._device_plan: DeviceAdamPlan | None = None  # settled with grad chunks: device Adam's lists
         streamer = StreamedAdam(runtime.copier) if runtime.config.stream_host_optimizer else None
         self._host = HostUpdates(runtime.copier, runtime.manager, self._step_spans,
@@ -457,7 +458,7 @@ class HybridAdam(torch.optim.Optimizer):
         per_device = self._settled_grad_regions if every and self._rt.hooks.settled else None
         if per_device is None:
             per_device = {}
-            regions = self._host_regions
+            regions = self._kept_regions
             chunk = flat = None
             for info in self._rt.param_order:  # torch's order, so the norm rounds the same way
                 if not info.has_grad:
@@ -465,7 +466,7 @@ class HybridAdam(torch.optim.Optimizer):
                 if info.group.grad_chunk is not chunk:
                     chunk = info.group.grad_chunk
                     flat = self._rt.copier.current_flat(chunk)
-                if chunk.location is Location.HOST:  # host buffers outlive the moves: views kept
+                if chunk.location is Location.HOST or chunk.pinned_forever:  # the buffer stays: views kept
                     kept = regions.get(id(info))
                     if kept is None or kept[0] is not flat:
                         kept = regions[id(info)] = (flat, info.region_of(flat))
@@ -482,12 +483,11 @@ class HybridAdam(torch.optim.Optimizer):
         rt = self._rt
         start = time.perf_counter()
         step_tensors: dict[int, torch.Tensor] = {}  # one device tensor per step number, for every group
-        plan = self._device_plan_for(groups)
         if rt.hooks.settled_mode == SETTLED_PARAMS_AS_MASTERS:
             if self._masters_plan is None or not self._masters_plan.matches(self._taken_infos):
                 self._masters_plan = MastersPlan(self._taken_infos, self._device_flats)
             self._masters_plan.run(self._taken, self._step_hypers, multiplier, step_tensors)
-        elif plan is not None:
+        elif (plan := self._device_plan_for(groups)) is not None:
             plan.run(self._step_hypers, multiplier, step_tensors)
         else:
             items = []
