@@ -11,9 +11,10 @@ device while forward and backward use it. `group.working` is the chunk the model
 gathered one when sharded, else the param chunk itself. Offsets of tensors are always offsets in the
 whole (unsharded) chunk; `TensorInfo.shard_piece()` maps a tensor onto this rank's shard.
 
-The tensor state machine (as in PatrickStar): FREE (no storage yet) -> HOLD (materialised) ->
-COMPUTE (a module or an autograd node is using it) -> HOLD_AFTER_FWD / HOLD_AFTER_BWD. A chunk may
-move only while none of its tensors is in COMPUTE and no backward node has it pinned.
+A tensor is FREE until it is materialised, then HOLD. Use is counted per chunk, not per tensor
+(the hooks' hot path does one thing per chunk a module touches): a chunk may move only while no
+running module uses any of its tensors (`num_tensors_in_compute`, uses summed over the modules
+running) and no backward node has it pinned.
 """
 
 from __future__ import annotations
@@ -45,10 +46,7 @@ class ChunkKind(enum.Enum):
 
 class TensorState(enum.Enum):
     FREE = "free"
-    COMPUTE = "compute"
     HOLD = "hold"
-    HOLD_AFTER_FWD = "hold_after_fwd"
-    HOLD_AFTER_BWD = "hold_after_bwd"
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -67,7 +65,9 @@ class TensorInfo:
     requires_grad: bool
     group: "ChunkGroup | None" = None
     state: TensorState = TensorState.FREE
-    num_users: int = 0  # modules currently computing with it (tied params, re-entrant calls)
+    # Running modules that hold it (tied params, re-entrant calls): counted during the warm-up and
+    # for reads outside the hooks only, where a read must be told apart from a module's own use
+    num_users: int = 0
     _has_grad: bool = field(default=False, repr=False)  # see has_grad
     _strides: tuple[int, ...] | None = field(default=None, repr=False)  # see stride
     num_steps: int = 0  # Adam steps applied to this tensor (bias correction is per tensor)
@@ -121,16 +121,12 @@ class TensorInfo:
         return begin, begin + length
 
     def start_compute(self) -> None:
-        if self.num_users == 0:
-            self.group.working.num_tensors_in_compute += 1
+        self.group.working.num_tensors_in_compute += 1
         self.num_users += 1
-        self.state = TensorState.COMPUTE
 
-    def end_compute(self, after: TensorState) -> None:
+    def end_compute(self) -> None:
+        self.group.working.num_tensors_in_compute -= 1
         self.num_users -= 1
-        if self.num_users == 0:
-            self.group.working.num_tensors_in_compute -= 1
-            self.state = after
 
 
 class Chunk:
@@ -149,7 +145,7 @@ class Chunk:
         # a clean chunk is evicted by dropping its device buffer, with no copy at all.
         self.dirty = False
         self.num_pins = 0  # autograd nodes currently reading it during backward
-        self.num_tensors_in_compute = 0  # its tensors in COMPUTE (working chunks only)
+        self.num_tensors_in_compute = 0  # uses of its tensors by running modules (working chunks)
         # Gathered chunks only: tensors whose gradient was written here but not yet reduced over
         # ranks, gradients written this backward, and how many the last backward wrote (once that
         # many have arrived, the chunk's backward is over and its gradients are reduced at once).

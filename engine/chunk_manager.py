@@ -276,13 +276,16 @@ class ChunkManager:
         group = chunk.group
         on_host = chunk.location is Location.HOST and not self.copier.is_cuda
         if chunk.location is Location.DEVICE and not group.host_only:
-            # a new buffer at every upload: one as_strided view per parameter (not narrow + view),
-            # assigned through `.data`, which keeps the parameter's autograd accumulator (an
-            # in-place `set_` would drop it)
+            # A new buffer at every upload: each parameter is re-pointed in place, `set_` to the
+            # buffer's storage at its offset, below autograd. It keeps its identity, its autograd
+            # accumulator and its version counter, as an assignment to `.data` would, but no view
+            # tensor is made: a view is a dispatch through autograd, and was most of a move's cost
+            # (12 parameters a chunk: 56 against 20 us on a 2-core Xeon). The device is the same.
             flat = chunk.flat
-            first = flat.storage_offset()
-            for info, shape, stride, offset in group.view_args():
-                info.param.data = flat.as_strided(shape, stride, first + offset)
+            storage, first = flat.untyped_storage(), flat.storage_offset()
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                for info, shape, stride, offset in group.view_args():
+                    info.param.set_(storage, first + offset, shape, stride)
             return
         # The host buffer and the placeholder outlive many moves: their views are kept and reused.
         if on_host or group.host_only:

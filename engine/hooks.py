@@ -1,8 +1,9 @@
 """The hooks that make chunks resident when torch needs them and take gradients into chunks.
 
 - Module forward pre/post hooks: before a module runs, the chunks of its *direct* parameters are made
-  resident and those tensors enter COMPUTE (reference-counted, so tied parameters and modules called
-  twice work); afterwards they are released to HOLD_AFTER_FWD.
+  resident and marked in use, one count per chunk for the tensors the module has in it (counts add
+  up, so tied parameters and modules called twice work); afterwards the counts are taken back. The
+  module's chunks and counts are worked out once per layout, so a hook does one thing per chunk.
 - Saved-tensor hooks (active during the engine model's forward): a tensor autograd saves for backward
   that lives in a chunk (a weight, or a view such as `weight.t()`) is stored as a reference to its
   place in the chunk, not as the tensor. When backward unpacks it, the chunk is made resident and
@@ -61,7 +62,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from engine.chunk import Chunk, Location, TensorInfo, TensorState
+from engine.chunk import Chunk, Location, TensorInfo
 from engine.chunk_manager import ChunkManager
 from engine.device import to_device_without_sync
 from engine.errors import EngineError
@@ -236,7 +237,7 @@ class EngineHooks:
     def release_outside_reads(self) -> None:
         with self.manager.lock:
             for info in self._held:
-                info.end_compute(TensorState.HOLD_AFTER_FWD)
+                info.end_compute()
             self._held.clear()
 
     def note_reads(self, tensors) -> None:
@@ -263,15 +264,20 @@ class EngineHooks:
         infos = self._direct[module]
         manager = self.manager
         with manager.lock:
-            if manager.schedule.recording:
+            recording = manager.schedule.recording
+            if recording:
                 self._note_first_use(infos)
             for chunk, in_chunk in self._by_chunk(module, infos):
                 if not self.grad_accumulation and chunk.group.num_grads:
                     self._refuse_pending_grads(chunk, in_chunk)
                 manager.access(chunk)
-                # In COMPUTE right away, so fetching the module's next chunk cannot evict this one.
-                for info in in_chunk:
-                    info.start_compute()
+                # In use right away, so fetching the module's next chunk cannot evict this one:
+                # counted once per chunk; per tensor only while the warm-up watches for reads
+                # outside the hooks (note_reads)
+                chunk.num_tensors_in_compute += len(in_chunk)
+                if recording:
+                    for info in in_chunk:
+                        info.num_users += 1
 
     def _by_chunk(self, module: nn.Module, infos: list[TensorInfo]) -> list[tuple[Chunk, list[TensorInfo]]]:
         """The module's direct parameters by param chunk, in order of first appearance; kept until
@@ -295,9 +301,15 @@ class EngineHooks:
                 self.first_used.append(info)
 
     def _post_forward(self, module: nn.Module, args, output) -> None:
-        with self.manager.lock:
-            for info in self._direct[module]:
-                info.end_compute(TensorState.HOLD_AFTER_FWD)
+        manager = self.manager
+        with manager.lock:
+            recording = manager.schedule.recording
+            for chunk, in_chunk in self._by_chunk(module, self._direct[module]):
+                chunk.num_tensors_in_compute -= len(in_chunk)
+                if recording:
+                    for info in in_chunk:
+                        if info.num_users > 0:  # (counted only if the warm-up had begun at its start)
+                            info.num_users -= 1
 
     def _refuse_pending_grads(self, chunk: Chunk, infos: list[TensorInfo]) -> None:
         pending = [info.names[0] for info in infos if info.group.working is chunk and info.has_grad]
@@ -383,8 +395,6 @@ class EngineHooks:
                 _accumulate(info, info.region_of(flat), grad)  # over several backwards
             if chunk.location is Location.DEVICE:
                 chunk.dirty = True
-            if info.num_users == 0:
-                info.state = TensorState.HOLD_AFTER_BWD
             if self.after_gradient is not None:
                 self.after_gradient(info)
 
@@ -393,8 +403,6 @@ class EngineHooks:
         (the weight's last use is over); the manager sums it over ranks into the shard."""
         region = info.region_of(self.manager.access(info.group.gathered))
         region.copy_(grad.reshape(-1))
-        if info.num_users == 0:
-            info.state = TensorState.HOLD_AFTER_BWD
         self.manager.note_gradient(info)
 
     def _queue_backward_end(self) -> None:

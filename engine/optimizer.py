@@ -65,7 +65,7 @@ import time
 
 import torch
 
-from engine.chunk import ChunkGroup, Location, TensorInfo, TensorState
+from engine.chunk import ChunkGroup, Location, TensorInfo
 from engine.device import device_capacity_bytes, host_adam_threads, to_device_without_sync
 from engine.hooks import SETTLED_GRAD_CHUNKS, SETTLED_IN_PLACE, SETTLED_PARAMS_AS_MASTERS
 from engine.host_adam import (AdamHyper, DeviceAdamPlan, GroupFlats, HostAdamWorker, HostUpdates, MastersPlan,
@@ -552,8 +552,6 @@ class HybridAdam(torch.optim.Optimizer):
         for group in groups:
             for info in group.tensors:
                 info.has_grad = False
-                if info.num_users == 0:
-                    info.state = TensorState.HOLD
 
 
 def _norm_of(per_device: dict[torch.device, list[torch.Tensor]], compute_device: torch.device) -> torch.Tensor:

@@ -151,6 +151,31 @@ def test_fp32_matches_plain_pytorch_with_evictions_every_step(kind):
         assert reference.frozen.weight.grad is None
 
 
+def test_moved_parameters_stay_themselves_and_view_their_chunks_current_buffer():
+    """A move re-points each parameter in place (chunk_manager._repoint): the same Parameter
+    object (its autograd accumulator and hooks with it), its storage the chunk's buffer where the chunk is now, at its
+    offset; and no chunk is left counted as in use once a step is over."""
+    model, optimizer, _ = build_pair("gpt", engine_config())
+    params = {name: param for name, param in model.module.named_parameters()}
+    manager = model._rt.manager
+    num_steps = 3
+    for x, y in batches("gpt", num_steps):
+        engine_step(model, optimizer, x, y)
+    assert model.chunk_stats()["step_evictions"] > 0
+    for name, param in model.module.named_parameters():
+        assert param is params[name], name
+    for group in manager.groups:
+        chunk = group.working
+        assert chunk.num_tensors_in_compute == 0 and chunk.num_pins == 0, chunk
+        for info in group.tensors:
+            if chunk.location.value == "host" and manager.copier.is_cuda:
+                continue  # a placeholder on the device
+            flat = chunk.flat
+            assert info.param.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+            assert info.param.storage_offset() == flat.storage_offset() + info.offset
+            assert info.param.shape == info.shape and info.param.is_contiguous()
+
+
 def test_bf16_matches_mixed_precision_reference():
     """bf16 compute weights cast from fp32 masters, fp32 AdamW on the masters.
 
