@@ -1,6 +1,6 @@
 """The engine's own cost on CPU: pstar's step time over plain PyTorch's, same model, one process.
 
-    python -m benchmarks.overhead                 # the default shapes, about a minute on 2 cores
+    python -m benchmarks.overhead                 # the default shapes, a few minutes on 2 cores
     python -m benchmarks.overhead --steps 5 --shapes tiny
     python -m benchmarks.overhead --threads 1        # steadier where other jobs share the cores
 

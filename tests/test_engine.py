@@ -176,6 +176,41 @@ def test_moved_parameters_stay_themselves_and_view_their_chunks_current_buffer()
             assert info.param.shape == info.shape and info.param.is_contiguous()
 
 
+def test_saved_weights_are_kept_as_places_in_their_chunks_and_activations_as_themselves():
+    """The saved-tensor hook (hooks._pack) stores a weight as its place in its chunk, found from the
+    parameter or an autograd view of it, or through its storage for a tensor that shares it without
+    being a view (`.detach()`); an activation is kept as it is. The place is checked against the
+    chunk's current buffer: on a CUDA run a parameter of an evicted chunk views a placeholder."""
+    from engine.hooks import ChunkRef
+
+    model, optimizer, _ = build_pair("gpt", engine_config())
+    for x, y in batches("gpt", 2):
+        engine_step(model, optimizer, x, y)
+    hooks, manager = model._rt.hooks, model._rt.manager
+    info = next(i for g in manager.groups for i in g.tensors if len(i.shape) == 2)
+    chunk = info.group.working
+    manager.access(chunk)
+    weight = info.param
+    for tensor in (weight, weight.t(), weight.t()[1:], weight.detach()):
+        packed = hooks._pack(tensor)
+        assert type(packed) is ChunkRef and packed.chunk is chunk, tensor.shape
+        assert packed.storage_offset == tensor.storage_offset() and packed.stride == tensor.stride()
+        # what unpacking rebuilds from the chunk's buffer (outside a backward, without the pin)
+        assert torch.equal(chunk.flat.as_strided(packed.size, packed.stride, packed.storage_offset), tensor)
+    activation = weight * 2
+    assert hooks._pack(activation) is activation or hooks._pack(activation).tensor is activation
+    placeholder = torch.full(weight.shape, float("nan"))
+    with torch.no_grad():
+        weight_storage = (weight.untyped_storage(), weight.storage_offset(), weight.shape, weight.stride())
+        weight.set_(placeholder)
+    try:
+        kept = hooks._pack(weight)
+        assert type(kept) is not ChunkRef  # not the chunk's buffer: left as it is, to read as NaN
+    finally:
+        with torch.no_grad():
+            weight.set_(*weight_storage)
+
+
 def test_bf16_matches_mixed_precision_reference():
     """bf16 compute weights cast from fp32 masters, fp32 AdamW on the masters.
 
