@@ -334,25 +334,30 @@ class EngineHooks:
     # ---- saved tensors -------------------------------------------------------------------
 
     def _pack(self, tensor: torch.Tensor):
-        # A weight is saved as the parameter itself or as an autograd view of it (`weight.t()`):
-        # found by identity, and its storage checked by address (a parameter of an evicted chunk
-        # points at a placeholder instead, which must stay as it is and fail loudly). Any other
-        # tensor in a chunk's storage shares it without being a view (`.detach()`, `.data`) and so
-        # does not require grad; only those are looked up by storage, which for the many
-        # activations would cost a storage object each.
+        chunk = self._chunk_holding(tensor)
+        if chunk is not None:
+            return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride())
+        return self.manager.tracer.track_saved(tensor)
+
+    def _chunk_holding(self, tensor: torch.Tensor) -> Chunk | None:
+        """The chunk whose current buffer a saved tensor lives in, if any.
+
+        A weight is saved as the parameter itself or as an autograd view of it (`weight.t()`):
+        found by identity, its address checked against the buffer (a parameter of an evicted chunk
+        points at a placeholder instead, which must stay as it is and fail loudly). Any other tensor
+        in a chunk's storage shares it without being a view (`.detach()`, `.data`) and so does not
+        require grad; only those are looked up by storage, which for the many activations would
+        cost a storage object each."""
         base = tensor._base
         info = self.infos.get(id(tensor if base is None else base))
-        if info is not None:
-            chunk = info.group.working
-            flat = chunk.device_flat if chunk.location is Location.DEVICE else chunk.host_flat
-            if (flat is not None and tensor.dtype == chunk.dtype
-                    and 0 <= tensor.data_ptr() - flat.data_ptr() < chunk.nbytes):
-                return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride())
-        elif not tensor.requires_grad:
-            chunk = self.manager.chunk_of(tensor)
-            if chunk is not None:
-                return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride())
-        return self.manager.tracer.track_saved(tensor)
+        if info is None:
+            return None if tensor.requires_grad else self.manager.chunk_of(tensor)
+        chunk = info.group.working
+        flat = chunk.device_flat if chunk.location is Location.DEVICE else chunk.host_flat
+        if (flat is None or tensor.dtype != chunk.dtype
+                or not 0 <= tensor.data_ptr() - flat.data_ptr() < chunk.nbytes):
+            return None
+        return chunk
 
     def _unpack(self, packed):
         if type(packed) is ChunkRef:
