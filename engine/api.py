@@ -147,6 +147,7 @@ class EngineModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
+        self._hooks.begin_forward()
         if self._hooks.settled:
             self._hooks.refuse_forward_over_gradients()
         self._rt.begin_forward()

@@ -8,17 +8,20 @@
   that lives in a chunk (a weight, or a view such as `weight.t()`) is stored as a reference to its
   place in the chunk, not as the tensor. When backward unpacks it, the chunk is made resident and
   pinned for that autograd node, and the reference becomes a view of the chunk's buffer wherever it
-  is now. Chunks can therefore move between forward and backward. (Autograd skips its version check
+  is now; a saved parameter is returned as itself, since a move points it at the chunk's current
+  buffer in place. Chunks can therefore move between forward and backward. (Autograd skips its version check
   for tensors that go through these hooks, which is what lets gradients be written into a chunk
   while other tensors of it are still saved.)
 - Post-accumulate-grad hooks: once a parameter's gradient is final for this backward (all its uses
-  are done; tied parameters accumulate first), it is written into the param chunk in place of the
-  weight (or added to the grad chunk with gradient accumulation) and `param.grad` is dropped. With
-  several ranks it is written over the weight in the gathered chunk, and the chunk manager reduces
-  the chunk's gradients over ranks into this rank's shard once the chunk's backward is over.
-  The optimizer's part (counting a host group's gradients, engine/host_adam.py) is called from this
-  same hook (`after_gradient`), inside its lock: a second hook per parameter would look the
-  parameter up and take the lock again for every gradient.
+  are done; tied parameters accumulate first), the hook takes it from `param.grad` and keeps it.
+  Gradients arrive a chunk at a time, so they are written a chunk at a time (`_write_gradients`):
+  into the param chunk in place of the weights (or added to the grad chunk with gradient
+  accumulation), one foreach copy for the run of gradients of one chunk, when a gradient of
+  another chunk arrives, before a saved tensor of another chunk is used, and at the end of
+  backward. The optimizer is told once per such run (`after_gradients`: it counts a host group's
+  gradients, engine/host_adam.py). With several ranks each gradient is written at once over its
+  weight in the gathered chunk, and the chunk manager reduces the chunk's gradients over ranks
+  into this rank's shard once the chunk's backward is over.
 - A callback queued on the autograd engine marks the end of each backward.
 - Settled (`settle`, chosen by the optimizer after placement when nothing can move any more: one
   rank, every chunk resident on the device for good, every optimizer group on the device): the
@@ -62,7 +65,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from engine.chunk import Chunk, Location, TensorInfo
+from engine.chunk import Chunk, ChunkGroup, Location, TensorInfo
 from engine.chunk_manager import ChunkManager
 from engine.device import to_device_without_sync
 from engine.errors import EngineError
@@ -77,13 +80,17 @@ SETTLED_PARAMS_AS_MASTERS = "params as masters"
 
 
 class ChunkRef:
-    """Where a saved tensor lives inside a chunk (element offsets within the chunk's buffer).
-    A plain slotted class: one is made for every weight autograd saves, every step."""
+    """Where a saved tensor lives inside a chunk (element offsets within the chunk's buffer), and
+    the parameter itself when that is what was saved (it is pointed at the chunk's buffer wherever
+    the chunk is, so unpacking returns it and makes no view). A plain slotted class: one is made
+    for every weight autograd saves, every step."""
 
-    __slots__ = ("chunk", "storage_offset", "size", "stride")
+    __slots__ = ("chunk", "storage_offset", "size", "stride", "param")
 
-    def __init__(self, chunk: Chunk, storage_offset: int, size: torch.Size, stride: tuple[int, ...]):
+    def __init__(self, chunk: Chunk, storage_offset: int, size: torch.Size, stride: tuple[int, ...],
+                 param: nn.Parameter | None = None):
         self.chunk, self.storage_offset, self.size, self.stride = chunk, storage_offset, size, stride
+        self.param = param
 
 
 class EngineHooks:
@@ -104,6 +111,9 @@ class EngineHooks:
         self._plans: dict[nn.Module, tuple[int, list]] = {}  # see _by_chunk
         self._pinned: list[Chunk] = []
         self._pinned_node = None  # the autograd node the pinned chunks are pinned for
+        # gradients of one grad chunk that arrived and are not written yet (_write_gradients)
+        self._grads_chunk: Chunk | None = None
+        self._grads: list[tuple[TensorInfo, torch.Tensor]] = []
         self._backward_end_queued = False
         self._handles: list = []
         self.read_outside: list[TensorInfo] = []  # parameters read outside their modules' hooks
@@ -114,9 +124,9 @@ class EngineHooks:
         self.settled = False  # nothing moves any more: the lean hooks only (module doc)
         self.grads_in_place = False  # settled: a backward wrote gradients that no step consumed yet
         self.compiled_blocks = 0
-        # The optimizer's part of a gradient's arrival (one rank, before settling): called with the
-        # TensorInfo once the gradient is in its chunk, under the manager's lock.
-        self.after_gradient: Callable[[TensorInfo], None] | None = None
+        # The optimizer's part of gradients' arrival (one rank, before settling): called with the
+        # chunk group and how many gradients were just written into its chunk, under the lock.
+        self.after_gradients: Callable[[ChunkGroup, int], None] | None = None
         self.settled_mode: str | None = None  # settled: one of the SETTLED_* ways below
         # settled with gradients left in .grad: (info, its place in the fp32 grad chunk, or None
         # where the step uses `.grad` itself) of every trainable parameter, in the model's
@@ -175,7 +185,7 @@ class EngineHooks:
         bind each gradient hook to its gradient's place, or leave gradients to autograd (module
         doc); then compile the blocks if asked. `order`: the parameters() order. With
         SETTLED_PARAMS_AS_MASTERS the caller has made each param chunk its group's master.
-        `after_gradient` is not called from here on: settled, no host group waits for gradients."""
+        `after_gradients` is not called from here on: settled, no host group waits for gradients."""
         for handle in self._module_handles + self._grad_handles:
             handle.remove()
         self._module_handles, self._grad_handles = [], []
@@ -336,7 +346,8 @@ class EngineHooks:
     def _pack(self, tensor: torch.Tensor):
         chunk = self._chunk_holding(tensor)
         if chunk is not None:
-            return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride())
+            return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride(),
+                            tensor if isinstance(tensor, nn.Parameter) else None)
         return self.manager.tracer.track_saved(tensor)
 
     def _chunk_holding(self, tensor: torch.Tensor) -> Chunk | None:
@@ -360,20 +371,26 @@ class EngineHooks:
         return chunk
 
     def _unpack(self, packed):
-        if type(packed) is ChunkRef:
-            chunk = packed.chunk
-            manager = self.manager
-            with manager.lock:
-                self._pin_for_current_node(chunk)
-                flat = manager.access(chunk)
-            return flat.as_strided(packed.size, packed.stride, packed.storage_offset)
-        tensor = getattr(packed, "tensor", None)  # the memory tracer's wrapper during warm-up
-        return tensor if tensor is not None else packed
+        if type(packed) is not ChunkRef:
+            tensor = getattr(packed, "tensor", None)  # the memory tracer's wrapper during warm-up
+            return tensor if tensor is not None else packed
+        chunk = packed.chunk
+        manager = self.manager
+        with manager.lock:
+            if self._grads_chunk is not None and self._grads_chunk is not chunk:
+                self._write_gradients()  # before another chunk's fetch may evict that one
+            self._pin_for_current_node(chunk)
+            flat = manager.access(chunk)
+        if packed.param is not None:
+            return packed.param  # pointed at the buffer `access` made resident
+        return flat.as_strided(packed.size, packed.stride, packed.storage_offset)
 
     def _pin_for_current_node(self, chunk: Chunk) -> None:
         """Keep `chunk` resident while the autograd node now running uses it."""
-        self._queue_backward_end()
-        self._switch_node()
+        if not self._backward_end_queued:
+            self._queue_backward_end()
+        if torch._C._current_autograd_node() is not self._pinned_node:
+            self._switch_node()
         if not chunk.group.host_only:
             chunk.num_pins += 1
             self._pinned.append(chunk)
@@ -397,26 +414,79 @@ class EngineHooks:
     def _on_grad(self, param: nn.Parameter) -> None:
         info = self.infos[id(param)]
         grad = param.grad
-        param.grad = None  # the chunk holds it from here on; free the separate tensor
+        param.grad = None  # the chunk holds it from here on (once written; see _write_gradients)
         with self.manager.lock:
-            self._queue_backward_end()
-            self._switch_node()
+            if not self._backward_end_queued:
+                self._queue_backward_end()
             group = info.group
             if group.gathered is not None:
+                self._switch_node()
                 self._write_grad_for_reduction(info, grad)
                 return
-            chunk = group.grad_chunk
-            flat = self.manager.access(chunk)
-            if chunk is group.param and not torch.is_grad_enabled():
-                # The parameter is a view of that buffer (the manager points it there): written
-                # through it, no view of the chunk is made per gradient.
-                _accumulate(info, param, grad)
-            else:
-                _accumulate(info, info.region_of(flat), grad)  # over several backwards
-            if chunk.location is Location.DEVICE:
-                chunk.dirty = True
-            if self.after_gradient is not None:
-                self.after_gradient(info)
+            chunk = group.grad if group.grad is not None else group.param
+            if chunk is not self._grads_chunk:
+                self._write_gradients()
+                self._grads_chunk = chunk
+            self._grads.append((info, grad))
+
+    def begin_forward(self) -> None:
+        """The engine model's forward starts (outside any backward). A backward that raised never
+        ran its end-of-backward callback: what it does for the hooks is done here (gradients kept
+        by their hooks written as they would have been, pins let go), and the next backward queues
+        a callback again."""
+        if self._backward_end_queued and torch._C._current_autograd_node() is None:
+            with self.manager.lock:
+                self._backward_end_queued = False
+                self._write_gradients()
+                self._unpin_all()
+
+    def write_pending_gradients(self) -> None:
+        """Gradients kept by their hooks and not written yet (a backward that raised), written as
+        their hooks would have: before step() or zero_grad() reads the chunks."""
+        if self._grads_chunk is not None:
+            with self.manager.lock:
+                self._write_gradients()
+
+    def _write_gradients(self) -> None:
+        """The gradients that arrived for one grad chunk, written into it at once (lock held).
+
+        Gradients arrive a chunk at a time (a chunk's tensors are neighbours in the model), so the
+        hook of each parameter only keeps its gradient, and the chunk is fetched, the gradients
+        copied (one foreach copy, or add over several backwards) and the optimizer told, once per
+        run of gradients of one chunk: when a gradient of another chunk arrives, before a saved
+        tensor of another chunk is used, and at the end of backward. A gradient is final when its
+        hook runs, so writing it later (over its weight, in the param chunk) is as safe as at once;
+        what is kept meanwhile is at most one chunk's gradients."""
+        chunk, pending = self._grads_chunk, self._grads
+        if chunk is None:
+            return
+        self._grads_chunk, self._grads = None, []
+        self._switch_node()
+        flat = self.manager.access(chunk)
+        # The parameters of a param chunk are views of its buffer (the manager points them
+        # there): written through them, no view is made per gradient. In a backward that builds
+        # a graph (create_graph) a parameter may not be written in place: its region is.
+        through_params = chunk is chunk.group.param and not torch.is_grad_enabled()
+        copies: tuple[list, list] = ([], [])
+        adds: tuple[list, list] = ([], [])
+        for info, grad in pending:
+            place = info.param if through_params else info.region_of(flat)
+            if place.shape != grad.shape:
+                grad = grad.reshape(place.shape)
+            places, grads = adds if info._has_grad else copies
+            places.append(place)
+            grads.append(grad)
+        if copies[0]:
+            torch._foreach_copy_(*copies)
+        if adds[0]:
+            torch._foreach_add_(*adds)
+        if chunk.location is Location.DEVICE:
+            chunk.dirty = True
+        for info, _ in pending:
+            if not info._has_grad:
+                info.has_grad = True
+        if self.after_gradients is not None:
+            self.after_gradients(chunk.group, len(pending))
 
     def _write_grad_for_reduction(self, info: TensorInfo, grad: torch.Tensor) -> None:
         """Several ranks: this rank's whole gradient goes over the weight in the gathered chunk
@@ -433,6 +503,7 @@ class EngineHooks:
     def _backward_finished(self) -> None:
         with self.manager.lock:
             self._backward_end_queued = False
+            self._write_gradients()
             self._unpin_all()
         self.on_backward_end()
 

@@ -396,15 +396,14 @@ class HostUpdates:
 
     # ---- during backward ---------------------------------------------------------------------
 
-    def on_gradient(self, info: TensorInfo) -> ChunkGroup | None:
-        """Count a gradient written into its chunk; returns the group when it is complete."""
-        group = info.group
+    def on_gradients(self, group: ChunkGroup, count: int) -> bool:
+        """Count `count` gradients written into the group's chunk; True when that completes it."""
         expected = self._expected.get(id(group))
         if expected is None or id(group) in self._streamed:
-            return None  # (a streamed group's gradients stay on the device)
-        arrived = self._arrived.get(id(group), 0) + 1
-        self._arrived[id(group)] = arrived
-        return group if arrived == expected else None
+            return False  # (a streamed group's gradients stay on the device)
+        before = self._arrived.get(id(group), 0)
+        self._arrived[id(group)] = before + count
+        return before < expected <= before + count
 
     def start_in_backward(self, group: ChunkGroup) -> bool:
         """Start the download of a complete group's gradients; False if its chunk was evicted

@@ -56,6 +56,9 @@ class MemoryTracer:
         self.tracing = False
         self.finished = False
         self._saved: dict[int, list[int]] = {}  # CPU: storage pointer -> [references, bytes]
+        # Finished: the chunk budget of every moment, worked out once (`_moment_budgets`), for the
+        # budget and the foreign bytes it was worked out with
+        self._budgets: tuple[tuple[int, int], list[int]] | None = None
         self._live_saved_bytes = 0
         self._peak_saved_bytes = 0
 
@@ -65,6 +68,7 @@ class MemoryTracer:
 
     def start(self, device_chunk_bytes: int) -> None:
         self.tracing = True
+        self._budgets = None
         self.non_model_bytes.clear()
         self.chunk_bytes_device.clear()
         if self.is_cuda:
@@ -79,12 +83,14 @@ class MemoryTracer:
     def forget(self) -> None:
         """Drop the trace (the layout changed): the next forward traces a new warm-up."""
         self.tracing = False
+        self._budgets = None
         self.finished = False
         self.non_model_bytes.clear()
         self.chunk_bytes_device.clear()
 
     def finish(self) -> None:
         self.tracing = False
+        self._budgets = None
         self.finished = True
 
     def on_moment(self, moment: int, device_chunk_bytes: int) -> None:
@@ -108,17 +114,32 @@ class MemoryTracer:
 
     def chunk_budget_bytes(self, moment: int | None) -> int:
         """Bytes the chunks may occupy on the device at `moment` (None: outside forward/backward)."""
+        if moment is not None and self.finished and self.non_model_bytes:
+            budgets = self._budgets
+            if budgets is None or budgets[0] != (self.device_budget_bytes, self.outside_bytes):
+                budgets = self._budgets = self._moment_budgets()
+            table = budgets[1]
+            return table[min(max(moment, 0), len(table) - 1)]
+        budget = self._whole_budget()
+        return budget if self.finished else int(budget * self.warmup_ratio)
+
+    def _whole_budget(self) -> int:
         budget = self.device_budget_bytes
         if self.budget_shared_with_others:
             budget -= self.outside_bytes
-        if not self.finished:
-            return int(budget * self.warmup_ratio)
-        if moment is None or not self.non_model_bytes:
-            return budget
-        moment = min(max(moment, 0), len(self.non_model_bytes) - 1)
-        after = min(moment + 1, len(self.non_model_bytes) - 1)
-        reserved = max(self.non_model_bytes[moment], self.non_model_bytes[after])
-        return max(0, budget - reserved)
+        return budget
+
+    def _moment_budgets(self) -> tuple[tuple[int, int], list[int]]:
+        budget, measured = self._whole_budget(), self.non_model_bytes
+        last = len(measured) - 1
+        table = [max(0, budget - max(measured[moment], measured[min(moment + 1, last)]))
+                 for moment in range(len(measured))]
+        return (self.device_budget_bytes, self.outside_bytes), table
+
+    def agree(self, non_model_bytes: list[int]) -> None:
+        """Replace the measured bytes per moment with those all ranks agreed on."""
+        self.non_model_bytes[:] = non_model_bytes
+        self._budgets = None
 
     def track_saved(self, tensor: torch.Tensor):
         """CPU warm-up: count a tensor autograd keeps for backward; returns what to store instead."""

@@ -154,7 +154,7 @@ class HybridAdam(torch.optim.Optimizer):
         self._step_hypers: list[AdamHyper] = []
         # Called by the engine's own gradient hook once a gradient is in its chunk, under its lock
         # (engine/hooks.py): one hook per parameter and backward, not two.
-        runtime.hooks.after_gradient = self._on_gradient
+        runtime.hooks.after_gradients = self._on_gradients
 
     @property
     def loss_scale(self) -> float:
@@ -166,6 +166,7 @@ class HybridAdam(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard the gradients since the last step, as torch does: nothing was applied yet."""
         with self._rt.manager.lock:
+            self._rt.hooks.write_pending_gradients()  # (a backward that raised left them unwritten)
             groups = self._groups_with_grads()
             self._host.cancel()  # gradients that went down during backward are not used
             if not self._rt.grad_accumulation:
@@ -179,6 +180,7 @@ class HybridAdam(torch.optim.Optimizer):
             raise NotImplementedError("HybridAdam.step does not take a closure")
         rt = self._rt
         with rt.manager.lock:
+            rt.hooks.write_pending_gradients()  # (a backward that raised left them unwritten)
             self._host.finish()  # the last step's host updates (the forward waited for most)
             if rt.hooks.grad_places:  # settled: the gradients autograd left in .grad
                 self._taken_infos, self._taken = rt.hooks.take_gradients()
@@ -309,16 +311,15 @@ class HybridAdam(torch.optim.Optimizer):
 
     # ---- host groups' gradients during backward ----------------------------------------------
 
-    def _on_gradient(self, info: TensorInfo) -> None:
-        """A parameter's gradient is in its chunk (one rank; the manager's lock is held): start its
-        host group's download if complete."""
+    def _on_gradients(self, group: ChunkGroup, count: int) -> None:
+        """`count` more gradients of a chunk group are in its chunk (one rank; the manager's lock is
+        held): start the group's download if it is complete."""
         rt = self._rt
         if not (self.overlap_backward and rt.optimizer_placed and rt.manager.in_fwd_bwd):
             return
         if rt.num_micro_steps + 1 < rt.config.gradient_accumulation_steps:
             return  # accumulating: only the last micro-batch's backward makes gradients final
-        group = self._host.on_gradient(info)
-        if group is not None:
+        if self._host.on_gradients(group, count):
             self._host.start_in_backward(group)
 
     def state_dict(self) -> dict:

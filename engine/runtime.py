@@ -115,7 +115,7 @@ class EngineRuntime:
             raise EngineError(f"the ranks recorded between {fewest} and {most} chunk accesses in the "
                               "warm-up step: every rank must run the same model on batches of the "
                               "same shape")
-        measured[:] = self.comm.agree_max(measured)
+        self.tracer.agree(self.comm.agree_max(measured))
 
     # ---- timings -------------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ chunk are one moment. After warm-up each step is expected to repeat that order, 
 chunk's next use is known: Belady's rule evicts the resident chunk whose next use is farthest away,
 and prefetch uploads the next chunk the schedule names before it is asked for.
 
+What every access would otherwise work out again is worked out once per recording: the chunks of the
+moments just ahead of each moment (prefetch), and, in engine/memory_tracer.py, each moment's budget.
+
 A step that departs from the recorded order (data-dependent control flow) stays correct: the position
 re-synchronises on the next matching access and, until then, the choices are merely less good.
 """
@@ -30,6 +33,9 @@ class AccessSchedule:
         self.position = -1  # moment of the latest access in the current forward + backward
         self._clock = 0  # warm-up only: LRU order when no schedule exists yet
         self._last_used: dict[int, int] = {}
+        # Recorded: for a window of moments, the chunks of the moments after each one, without
+        # repeats (`upcoming`), worked out once per recording instead of at every access.
+        self._upcoming: dict[int, list[tuple[int, ...]]] = {}
 
     @property
     def num_moments(self) -> int:
@@ -46,6 +52,7 @@ class AccessSchedule:
         self.recording = False
         self.recorded = True
         self._uses = {}
+        self._upcoming = {}
         for moment, chunk_id in enumerate(self.order):
             self._uses.setdefault(chunk_id, []).append(moment)
 
@@ -53,6 +60,7 @@ class AccessSchedule:
         """Drop the recording (the layout changed): the next forward records a new warm-up."""
         self.order.clear()
         self._uses = {}
+        self._upcoming = {}
         self.recording = False
         self.recorded = False
         self.position = -1
@@ -64,19 +72,23 @@ class AccessSchedule:
 
     def on_access(self, chunk_id: int) -> int:
         """Advance to the moment of this access (recording it during warm-up); returns the moment."""
+        if self.recorded and not self.recording:
+            self.position = self._resync(chunk_id)
+            return self.position
         self._clock += 1
         self._last_used[chunk_id] = self._clock
         if self.recording:
             if not self.order or self.order[-1] != chunk_id:
                 self.order.append(chunk_id)
             self.position = len(self.order) - 1
-        elif self.recorded:
-            self.position = self._resync(chunk_id)
         return self.position
 
     def _resync(self, chunk_id: int) -> int:
-        if 0 <= self.position < len(self.order) and self.order[self.position] == chunk_id:
-            return self.position
+        order, position = self.order, self.position
+        if position + 1 < len(order) and order[position + 1] == chunk_id:
+            return position + 1  # the step follows the recording (the common case)
+        if 0 <= position < len(order) and order[position] == chunk_id:
+            return position
         uses = self._uses.get(chunk_id)
         if not uses:
             return self.position
@@ -98,16 +110,22 @@ class AccessSchedule:
             return uses[i] - self.position
         return uses[0] + len(self.order) - self.position
 
-    def upcoming(self, max_moments: int) -> list[int]:
+    def upcoming(self, max_moments: int) -> tuple[int, ...]:
         """Chunk ids of the next moments after the current one, in order, without repeats."""
         if not self.recorded or self.position < 0:
-            return []
+            return ()
+        table = self._upcoming.get(max_moments)
+        if table is None:
+            table = self._upcoming[max_moments] = [self._distinct_after(moment, max_moments)
+                                                   for moment in range(len(self.order))]
+        return table[self.position] if self.position < len(table) else ()
+
+    def _distinct_after(self, moment: int, max_moments: int) -> tuple[int, ...]:
         seen: list[int] = []
-        end = min(len(self.order), self.position + 1 + max_moments)
-        for chunk_id in self.order[self.position + 1:end]:
+        for chunk_id in self.order[moment + 1:moment + 1 + max_moments]:
             if chunk_id not in seen:
                 seen.append(chunk_id)
-        return seen
+        return tuple(seen)
 
     def eviction_order(self, candidates: list[Chunk]) -> list[Chunk]:
         """Belady: the chunk whose next use is farthest away first; with several ranks, gathered

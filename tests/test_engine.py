@@ -576,6 +576,57 @@ def test_forward_after_backward_without_step_is_refused():
     model(x, y)
 
 
+class _FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("a backward that fails halfway")
+
+
+def test_a_backward_that_raises_halfway_loses_nothing_and_training_goes_on_as_in_torch():
+    """Gradient hooks keep each gradient until the run of gradients of its chunk is written at once
+    (hooks._write_gradients). A backward that raises halfway never reaches its end-of-backward
+    callback: the gradients kept by then must not be written later over weights that zero_grad()
+    restored, the pins of the failed backward must be let go, and the next backwards must end as
+    usual. Afterwards training matches plain PyTorch, which simply drops the partial gradients."""
+    cfg = engine_config()
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    armed = [False]
+
+    def fail_below(module, args, output):  # the first block's backward raises: the later blocks' gradients exist
+        return _FailsInBackward.apply(output) if armed[0] else output
+
+    for net in (model.module, reference):
+        net.blocks[0].register_forward_hook(fail_below)
+    data = list(batches("gpt", 6))
+    for step, (x, y) in enumerate(data):
+        if step == 3:  # a chunk's gradients are kept by their hooks when the backward raises
+            armed[0] = True
+            with pytest.raises(RuntimeError, match="fails halfway"):
+                model.backward(model(x, y))
+            assert model._hooks._grads, "no gradient was kept when the backward raised"
+            with pytest.raises(RuntimeError, match="fails halfway"):
+                reference(x, y).backward()
+            armed[0] = False
+            optimizer.zero_grad()
+            ref_opt.zero_grad()
+        ends = model._rt.num_backward_ends
+        optimizer.zero_grad()
+        model(x, y).backward()  # torch's own call: only autograd's callback ends the backward
+        assert model._rt.num_backward_ends == ends + 1, step
+        optimizer.step()
+        ref_opt.zero_grad()
+        reference(x, y).backward()
+        ref_opt.step()
+        assert all(chunk.num_pins == 0 for chunk in model._rt.manager.chunks), step
+    assert model.chunk_stats()["step_evictions"] > 0
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
 def test_each_backward_ends_once_even_when_it_reaches_no_chunk():
     """The end of a backward (with several ranks: the wait for its gradient reductions) runs once
     per model.backward(), from autograd's callback, or from backward() when the graph touches no
