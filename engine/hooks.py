@@ -16,9 +16,9 @@
   are done; tied parameters accumulate first), the hook takes it from `param.grad` and keeps it.
   Gradients arrive a chunk at a time, so they are written a chunk at a time (`_write_gradients`):
   into the param chunk in place of the weights (or added to the grad chunk with gradient
-  accumulation), one foreach copy for the run of gradients of one chunk, when a gradient of
-  another chunk arrives, before a saved tensor of another chunk is used, and at the end of
-  backward. The optimizer is told once per such run (`after_gradients`: it counts a host group's
+  accumulation), one foreach copy for the run of gradients of one chunk, once its last gradient
+  arrives (or, where a tensor got none, when another chunk's gradient or saved tensor comes, or at
+  the end of backward). The optimizer is told once per such run (`after_gradients`: it counts a host group's
   gradients, engine/host_adam.py). With several ranks each gradient is written at once over its
   weight in the gathered chunk, and the chunk manager reduces the chunk's gradients over ranks
   into this rank's shard once the chunk's backward is over.
@@ -114,6 +114,7 @@ class EngineHooks:
         # gradients of one grad chunk that arrived and are not written yet (_write_gradients)
         self._grads_chunk: Chunk | None = None
         self._grads: list[tuple[TensorInfo, torch.Tensor]] = []
+        self._trainable_counts: tuple[int, dict[ChunkGroup, int]] = (-1, {})  # see _trainable_in
         self._backward_end_queued = False
         self._handles: list = []
         self.read_outside: list[TensorInfo] = []  # parameters read outside their modules' hooks
@@ -427,7 +428,23 @@ class EngineHooks:
             if chunk is not self._grads_chunk:
                 self._write_gradients()
                 self._grads_chunk = chunk
-            self._grads.append((info, grad))
+            grads = self._grads
+            grads.append((info, grad))
+            if len(grads) == self._trainable_in(group):
+                # the chunk's last gradient: written at once, so that a host group's download
+                # starts as soon as it can
+                self._write_gradients()
+
+    def _trainable_in(self, group: ChunkGroup) -> int:
+        """How many of the group's tensors get gradients (worked out once per layout)."""
+        version, counts = self._trainable_counts
+        if version != self.manager.layout_version:
+            counts = {}
+            self._trainable_counts = (self.manager.layout_version, counts)
+        count = counts.get(group)
+        if count is None:
+            count = counts[group] = sum(info.requires_grad for info in group.tensors)
+        return count
 
     def begin_forward(self) -> None:
         """The engine model's forward starts (outside any backward). A backward that raised never
@@ -453,8 +470,9 @@ class EngineHooks:
         Gradients arrive a chunk at a time (a chunk's tensors are neighbours in the model), so the
         hook of each parameter only keeps its gradient, and the chunk is fetched, the gradients
         copied (one foreach copy, or add over several backwards) and the optimizer told, once per
-        run of gradients of one chunk: when a gradient of another chunk arrives, before a saved
-        tensor of another chunk is used, and at the end of backward. A gradient is final when its
+        run of gradients of one chunk: when the last of the chunk's gradients arrives, or else (a
+        tensor without a gradient this time) when a gradient of another chunk arrives, before a
+        saved tensor of another chunk is used, and at the end of backward. A gradient is final when its
         hook runs, so writing it later (over its weight, in the param chunk) is as safe as at once;
         what is kept meanwhile is at most one chunk's gradients."""
         chunk, pending = self._grads_chunk, self._grads
