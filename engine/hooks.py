@@ -9,19 +9,19 @@
   place in the chunk, not as the tensor. When backward unpacks it, the chunk is made resident and
   pinned for that autograd node, and the reference becomes a view of the chunk's buffer wherever it
   is now; a saved parameter is returned as itself, since a move points it at the chunk's current
-  buffer in place. Chunks can therefore move between forward and backward. (Autograd skips its version check
-  for tensors that go through these hooks, which is what lets gradients be written into a chunk
-  while other tensors of it are still saved.)
+  buffer in place. Chunks can therefore move between forward and backward. (Autograd skips its
+  version check for tensors that go through these hooks, which is what lets gradients be written
+  into a chunk while other tensors of it are still saved.)
 - Post-accumulate-grad hooks: once a parameter's gradient is final for this backward (all its uses
   are done; tied parameters accumulate first), the hook takes it from `param.grad` and keeps it.
   Gradients arrive a chunk at a time, so they are written a chunk at a time (`_write_gradients`):
   into the param chunk in place of the weights (or added to the grad chunk with gradient
   accumulation), one foreach copy for the run of gradients of one chunk, once its last gradient
   arrives (or, where a tensor got none, when another chunk's gradient or saved tensor comes, or at
-  the end of backward). The optimizer is told once per such run (`after_gradients`: it counts a host group's
-  gradients, engine/host_adam.py). With several ranks each gradient is written at once over its
-  weight in the gathered chunk, and the chunk manager reduces the chunk's gradients over ranks
-  into this rank's shard once the chunk's backward is over.
+  the end of backward). The optimizer is told once per such run (`after_gradients`: it counts a
+  host group's gradients, engine/host_adam.py). With several ranks each gradient is written at once
+  over its weight in the gathered chunk, and the chunk manager reduces the chunk's gradients over
+  ranks into this rank's shard once the chunk's backward is over.
 - A callback queued on the autograd engine marks the end of each backward.
 - Settled (`settle`, chosen by the optimizer after placement when nothing can move any more: one
   rank, every chunk resident on the device for good, every optimizer group on the device): the
@@ -472,9 +472,9 @@ class EngineHooks:
         copied (one foreach copy, or add over several backwards) and the optimizer told, once per
         run of gradients of one chunk: when the last of the chunk's gradients arrives, or else (a
         tensor without a gradient this time) when a gradient of another chunk arrives, before a
-        saved tensor of another chunk is used, and at the end of backward. A gradient is final when its
-        hook runs, so writing it later (over its weight, in the param chunk) is as safe as at once;
-        what is kept meanwhile is at most one chunk's gradients."""
+        saved tensor of another chunk is used, and at the end of backward. A gradient is final
+        when its hook runs, so writing it later (over its weight, in the param chunk) is as safe as
+        at once; what is kept meanwhile is at most one chunk's gradients."""
         chunk, pending = self._grads_chunk, self._grads
         if chunk is None:
             return
