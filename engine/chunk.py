@@ -214,6 +214,7 @@ class ChunkGroup:
     gathered: Chunk | None = None  # with several ranks: the whole param chunk while in use
     chunks: list[Chunk] = field(default_factory=list)
     num_grads: int = 0  # its tensors with has_grad set
+    num_trainable: int = 0  # its tensors that require grad (engine/hooks.py writes their gradients together)
     # The optimizer's spans of the group when every tensor has a gradient (engine/optimizer.py):
     # they stay the same while every step steps every tensor; None once that may have changed
     dense_spans: list | None = None
@@ -227,6 +228,7 @@ class ChunkGroup:
         for info in self.tensors:
             info.group = self
         self.num_grads = sum(info.has_grad for info in self.tensors)
+        self.num_trainable = sum(info.requires_grad for info in self.tensors)
 
     def view_args(self) -> list[tuple[TensorInfo, torch.Size, tuple[int, ...], int]]:
         """(info, shape, contiguous strides, offset) of each tensor: what its parameter's view into

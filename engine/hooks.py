@@ -114,7 +114,6 @@ class EngineHooks:
         # gradients of one grad chunk that arrived and are not written yet (_write_gradients)
         self._grads_chunk: Chunk | None = None
         self._grads: list[tuple[TensorInfo, torch.Tensor]] = []
-        self._trainable_counts: tuple[int, dict[ChunkGroup, int]] = (-1, {})  # see _trainable_in
         self._backward_end_queued = False
         self._handles: list = []
         self.read_outside: list[TensorInfo] = []  # parameters read outside their modules' hooks
@@ -424,27 +423,16 @@ class EngineHooks:
                 self._switch_node()
                 self._write_grad_for_reduction(info, grad)
                 return
-            chunk = group.grad if group.grad is not None else group.param
+            chunk = group.grad_chunk
             if chunk is not self._grads_chunk:
                 self._write_gradients()
                 self._grads_chunk = chunk
             grads = self._grads
             grads.append((info, grad))
-            if len(grads) == self._trainable_in(group):
+            if len(grads) == group.num_trainable:
                 # the chunk's last gradient: written at once, so that a host group's download
                 # starts as soon as it can
                 self._write_gradients()
-
-    def _trainable_in(self, group: ChunkGroup) -> int:
-        """How many of the group's tensors get gradients (worked out once per layout)."""
-        version, counts = self._trainable_counts
-        if version != self.manager.layout_version:
-            counts = {}
-            self._trainable_counts = (self.manager.layout_version, counts)
-        count = counts.get(group)
-        if count is None:
-            count = counts[group] = sum(info.requires_grad for info in group.tensors)
-        return count
 
     def begin_forward(self) -> None:
         """The engine model's forward starts (outside any backward). A backward that raised never

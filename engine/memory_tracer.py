@@ -56,9 +56,9 @@ class MemoryTracer:
         self.tracing = False
         self.finished = False
         self._saved: dict[int, list[int]] = {}  # CPU: storage pointer -> [references, bytes]
-        # Finished: the chunk budget of every moment, worked out once (`_moment_budgets`), for the
-        # budget and the foreign bytes it was worked out with
-        self._budgets: tuple[tuple[int, int], list[int]] | None = None
+        # Finished: the chunk budget of every moment, worked out once (`_moment_budgets`); dropped
+        # whenever what it comes from changes (a new trace, the ranks' agreed figures)
+        self._budgets: list[int] | None = None
         self._live_saved_bytes = 0
         self._peak_saved_bytes = 0
 
@@ -115,11 +115,9 @@ class MemoryTracer:
     def chunk_budget_bytes(self, moment: int | None) -> int:
         """Bytes the chunks may occupy on the device at `moment` (None: outside forward/backward)."""
         if moment is not None and self.finished and self.non_model_bytes:
-            budgets = self._budgets
-            if budgets is None or budgets[0] != (self.device_budget_bytes, self.outside_bytes):
-                budgets = self._budgets = self._moment_budgets()
-            table = budgets[1]
-            return table[min(max(moment, 0), len(table) - 1)]
+            if self._budgets is None:
+                self._budgets = self._moment_budgets()
+            return self._budgets[min(max(moment, 0), len(self._budgets) - 1)]
         budget = self._whole_budget()
         return budget if self.finished else int(budget * self.warmup_ratio)
 
@@ -129,12 +127,11 @@ class MemoryTracer:
             budget -= self.outside_bytes
         return budget
 
-    def _moment_budgets(self) -> tuple[tuple[int, int], list[int]]:
+    def _moment_budgets(self) -> list[int]:
         budget, measured = self._whole_budget(), self.non_model_bytes
         last = len(measured) - 1
-        table = [max(0, budget - max(measured[moment], measured[min(moment + 1, last)]))
-                 for moment in range(len(measured))]
-        return (self.device_budget_bytes, self.outside_bytes), table
+        return [max(0, budget - max(measured[moment], measured[min(moment + 1, last)]))
+                for moment in range(len(measured))]
 
     def agree(self, non_model_bytes: list[int]) -> None:
         """Replace the measured bytes per moment with those all ranks agreed on."""

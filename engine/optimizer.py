@@ -152,8 +152,8 @@ class HybridAdam(torch.optim.Optimizer):
         runtime.host_updates = self._host
         runtime.param_groups = self.param_groups
         self._step_hypers: list[AdamHyper] = []
-        # Called by the engine's own gradient hook once a gradient is in its chunk, under its lock
-        # (engine/hooks.py): one hook per parameter and backward, not two.
+        # Called by the engine's hooks once a run of a chunk's gradients is written, under the
+        # manager's lock (engine/hooks.py): once per chunk, not per gradient.
         runtime.hooks.after_gradients = self._on_gradients
 
     @property
