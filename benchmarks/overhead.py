@@ -15,13 +15,16 @@ host optimizer updates, which in training run on beside its next forward, are wa
 end of its own step here, so that they never run during (and slow) the plain step that follows:
 a figure on the safe side for pstar.
 
-pstar's extra time is split three ways. "copies" is the time its chunk copies took in the step
-(the engine's copier's own count; on a CPU a copy runs while it is issued). "optimizer" is what its
-optimizer phase (`step()`, with the host updates waited for) took beyond plain PyTorch's
-(`clip_grad_norm_` and AdamW), less the copies inside it: the host optimizer's worker in place of
-the fused step, the norm, the step's books. "rest" is the remainder, the forward's and backward's
-bookkeeping: the module, saved-tensor and gradient hooks, the chunk manager's decisions, pointing
-parameters at a moved chunk's new buffer.
+pstar's extra time is split four ways. "copies" is the time its chunk copies took in the step
+(the engine's copier's own count; on a CPU a copy runs while it is issued). "moving" is the time
+its forward and backward spent moving chunks beyond those copies (the chunk manager's own count):
+choosing what to evict and prefetch, allocating the new buffer, pointing the chunk's parameters at
+it. "optimizer" is what its optimizer phase (`step()`, with the host updates waited for) took
+beyond plain PyTorch's (`clip_grad_norm_` and AdamW), less the copies inside it: the host
+optimizer's worker in place of the fused step, the norm, the step's books. "rest" is the
+remainder, the bookkeeping of forward and backward that is not a move: the module, saved-tensor and
+gradient hooks, the gradients' copies into their chunks, the chunk manager's accesses that find the
+chunk resident.
 """
 
 from __future__ import annotations
@@ -96,14 +99,15 @@ class Measured:
     plain_s: float  # median step, after warm-up
     pstar_s: float
     copies_s: float  # median over pstar's steps of its chunk copies' time
+    moving_s: float  # median of its forward's and backward's moves beyond their copies
     optimizer_s: float  # median of pstar's optimizer phase less its copies, less plain's median one
     evictions: int  # chunks pstar evicted in its last step
 
     @property
     def rest_s(self) -> float:
-        """pstar's extra over plain that is neither copies nor optimizer: its forward's and
+        """pstar's extra over plain that is neither copies, moves nor optimizer: its forward's and
         backward's bookkeeping."""
-        return self.pstar_s - self.plain_s - self.copies_s - self.optimizer_s
+        return self.pstar_s - self.plain_s - self.copies_s - self.moving_s - self.optimizer_s
 
 
 def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> Measured:
@@ -115,8 +119,8 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
     plain.load_state_dict(model.state_dict())
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                   weight_decay=WEIGHT_DECAY, fused=True)
-    copier = model._rt.copier
-    plain_s, pstar_s, copies_s, plain_opt_s, pstar_opt_s = [], [], [], [], []
+    copier, manager = model._rt.copier, model._rt.manager
+    plain_s, pstar_s, copies_s, moving_s, plain_opt_s, pstar_opt_s = [], [], [], [], [], []
 
     def plain_step(x, y) -> None:
         start = time.perf_counter()
@@ -132,10 +136,10 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
             plain_opt_s.append(end - optimizing)
 
     def pstar_step(x, y) -> None:
-        start, copied_before = time.perf_counter(), copier.transfer_s
+        start, copied_before, moved_before = time.perf_counter(), copier.transfer_s, manager.move_s
         optimizer.zero_grad()
         model.backward(model(x, y))
-        optimizing, copied = time.perf_counter(), copier.transfer_s
+        optimizing, copied, moved = time.perf_counter(), copier.transfer_s, manager.move_s
         optimizer.step()
         # pstar's host updates would run on into its next forward; here that would be the plain
         # step, on the same cores: they are waited for inside pstar's step instead
@@ -144,6 +148,7 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
         if measured:
             pstar_s.append(end - start)
             copies_s.append(copier.transfer_s - copied_before)
+            moving_s.append(moved - moved_before)
             pstar_opt_s.append(end - optimizing - (copier.transfer_s - copied))
 
     for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
@@ -154,8 +159,8 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
         for step in (plain_step, pstar_step) if index % 2 == 0 else (pstar_step, plain_step):
             step(x, y)
     median = statistics.median
-    return Measured(median(plain_s), median(pstar_s), median(copies_s), median(pstar_opt_s) - median(plain_opt_s),
-                    model.chunk_stats()["step_evictions"])
+    return Measured(median(plain_s), median(pstar_s), median(copies_s), median(moving_s),
+                    median(pstar_opt_s) - median(plain_opt_s), model.chunk_stats()["step_evictions"])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -170,16 +175,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = []
     print(f"{'shape':26s} {'clip':>4s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} "
-          f"{'copies ms':>9s} {'optim ms':>8s} {'rest ms':>7s} {'evictions':>9s}")
+          f"{'copies ms':>9s} {'moving ms':>9s} {'optim ms':>8s} {'rest ms':>7s} {'evictions':>9s}")
     for shape in SHAPES[args.shapes]:
         for clipping in (0.0, 1.0):
             m = measure(shape, clipping, args.steps, args.warmup)
             rows.append({"shape": shape.name, "clipping": clipping, "plain_s": m.plain_s, "pstar_s": m.pstar_s,
-                         "ratio": m.pstar_s / m.plain_s, "copies_s": m.copies_s, "optimizer_s": m.optimizer_s,
-                         "rest_s": m.rest_s, "evictions_per_step": m.evictions})
+                         "ratio": m.pstar_s / m.plain_s, "copies_s": m.copies_s, "moving_s": m.moving_s,
+                         "optimizer_s": m.optimizer_s, "rest_s": m.rest_s, "evictions_per_step": m.evictions})
             print(f"{shape.name:26s} {clipping:4.1f} {m.plain_s * 1e3:9.2f} {m.pstar_s * 1e3:9.2f} "
-                  f"{m.pstar_s / m.plain_s:11.3f} {m.copies_s * 1e3:9.2f} {m.optimizer_s * 1e3:8.2f} "
-                  f"{m.rest_s * 1e3:7.2f} {m.evictions:9d}", flush=True)
+                  f"{m.pstar_s / m.plain_s:11.3f} {m.copies_s * 1e3:9.2f} {m.moving_s * 1e3:9.2f} "
+                  f"{m.optimizer_s * 1e3:8.2f} {m.rest_s * 1e3:7.2f} {m.evictions:9d}", flush=True)
     return rows
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import torch
 
@@ -69,6 +70,11 @@ class ChunkManager:
         self.last_step = MoveCounters()
         self._step_start = MoveCounters()
         self.num_over_budget = 0  # accesses where chunks in use alone exceeded the moment's budget
+        # Host seconds spent moving chunks beyond the copies themselves (the copier counts those):
+        # choosing victims, allocating, pointing the parameters at the new buffer. Counted by the
+        # outermost move only (`_move_started` / `_move_done`).
+        self.move_s = 0.0
+        self._move_depth = 0
         self.in_fwd_bwd = False  # between a forward's start and the end of its backward
         self._last_access: tuple | None = None  # (chunk id, moment, device bytes, in_fwd_bwd)
         # The optimizer's host updates (engine/host_adam.py): a chunk group whose update is still
@@ -188,6 +194,13 @@ class ChunkManager:
         if chunk.location is Location.DEVICE:
             self._make_room(0, budget, keep=chunk)
             return
+        started = self._move_started()
+        try:
+            self._fetch(chunk, budget)
+        finally:
+            self._move_done(started)
+
+    def _fetch(self, chunk: Chunk, budget: int) -> None:
         self._make_room(chunk.nbytes, budget, keep=chunk)
         if chunk.kind is ChunkKind.GATHERED:
             self._gather(chunk)
@@ -204,9 +217,25 @@ class ChunkManager:
         self._by_storage[chunk.device_flat.untyped_storage().data_ptr()] = chunk
         self._repoint(chunk)
 
+    def _move_started(self) -> tuple[float, float] | None:
+        self._move_depth += 1
+        return (time.perf_counter(), self.copier.transfer_s) if self._move_depth == 1 else None
+
+    def _move_done(self, started: tuple[float, float] | None) -> None:
+        self._move_depth -= 1
+        if started is not None:
+            self.move_s += (time.perf_counter() - started[0]) - (self.copier.transfer_s - started[1])
+
     def evict(self, chunk: Chunk) -> None:
         """Move a device-resident chunk to the host (a copy only if the device copy changed)."""
         assert chunk.location is Location.DEVICE and chunk.movable, f"cannot evict {chunk}"
+        started = self._move_started()
+        try:
+            self._evict(chunk)
+        finally:
+            self._move_done(started)
+
+    def _evict(self, chunk: Chunk) -> None:
         if chunk.kind is ChunkKind.GATHERED:
             self._drop_gathered(chunk)
             return
@@ -242,6 +271,13 @@ class ChunkManager:
     def _make_room(self, need_bytes: int, budget_bytes: int, keep: Chunk) -> None:
         if self.device_bytes + need_bytes <= budget_bytes:
             return
+        started = self._move_started()
+        try:
+            self._evict_for(need_bytes, budget_bytes, keep)
+        finally:
+            self._move_done(started)
+
+    def _evict_for(self, need_bytes: int, budget_bytes: int, keep: Chunk) -> None:
         candidates = [c for c in self._on_device.values() if c.movable and c is not keep]
         for victim in self.schedule.eviction_order(candidates):
             self.evict(victim)
@@ -422,6 +458,13 @@ class ChunkManager:
             return  # one chunk ahead is enough to overlap the copy with this moment's compute
 
     def _prefetch(self, chunk: Chunk, keep: Chunk) -> None:
+        started = self._move_started()
+        try:
+            self._prefetch_within_budgets(chunk, keep)
+        finally:
+            self._move_done(started)
+
+    def _prefetch_within_budgets(self, chunk: Chunk, keep: Chunk) -> None:
         # The copy lands while this moment still computes: both moments' budgets apply.
         budget = min(self.current_budget_bytes(),
                      self.tracer.chunk_budget_bytes(self.schedule.position + 1))

@@ -344,25 +344,31 @@ class EngineHooks:
     # ---- saved tensors -------------------------------------------------------------------
 
     def _pack(self, tensor: torch.Tensor):
-        chunk = self._chunk_holding(tensor)
-        if chunk is not None:
-            return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride(),
-                            tensor if isinstance(tensor, nn.Parameter) else None)
-        return self.manager.tracer.track_saved(tensor)
-
-    def _chunk_holding(self, tensor: torch.Tensor) -> Chunk | None:
-        """The chunk whose current buffer a saved tensor lives in, if any.
-
-        A weight is saved as the parameter itself or as an autograd view of it (`weight.t()`):
-        found by identity, its address checked against the buffer (a parameter of an evicted chunk
-        points at a placeholder instead, which must stay as it is and fail loudly). Any other tensor
-        in a chunk's storage shares it without being a view (`.detach()`, `.data`) and so does not
-        require grad; only those are looked up by storage, which for the many activations would
-        cost a storage object each."""
+        """What autograd keeps for a tensor it saves: a ChunkRef for a tensor in a chunk, else the
+        tensor itself (wrapped by the memory tracer while it counts them). Called for every saved
+        tensor, activations included, so written for the activation's path: one lookup."""
         base = tensor._base
         info = self.infos.get(id(tensor if base is None else base))
-        if info is None:
-            return None if tensor.requires_grad else self.manager.chunk_of(tensor)
+        if info is not None:
+            chunk = self._chunk_of_weight(info, tensor)
+        elif tensor.requires_grad:
+            chunk = None  # an activation
+        else:
+            chunk = self.manager.chunk_of(tensor)
+        if chunk is not None:
+            return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride(),
+                            tensor if base is None and info is not None else None)
+        tracer = self.manager.tracer
+        return tracer.track_saved(tensor) if tracer.tracing else tensor
+
+    def _chunk_of_weight(self, info: TensorInfo, tensor: torch.Tensor) -> Chunk | None:
+        """The chunk of a saved parameter, or of an autograd view of it (`weight.t()`), if the
+        tensor lives in the chunk's current buffer: a parameter of an evicted chunk points at a
+        placeholder on CUDA instead, which must stay as it is and fail loudly.
+
+        Any other tensor in a chunk's storage shares it without being a view (`.detach()`,
+        `.data`) and so does not require grad; only those are looked up by storage (_pack), which
+        for the many activations would cost a storage object each."""
         chunk = info.group.working
         flat = chunk.device_flat if chunk.location is Location.DEVICE else chunk.host_flat
         if (flat is None or tensor.dtype != chunk.dtype

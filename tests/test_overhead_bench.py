@@ -18,10 +18,13 @@ def test_overhead_benchmark_runs_and_its_shapes_move_as_named(capsys):
     for row in rows:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert (row["evictions_per_step"] > 0) == row["shape"].endswith(", moves"), row
-        # the split of pstar's time: copies only where chunks move, and the parts add up
+        # the split of pstar's time: copies and the moves' own work only where chunks move, and the
+        # parts add up
         assert (row["copies_s"] > 0) == row["shape"].endswith(", moves"), row
+        assert (row["moving_s"] > 0) == row["shape"].endswith(", moves"), row
         assert math.isfinite(row["optimizer_s"])
-        assert math.isclose(row["plain_s"] + row["copies_s"] + row["optimizer_s"] + row["rest_s"], row["pstar_s"])
+        parts = row["plain_s"] + row["copies_s"] + row["moving_s"] + row["optimizer_s"] + row["rest_s"]
+        assert math.isclose(parts, row["pstar_s"])
     assert "pstar/plain" in capsys.readouterr().out
 
 

@@ -27,7 +27,7 @@ class TimedPlainEngineModel(PlainEngineModel):
     """The stand-in engine plus the engine's profiling interface (fixed, known numbers)."""
 
     def step_timings(self) -> dict[str, float]:
-        return dict(zip(TIMING_KEYS, (0.010, 0.020, 0.003, 0.004, 0.001, 0.0005)))
+        return dict(zip(TIMING_KEYS, (0.010, 0.020, 0.003, 0.004, 0.001, 0.0007, 0.0005)))
 
     def memory_timeline(self) -> list[dict[str, int]]:
         return [
@@ -79,8 +79,8 @@ def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
     console = Console(record=True, width=120, file=io.StringIO())
     print_report(result, console)
     text = console.export_text()
-    for expected in ("TFLOPS", "optimizer on the host", "chunk transfers", "waiting", "moves per step",
-                     "measured / estimate", "memory_timeline.svg", "trace.json"):
+    for expected in ("TFLOPS", "optimizer on the host", "chunk transfers", "moving chunks", "waiting",
+                     "moves per step", "measured / estimate", "memory_timeline.svg", "trace.json"):
         assert expected in text, expected
 
 

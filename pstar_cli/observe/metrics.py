@@ -40,6 +40,7 @@ TIMING_LABELS = {  # the engine's step_timings() keys, and how `pstar profile` n
     "optimizer_device": "optimizer on the device",
     "optimizer_host": "optimizer on the host",
     "transfer": "chunk transfers",
+    "moving": "moving chunks, beyond the transfers",
     "wait": "waiting",
 }
 TIMING_KEYS = tuple(TIMING_LABELS)
