@@ -4,14 +4,20 @@
   resident and marked in use, one count per chunk for the tensors the module has in it (counts add
   up, so tied parameters and modules called twice work); afterwards the counts are taken back. The
   module's chunks and counts are worked out once per layout, so a hook does one thing per chunk.
-- Saved-tensor hooks (active during the engine model's forward): a tensor autograd saves for backward
-  that lives in a chunk (a weight, or a view such as `weight.t()`) is stored as a reference to its
-  place in the chunk, not as the tensor. When backward unpacks it, the chunk is made resident and
-  pinned for that autograd node, and the reference becomes a view of the chunk's buffer wherever it
-  is now; a saved parameter is returned as itself, since a move points it at the chunk's current
-  buffer in place. Chunks can therefore move between forward and backward. (Autograd skips its
-  version check for tensors that go through these hooks, which is what lets gradients be written
-  into a chunk while other tensors of it are still saved.)
+- Saved-tensor hooks: a tensor autograd saves for backward that lives in a chunk (a weight, or a
+  view such as `weight.t()`) is stored as a reference to its place in the chunk, not as the
+  tensor. When backward unpacks it, the chunk is made resident and pinned for that autograd node,
+  and the reference becomes a view of the chunk's buffer wherever it is now; a saved parameter is
+  returned as itself, since a move points it at the chunk's current buffer in place. Chunks can
+  therefore move between forward and backward. (Autograd skips its version check for tensors that
+  go through these hooks, which is what lets gradients be written into a chunk while other tensors
+  of it are still saved.) The warm-up forward runs wholly under these hooks and notes whether a
+  tensor of a chunk was saved outside every module holding chunk parameters (a module handing out
+  a view of its parameter). If none was, later forwards have the hooks only inside those modules:
+  the outermost one pushes them at its start and pops them at its end, unless other saved-tensor
+  hooks are active (activation checkpointing's, or the caller's around the whole forward, which
+  keeps the hooks over the whole forward). Attention, activation functions and the loss then save
+  their tensors as in plain PyTorch, without a call into Python per tensor.
 - Post-accumulate-grad hooks: once a parameter's gradient is final for this backward (all its uses
   are done; tied parameters accumulate first), the hook takes it from `param.grad` and keeps it.
   Gradients arrive a chunk at a time, so they are written a chunk at a time (`_write_gradients`):
@@ -117,6 +123,11 @@ class EngineHooks:
         self._backward_end_queued = False
         self._handles: list = []
         self.read_outside: list[TensorInfo] = []  # parameters read outside their modules' hooks
+        # Saved-tensor hooks only inside modules holding chunk parameters (saved_tensors_context):
+        self.scoped = False  # this forward runs so
+        self.saved_outside_modules = False  # a tensor in a chunk was saved outside them: never so
+        self._modules_running = 0  # modules holding chunk parameters whose forward is running
+        self._scopes: list[int] = []  # the _modules_running of each module that pushed the hooks
         self.retrace = False  # a read outside the hooks was found while the warm-up was traced
         self._held: list[TensorInfo] = []
         self._module_handles: list = []
@@ -224,8 +235,16 @@ class EngineHooks:
         return infos
 
     def saved_tensors_context(self):
+        """The engine model's forward runs in this: the saved-tensor hooks over the whole forward,
+        or, once the warm-up has shown that every tensor in a chunk autograd saves is saved inside
+        a module holding chunk parameters, only inside those (`_ScopedSavedTensors`, module doc)."""
         if self.settled:
             return contextlib.nullcontext()
+        schedule = self.manager.schedule
+        if (schedule.recorded and not schedule.recording and not self.manager.tracer.tracing
+                and not self.read_outside and not self.saved_outside_modules
+                and _top_saved_tensors_hooks(False) is None):
+            return _ScopedSavedTensors(self)
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     # ---- parameters read outside their modules' hooks --------------------------------------
@@ -271,8 +290,13 @@ class EngineHooks:
     # ---- forward -------------------------------------------------------------------------
 
     def _pre_forward(self, module: nn.Module, args) -> None:
+        self._modules_running += 1  # first, so that the post-forward hook's count always matches
         infos = self._direct[module]
         manager = self.manager
+        if self.scoped and _top_saved_tensors_hooks(False) is None:
+            # the outermost module holding chunk parameters: its saves go through the hooks
+            _push_saved_tensors_hooks(self._pack, self._unpack)
+            self._scopes.append(self._modules_running)
         with manager.lock:
             recording = manager.schedule.recording
             if recording:
@@ -311,6 +335,10 @@ class EngineHooks:
                 self.first_used.append(info)
 
     def _post_forward(self, module: nn.Module, args, output) -> None:
+        if self._scopes and self._scopes[-1] == self._modules_running:
+            self._scopes.pop()
+            _pop_saved_tensors_hooks()
+        self._modules_running -= 1
         manager = self.manager
         with manager.lock:
             recording = manager.schedule.recording
@@ -356,6 +384,8 @@ class EngineHooks:
         else:
             chunk = self.manager.chunk_of(tensor)
         if chunk is not None:
+            if not self._modules_running:
+                self.saved_outside_modules = True  # so the hooks stay over the whole forward
             return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride(),
                             tensor if base is None and info is not None else None)
         tracer = self.manager.tracer
@@ -445,6 +475,7 @@ class EngineHooks:
         ran its end-of-backward callback: what it does for the hooks is done here (gradients kept
         by their hooks written as they would have been, pins let go), and the next backward queues
         a callback again."""
+        self._modules_running = 0  # (a KeyboardInterrupt in the last forward skipped its end hooks)
         if self._backward_end_queued and torch._C._current_autograd_node() is None:
             with self.manager.lock:
                 self._backward_end_queued = False
@@ -559,6 +590,35 @@ def _accumulate(info: TensorInfo, place: torch.Tensor, grad: torch.Tensor) -> No
     else:
         place.copy_(grad)
         info.has_grad = True
+
+
+_top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_push_saved_tensors_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+_pop_saved_tensors_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
+
+
+class _ScopedSavedTensors:
+    """The engine model's forward with the saved-tensor hooks only inside the modules that hold
+    chunk parameters: the outermost such module pushes them at its start and pops them at its
+    end (only when no other saved-tensor hooks are active, such as activation checkpointing's).
+    Tensors saved elsewhere (attention, activation functions, the loss) are activations, kept by
+    autograd as in plain PyTorch, without a call into Python each."""
+
+    def __init__(self, hooks: EngineHooks):
+        self._hooks = hooks
+
+    def __enter__(self) -> None:
+        self._hooks.scoped = True
+
+    def __exit__(self, *exc) -> None:
+        hooks = self._hooks
+        hooks.scoped = False
+        # torch runs the modules' end hooks on an Exception, not on a KeyboardInterrupt: nothing
+        # pushed may outlive the forward
+        while hooks._scopes:
+            hooks._scopes.pop()
+            _pop_saved_tensors_hooks()
+        hooks._modules_running = 0
 
 
 class _OutsideReadWatch(TorchFunctionMode):

@@ -23,6 +23,7 @@ import time
 import psutil
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine import initialize_engine
@@ -209,6 +210,75 @@ def test_saved_weights_are_kept_as_places_in_their_chunks_and_activations_as_the
     finally:
         with torch.no_grad():
             weight.set_(*weight_storage)
+
+
+class _Gain(nn.Module):
+    """Hands out a view of its parameter: the caller's op saves it, outside any module holding it
+    (the parameter itself would be a read outside its module's hooks, which the warm-up notices
+    and handles apart)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+
+    def forward(self):
+        return self.weight.unsqueeze(0)
+
+
+class _GainGPT(TinyGPT):
+    def __init__(self):
+        super().__init__()
+        self.gain = _Gain(self.ln_f.normalized_shape[0]).to(self.ln_f.weight.device)
+
+    def init_module_(self, m: nn.Module):
+        if isinstance(m, _Gain):
+            nn.init.constant_(m.weight, 1.5)
+        super().init_module_(m)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x * self.gain()))  # the product saves the gain's weight
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def test_saved_tensor_hooks_run_only_inside_modules_with_chunk_parameters_where_the_warmup_shows_that_is_enough():
+    """After the warm-up the saved-tensor hooks are active only inside the modules that hold chunk
+    parameters (hooks._ScopedSavedTensors): attention, activation functions and the loss keep their
+    tensors as in plain PyTorch, with no call into the engine. A model whose forward saves a tensor
+    of a chunk elsewhere (a module handing out a view of its parameter) keeps the hooks over the whole
+    forward.
+    Both train as plain PyTorch does, with chunks moving in every step."""
+    cfg = engine_config()
+    active: dict[str, list[bool]] = {}
+
+    def note(name):
+        def hook(module, args):  # registered after the engine's: sees what its pre-forward left
+            active.setdefault(name, []).append(
+                torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+        return hook
+
+    for kind, maker in (("gpt", TinyGPT), ("gain", _GainGPT)):
+        torch.manual_seed(0)
+        model, optimizer = initialize_engine(model_func=maker, config=cfg)
+        reference = maker().to(DEVICE)
+        reference.load_state_dict(model.state_dict())
+        ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+        block = model.module.blocks[0]
+        block.register_forward_pre_hook(note(f"{kind} block"))  # holds no parameter itself
+        block.qkv.register_forward_pre_hook(note(f"{kind} qkv"))
+        for x, y in batches("gpt", 6):
+            loss = engine_step(model, optimizer, x, y)
+            assert loss == pytest.approx(reference_step(reference, ref_opt, x, y), rel=1e-5)
+            assert model.chunk_stats()["step_evictions"] > 0
+        assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+        assert all(active[f"{kind} qkv"]), kind
+        assert not torch._C._autograd._top_saved_tensors_default_hooks(False)  # none left behind
+    # the warm-up has the hooks over the whole forward; then only TinyGPT goes without them
+    assert active["gpt block"][0] and not any(active["gpt block"][2:]), active["gpt block"]
+    assert all(active["gain block"]), active["gain block"]
 
 
 def test_bf16_matches_mixed_precision_reference():
