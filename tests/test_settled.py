@@ -151,6 +151,36 @@ def test_with_grads_left_in_grad_backward_runs_no_engine_code_and_grads_are_torc
     assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_with_grads_left_in_grad_step_leaves_them_there_as_torch_does(grads_left):
+    """torch.optim's step() leaves `.grad` as it is: read after the step it holds the step's
+    gradients, a backward before zero_grad() adds to them and the next step uses the sum, and
+    zero_grad() drops them. (Dropping them in step() instead freed them just before the next
+    forward, and on a CPU every backward then faulted its gradients' memory in afresh.) Without
+    clipping here: with it, the grad chunks' way clips the fp32 copy and leaves `.grad` as autograd
+    made it, where torch's clip_grad_norm_ scales `.grad` itself."""
+    cfg = engine_config(device_memory_limit=ROOMY)
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    engine_params, ref_params = list(model.module.parameters()), list(reference.parameters())
+    for step, (x, y) in enumerate(batches("gpt", 7)):
+        skip_zero_grad = step in (4, 6)  # settled by then: the gradients add up, as in torch
+        if skip_zero_grad:
+            assert model._rt.hooks.settled_mode == grads_left
+        else:
+            optimizer.zero_grad()
+            ref_opt.zero_grad()
+        model.backward(model(x, y))
+        optimizer.step()
+        reference(x, y).backward()
+        ref_opt.step()
+        if step >= 3:
+            for mine, theirs in zip(engine_params, ref_params):
+                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in engine_params)
+
+
 def test_grad_chunks_only_where_the_device_has_room_for_them(monkeypatch):
     """bf16 weights (fp32 ones are their own masters and need no grad chunk)."""
     monkeypatch.setattr(HybridAdam, "_use_grad_chunks", lambda self: self._room_for_grad_chunks())
