@@ -200,7 +200,7 @@ def test_saved_weights_are_kept_as_places_in_their_chunks_and_activations_as_the
         assert torch.equal(chunk.flat.as_strided(packed.size, packed.stride, packed.storage_offset), tensor)
     activation = weight * 2
     assert hooks._pack(activation) is activation or hooks._pack(activation).tensor is activation
-    placeholder = torch.full(weight.shape, float("nan"))
+    placeholder = torch.full(weight.shape, float("nan"), device=weight.device)
     with torch.no_grad():
         weight_storage = (weight.untyped_storage(), weight.storage_offset(), weight.shape, weight.stride())
         weight.set_(placeholder)
@@ -439,15 +439,14 @@ def test_fp16_overflow_skips_the_step_and_the_scale_follows_the_rules():
 
 def snapshot(model, optimizer) -> list[torch.Tensor]:
     """Compute weights (read from the param chunks, wherever they are), fp32 masters and Adam
-    moments, copied."""
+    moments, copied to the host (on a GPU some live there, some on the device)."""
     runtime = model._rt
     runtime.finish_host_updates()  # host groups' updates may still run after step() returned
-    tensors = [info.view_of(runtime.copier.current_flat(info.group.param)).clone()
-               for info in runtime.infos]
-    tensors += [t.clone() for t in model.state_dict().values()]
+    tensors = [info.view_of(runtime.copier.current_flat(info.group.param)) for info in runtime.infos]
+    tensors += list(model.state_dict().values())
     for state in optimizer.state_dict()["state"].values():
-        tensors += [state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
-    return tensors
+        tensors += [state["exp_avg"], state["exp_avg_sq"]]
+    return [t.to("cpu", copy=True) for t in tensors]
 
 
 def test_init_equals_a_plain_build_with_the_same_seed():
