@@ -71,10 +71,9 @@ class ChunkManager:
         self._step_start = MoveCounters()
         self.num_over_budget = 0  # accesses where chunks in use alone exceeded the moment's budget
         # Host seconds spent moving chunks beyond the copies themselves (the copier counts those):
-        # choosing victims, allocating, pointing the parameters at the new buffer. Counted by the
-        # outermost move only (`_move_started` / `_move_done`).
+        # choosing victims, allocating, pointing the parameters at the new buffer.
         self.move_s = 0.0
-        self._move_depth = 0
+        self._move_clock = _MoveClock(self)
         self.in_fwd_bwd = False  # between a forward's start and the end of its backward
         self._last_access: tuple | None = None  # (chunk id, moment, device bytes, in_fwd_bwd)
         # The optimizer's host updates (engine/host_adam.py): a chunk group whose update is still
@@ -194,63 +193,42 @@ class ChunkManager:
         if chunk.location is Location.DEVICE:
             self._make_room(0, budget, keep=chunk)
             return
-        started = self._move_started()
-        try:
-            self._fetch(chunk, budget)
-        finally:
-            self._move_done(started)
-
-    def _fetch(self, chunk: Chunk, budget: int) -> None:
-        self._make_room(chunk.nbytes, budget, keep=chunk)
-        if chunk.kind is ChunkKind.GATHERED:
-            self._gather(chunk)
-        elif chunk.location is Location.NOWHERE:
-            self.copier.allocate_zeroed(chunk)
-            chunk.dirty = True
-        else:
-            self.copier.upload(chunk)
-            self._count(h2d=chunk.nbytes)
-            chunk.dirty = False
-        chunk.location = Location.DEVICE
-        self._on_device[chunk.chunk_id] = chunk
-        self.device_bytes += chunk.nbytes
-        self._by_storage[chunk.device_flat.untyped_storage().data_ptr()] = chunk
-        self._repoint(chunk)
-
-    def _move_started(self) -> tuple[float, float] | None:
-        self._move_depth += 1
-        return (time.perf_counter(), self.copier.transfer_s) if self._move_depth == 1 else None
-
-    def _move_done(self, started: tuple[float, float] | None) -> None:
-        self._move_depth -= 1
-        if started is not None:
-            self.move_s += (time.perf_counter() - started[0]) - (self.copier.transfer_s - started[1])
+        with self._move_clock:
+            self._make_room(chunk.nbytes, budget, keep=chunk)
+            if chunk.kind is ChunkKind.GATHERED:
+                self._gather(chunk)
+            elif chunk.location is Location.NOWHERE:
+                self.copier.allocate_zeroed(chunk)
+                chunk.dirty = True
+            else:
+                self.copier.upload(chunk)
+                self._count(h2d=chunk.nbytes)
+                chunk.dirty = False
+            chunk.location = Location.DEVICE
+            self._on_device[chunk.chunk_id] = chunk
+            self.device_bytes += chunk.nbytes
+            self._by_storage[chunk.device_flat.untyped_storage().data_ptr()] = chunk
+            self._repoint(chunk)
 
     def evict(self, chunk: Chunk) -> None:
         """Move a device-resident chunk to the host (a copy only if the device copy changed)."""
         assert chunk.location is Location.DEVICE and chunk.movable, f"cannot evict {chunk}"
-        started = self._move_started()
-        try:
-            self._evict(chunk)
-        finally:
-            self._move_done(started)
-
-    def _evict(self, chunk: Chunk) -> None:
-        if chunk.kind is ChunkKind.GATHERED:
-            self._drop_gathered(chunk)
-            return
-        if self.comm is not None:
-            self.comm.fence()  # a reduction may still be writing this shard on the side stream
-        if chunk.host_flat is None:
-            self.allocate_host(chunk)
-            chunk.dirty = True
-        if chunk.dirty:
-            self.copier.download(chunk)
-            self._count(d2h=chunk.nbytes)
-        self._drop_device_buffer(chunk, Location.HOST)
-        chunk.dirty = False
-        self.totals.evictions += 1
-        self._repoint(chunk)
+        with self._move_clock:
+            if chunk.kind is ChunkKind.GATHERED:
+                self._drop_gathered(chunk)
+                return
+            if self.comm is not None:
+                self.comm.fence()  # a reduction may still be writing this shard on the side stream
+            if chunk.host_flat is None:
+                self.allocate_host(chunk)
+                chunk.dirty = True
+            if chunk.dirty:
+                self.copier.download(chunk)
+                self._count(d2h=chunk.nbytes)
+            self._drop_device_buffer(chunk, Location.HOST)
+            chunk.dirty = False
+            self.totals.evictions += 1
+            self._repoint(chunk)
 
     def _drop_device_buffer(self, chunk: Chunk, now_at: Location) -> None:
         """Forget a resident chunk's device buffer (the allocator reuses it once the streams using
@@ -271,28 +249,22 @@ class ChunkManager:
     def _make_room(self, need_bytes: int, budget_bytes: int, keep: Chunk) -> None:
         if self.device_bytes + need_bytes <= budget_bytes:
             return
-        started = self._move_started()
-        try:
-            self._evict_for(need_bytes, budget_bytes, keep)
-        finally:
-            self._move_done(started)
-
-    def _evict_for(self, need_bytes: int, budget_bytes: int, keep: Chunk) -> None:
-        candidates = [c for c in self._on_device.values() if c.movable and c is not keep]
-        for victim in self.schedule.eviction_order(candidates):
-            self.evict(victim)
-            if self.device_bytes + need_bytes <= budget_bytes:
-                return
-        # What is left is in use right now and must stay; going over the moment's share is the
-        # lesser evil, but not over the whole device budget.
-        self.num_over_budget += 1
-        if self.device_bytes + need_bytes > self.device_budget_bytes:
-            raise EngineError(
-                f"the device budget ({self.device_budget_bytes} bytes) cannot hold the chunks one "
-                f"step needs at once ({self.device_bytes + need_bytes} bytes): raise "
-                "device_memory_limit (or client.mem_tracer.overall_gpu_mem_ratio) or lower "
-                "default_chunk_size"
-            )
+        with self._move_clock:
+            candidates = [c for c in self._on_device.values() if c.movable and c is not keep]
+            for victim in self.schedule.eviction_order(candidates):
+                self.evict(victim)
+                if self.device_bytes + need_bytes <= budget_bytes:
+                    return
+            # What is left is in use right now and must stay; going over the moment's share is the
+            # lesser evil, but not over the whole device budget.
+            self.num_over_budget += 1
+            if self.device_bytes + need_bytes > self.device_budget_bytes:
+                raise EngineError(
+                    f"the device budget ({self.device_budget_bytes} bytes) cannot hold the chunks one "
+                    f"step needs at once ({self.device_bytes + need_bytes} bytes): raise "
+                    "device_memory_limit (or client.mem_tracer.overall_gpu_mem_ratio) or lower "
+                    "default_chunk_size"
+                )
 
     def repoint_all(self) -> None:
         for group in self.groups:
@@ -458,31 +430,25 @@ class ChunkManager:
             return  # one chunk ahead is enough to overlap the copy with this moment's compute
 
     def _prefetch(self, chunk: Chunk, keep: Chunk) -> None:
-        started = self._move_started()
-        try:
-            self._prefetch_within_budgets(chunk, keep)
-        finally:
-            self._move_done(started)
-
-    def _prefetch_within_budgets(self, chunk: Chunk, keep: Chunk) -> None:
-        # The copy lands while this moment still computes: both moments' budgets apply.
-        budget = min(self.current_budget_bytes(),
-                     self.tracer.chunk_budget_bytes(self.schedule.position + 1))
-        need = chunk.nbytes
-        if self.device_bytes + need > budget:
-            # Evict only chunks needed later than this one, so prefetching never costs a re-fetch
-            # (and never the chunk being accessed right now).
-            its_distance = self.schedule.distance_to_next_use(chunk.chunk_id)
-            later = [c for c in self._on_device.values() if c.movable and c is not keep
-                     and self.schedule.distance_to_next_use(c.chunk_id) > its_distance]
-            freeable = sum(c.nbytes for c in later)
-            if self.device_bytes - freeable + need > budget:
-                return
-            for victim in self.schedule.eviction_order(later):
-                if self.device_bytes + need <= budget:
-                    break
-                self.evict(victim)
-        self.ensure_on_device(chunk, budget_bytes=budget)
+        with self._move_clock:
+            # The copy lands while this moment still computes: both moments' budgets apply.
+            budget = min(self.current_budget_bytes(),
+                         self.tracer.chunk_budget_bytes(self.schedule.position + 1))
+            need = chunk.nbytes
+            if self.device_bytes + need > budget:
+                # Evict only chunks needed later than this one, so prefetching never costs a re-fetch
+                # (and never the chunk being accessed right now).
+                its_distance = self.schedule.distance_to_next_use(chunk.chunk_id)
+                later = [c for c in self._on_device.values() if c.movable and c is not keep
+                         and self.schedule.distance_to_next_use(c.chunk_id) > its_distance]
+                freeable = sum(c.nbytes for c in later)
+                if self.device_bytes - freeable + need > budget:
+                    return
+                for victim in self.schedule.eviction_order(later):
+                    if self.device_bytes + need <= budget:
+                        break
+                    self.evict(victim)
+            self.ensure_on_device(chunk, budget_bytes=budget)
 
     # ---- step accounting -----------------------------------------------------------------
 
@@ -494,3 +460,26 @@ class ChunkManager:
         """(number of chunks, bytes) of the given kinds at `location`."""
         chosen = [c for c in self.chunks if c.kind in kinds and c.location is location]
         return len(chosen), sum(c.nbytes for c in chosen)
+
+
+class _MoveClock:
+    """Times the manager's moves (`ChunkManager.move_s`), less the copies inside them: reentrant,
+    so that only the outermost of nested moves counts (an upload and the evictions it makes)."""
+
+    __slots__ = ("_manager", "_depth", "_started")
+
+    def __init__(self, manager: ChunkManager):
+        self._manager = manager
+        self._depth = 0
+        self._started = (0.0, 0.0)
+
+    def __enter__(self) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self._started = (time.perf_counter(), self._manager.copier.transfer_s)
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            manager, (start, copied) = self._manager, self._started
+            manager.move_s += (time.perf_counter() - start) - (manager.copier.transfer_s - copied)
