@@ -55,6 +55,9 @@ def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
 
     assert len(result.steps) == 2
     assert result.summary["time_split_s"]["backward"] == pytest.approx(0.020)
+    # transfers and moves happen within the phases: not counted twice in what is left unaccounted
+    phases = 0.010 + 0.020 + 0.003 + 0.004 + 0.0005
+    assert result.summary["unaccounted_s"] == pytest.approx(max(0.0, result.summary["step_s"] - phases))
     assert result.summary["step_s"] > 0 and result.summary["tflops"] > 0
     assert result.summary["tokens_per_s"] == pytest.approx(2 * 32 / result.summary["step_s"])
 

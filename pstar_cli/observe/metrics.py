@@ -39,11 +39,12 @@ TIMING_LABELS = {  # the engine's step_timings() keys, and how `pstar profile` n
     "backward": "backward",
     "optimizer_device": "optimizer on the device",
     "optimizer_host": "optimizer on the host",
-    "transfer": "chunk transfers",
-    "moving": "moving chunks, beyond the transfers",
+    "transfer": "chunk transfers (within the phases above)",
+    "moving": "moving chunks beyond the transfers (within them too)",
     "wait": "waiting",
 }
 TIMING_KEYS = tuple(TIMING_LABELS)
+TIMING_WITHIN = ("transfer", "moving")  # seconds already counted in forward, backward or the step
 TRAFFIC_KEYS = ("step_h2d_moves", "step_h2d_bytes", "step_d2h_moves", "step_d2h_bytes", "step_gathers")
 
 

@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from pstar_cli.config import Config
-from pstar_cli.observe.metrics import TIMING_KEYS, TRAFFIC_KEYS, peak_rss_bytes
+from pstar_cli.observe.metrics import TIMING_KEYS, TIMING_WITHIN, TRAFFIC_KEYS, peak_rss_bytes
 from pstar_cli.observe.svg import memory_timeline_svg
 
 NUM_WARMUP_STEPS = 2  # the engine's traced warm-up, then one step of the steady-state schedule
@@ -154,7 +154,7 @@ def summarise(steps: list[dict[str, Any]], trainer) -> dict[str, Any]:
     return {
         "step_s": step_s,
         "time_split_s": split,
-        "unaccounted_s": max(0.0, step_s - sum(split.values())),
+        "unaccounted_s": max(0.0, step_s - sum(s for key, s in split.items() if key not in TIMING_WITHIN)),
         "tokens_per_s": num_tokens / step_s,
         "tflops": trainer.flops_per_token * num_tokens / step_s / 1e12,
         "traffic_per_step": traffic,
