@@ -281,6 +281,29 @@ def test_saved_tensor_hooks_run_only_inside_modules_with_chunk_parameters_where_
     assert all(active["gain block"]), active["gain block"]
 
 
+def test_a_callers_saved_tensor_hooks_around_the_forward_keep_the_engines_over_all_of_it():
+    """Saved-tensor hooks of the caller around the engine model's forward: the engine's run inside
+    them over the whole forward, as during the warm-up (inside a module holding chunk parameters
+    the caller's would otherwise be the active ones, and a weight would be saved without the
+    engine knowing), and training still equals plain PyTorch with chunks moving."""
+    cfg = engine_config()
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    hooks = model._rt.hooks
+    tops = []
+    model.module.blocks[0].qkv.register_forward_pre_hook(
+        lambda module, args: tops.append(torch._C._autograd._top_saved_tensors_default_hooks(False)))
+    for x, y in batches("gpt", 5):
+        optimizer.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = model(x, y)
+        model.backward(loss)
+        optimizer.step()
+        assert loss.item() == pytest.approx(reference_step(reference, ref_opt, x, y), rel=1e-5)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+    assert len(tops) == 5 and all(top is not None and top[0] == hooks._pack for top in tops)
+
+
 def test_bf16_matches_mixed_precision_reference():
     """bf16 compute weights cast from fp32 masters, fp32 AdamW on the masters.
 
