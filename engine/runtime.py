@@ -51,7 +51,7 @@ class EngineRuntime:
     param_groups: list | None = None  # the optimizer's param_groups (checkpoints keep them)
     _timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     last_step_timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
-    _copier_marks: tuple[float, float, float] = (0.0, 0.0, 0.0)  # transfer, wait, moving: at the last step
+    _step_marks: tuple[float, float, float] = (0.0, 0.0, 0.0)  # transfer, wait, moving at the last step
 
     @property
     def grad_accumulation(self) -> bool:
@@ -124,9 +124,9 @@ class EngineRuntime:
 
     def end_step_timings(self) -> None:
         transfer, wait, moving = self.copier.transfer_s, self.copier.wait_s, self.manager.move_s
-        self._timing["transfer"] = transfer - self._copier_marks[0]
-        self._timing["moving"] = moving - self._copier_marks[2]
-        self._timing["wait"] += wait - self._copier_marks[1]
-        self._copier_marks = (transfer, wait, moving)
+        self._timing["transfer"] = transfer - self._step_marks[0]
+        self._timing["moving"] = moving - self._step_marks[2]
+        self._timing["wait"] += wait - self._step_marks[1]
+        self._step_marks = (transfer, wait, moving)
         self.last_step_timings = dict(self._timing)
         self._timing = dict.fromkeys(TIMING_KEYS, 0.0)
