@@ -156,6 +156,7 @@ class EngineModel(nn.Module):
             with self._hooks.saved_tensors_context(), self._hooks.outside_reads_context():
                 output = self.module(*args, **kwargs)
         finally:
+            self._hooks.end_forward()
             self._hooks.release_outside_reads()
         if self._hooks.retrace:
             self._hooks.retrace = False

@@ -2,8 +2,11 @@
 
 - Module forward pre/post hooks: before a module runs, the chunks of its *direct* parameters are made
   resident and marked in use, one count per chunk for the tensors the module has in it (counts add
-  up, so tied parameters and modules called twice work); afterwards the counts are taken back. The
-  module's chunks and counts are worked out once per layout, so a hook does one thing per chunk.
+  up, so tied parameters and modules called twice work); afterwards the counts are taken back,
+  exactly those the start hook took, however the forward ended (a refused forward raises halfway
+  through a start hook; a KeyboardInterrupt skips torch's end hooks, and the engine model's forward
+  gives back what they would have). The module's chunks and counts are worked out once per layout,
+  so a hook does one thing per chunk.
 - Saved-tensor hooks: a tensor autograd saves for backward that lives in a chunk (a weight, or a
   view such as `weight.t()`) is stored as a reference to its place in the chunk, not as the
   tensor. When backward unpacks it, the chunk is made resident and pinned for that autograd node,
@@ -126,8 +129,10 @@ class EngineHooks:
         # Saved-tensor hooks only inside modules holding chunk parameters (saved_tensors_context):
         self.scoped = False  # this forward runs so
         self.saved_outside_modules = False  # a tensor in a chunk was saved outside them: never so
-        self._modules_running = 0  # modules holding chunk parameters whose forward is running
-        self._scopes: list[int] = []  # the _modules_running of each module that pushed the hooks
+        # Modules holding chunk parameters whose forward is running, innermost last: for each, what
+        # its start hook made in use, so that its end hook gives back exactly that (_pre_forward)
+        self._running: list[list] = []
+        self._scopes: list[int] = []  # len(_running) at each module that pushed the hooks
         self.retrace = False  # a read outside the hooks was found while the warm-up was traced
         self._held: list[TensorInfo] = []
         self._module_handles: list = []
@@ -293,18 +298,23 @@ class EngineHooks:
     # ---- forward -------------------------------------------------------------------------
 
     def _pre_forward(self, module: nn.Module, args) -> None:
-        self._modules_running += 1  # first, so that the post-forward hook's count always matches
+        # [module, its chunks, how many of them this call made in use, whether it counted users]:
+        # pushed first, so that however this hook ends (a refused forward raises halfway) the end
+        # hook gives back exactly what was taken
+        entry = [module, (), 0, False]
+        self._running.append(entry)
         infos = self._direct[module]
         manager = self.manager
         if self.scoped and _top_saved_tensors_hooks(False) is None:
             # the outermost module holding chunk parameters: its saves go through the hooks
             _push_saved_tensors_hooks(self._pack, self._unpack)
-            self._scopes.append(self._modules_running)
+            self._scopes.append(len(self._running))
         with manager.lock:
-            recording = manager.schedule.recording
+            recording = entry[3] = manager.schedule.recording
             if recording:
                 self._note_first_use(infos)
-            for chunk, in_chunk in self._by_chunk(module, infos):
+            plan = entry[1] = self._by_chunk(module, infos)
+            for chunk, in_chunk in plan:
                 if not self.grad_accumulation and chunk.group.num_grads:
                     self._refuse_pending_grads(chunk, in_chunk)
                 manager.access(chunk)
@@ -315,6 +325,7 @@ class EngineHooks:
                 if recording:
                     for info in in_chunk:
                         info.num_users += 1
+                entry[2] += 1
 
     def _by_chunk(self, module: nn.Module, infos: list[TensorInfo]) -> list[tuple[Chunk, list[TensorInfo]]]:
         """The module's direct parameters by param chunk, in order of first appearance; kept until
@@ -338,19 +349,34 @@ class EngineHooks:
                 self.first_used.append(info)
 
     def _post_forward(self, module: nn.Module, args, output) -> None:
-        if self._scopes and self._scopes[-1] == self._modules_running:
+        running = self._running
+        if not running or running[-1][0] is not module:
+            return  # this call's start hook never ran (an earlier hook of the module raised)
+        if self._scopes and self._scopes[-1] == len(running):
             self._scopes.pop()
             _pop_saved_tensors_hooks()
-        self._modules_running -= 1
-        manager = self.manager
-        with manager.lock:
-            recording = manager.schedule.recording
-            for chunk, in_chunk in self._by_chunk(module, self._direct[module]):
+        self._give_back(running.pop())
+
+    def _give_back(self, entry: list) -> None:
+        """What one module call's start hook made in use (its entry in `_running`), given back."""
+        _, plan, made, recording = entry
+        with self.manager.lock:
+            for chunk, in_chunk in (plan if made == len(plan) else plan[:made]):
                 chunk.num_tensors_in_compute -= len(in_chunk)
                 if recording:
                     for info in in_chunk:
-                        if info.num_users > 0:  # (counted only if the warm-up had begun at its start)
-                            info.num_users -= 1
+                        info.num_users -= 1
+
+    def end_forward(self) -> None:
+        """The engine model's forward is over, however it ended. torch runs the modules' end
+        hooks on an Exception but not on a KeyboardInterrupt: what modules left in use then is
+        given back here, and the saved-tensor hooks they pushed are popped."""
+        running = self._running
+        while running:
+            if self._scopes and self._scopes[-1] == len(running):
+                self._scopes.pop()
+                _pop_saved_tensors_hooks()
+            self._give_back(running.pop())
 
     def _refuse_pending_grads(self, chunk: Chunk, infos: list[TensorInfo]) -> None:
         pending = [info.names[0] for info in infos if info.group.working is chunk and info.has_grad]
@@ -387,7 +413,7 @@ class EngineHooks:
         else:
             chunk = self.manager.chunk_of(tensor)
         if chunk is not None:
-            if not self._modules_running:
+            if not self._running:
                 self.saved_outside_modules = True  # so the hooks stay over the whole forward
             return ChunkRef(chunk, tensor.storage_offset(), tensor.size(), tensor.stride(),
                             tensor if base is None and info is not None else None)
@@ -478,7 +504,6 @@ class EngineHooks:
         ran its end-of-backward callback: what it does for the hooks is done here (gradients kept
         by their hooks written as they would have been, pins let go), and the next backward queues
         a callback again."""
-        self._modules_running = 0  # (a KeyboardInterrupt in the last forward skipped its end hooks)
         if self._backward_end_queued and torch._C._current_autograd_node() is None:
             with self.manager.lock:
                 self._backward_end_queued = False
@@ -614,14 +639,7 @@ class _ScopedSavedTensors:
         self._hooks.scoped = True
 
     def __exit__(self, *exc) -> None:
-        hooks = self._hooks
-        hooks.scoped = False
-        # torch runs the modules' end hooks on an Exception, not on a KeyboardInterrupt: nothing
-        # pushed may outlive the forward
-        while hooks._scopes:
-            hooks._scopes.pop()
-            _pop_saved_tensors_hooks()
-        hooks._modules_running = 0
+        self._hooks.scoped = False  # (EngineHooks.end_forward pops what a module left pushed)
 
 
 class _OutsideReadWatch(TorchFunctionMode):

@@ -658,14 +658,53 @@ def test_lr_scheduler_and_no_grad_forward():
     assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
 
 
-def test_forward_after_backward_without_step_is_refused():
-    model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())
-    x, y = next(batches("gpt", 1))
-    model.backward(model(x, y))
+def test_forward_after_backward_without_step_is_refused_and_training_goes_on_as_the_message_says():
+    """The refusal raises inside a module's start hook, after other modules' chunks were made in
+    use: their end hooks give back exactly that, so that after the zero_grad() the message asks
+    for, training goes on as plain PyTorch's (before, a chunk's count of tensors in use went
+    negative there, and the next step() could not evict that chunk)."""
+    cfg = engine_config()
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    data = list(batches("gpt", 5))
+    model.backward(model(*data[0]))
     with pytest.raises(EngineError, match="optimizer.step"):
-        model(x, y)
+        model(*data[0])
     optimizer.zero_grad()  # restores the weights: a forward is fine again
-    model(x, y)
+    for x, y in data[1:]:
+        assert engine_step(model, optimizer, x, y) == pytest.approx(reference_step(reference, ref_opt, x, y),
+                                                                    rel=1e-5)
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
+    assert all(c.num_tensors_in_compute == 0 and c.num_pins == 0 for c in model._rt.manager.chunks)
+
+
+def test_a_forward_stopped_by_keyboard_interrupt_leaves_nothing_in_use():
+    """torch runs no module end hook when a KeyboardInterrupt goes through a forward: the engine
+    model's forward gives back what its modules held and pops the saved-tensor hooks they pushed,
+    and the next steps train as plain PyTorch, chunks moving as before."""
+    cfg = engine_config()
+    model, optimizer, reference = build_pair("gpt", cfg)
+    ref_opt = plain_optimizer(reference.parameters(), cfg, model)
+    stop = {"at": 3, "step": 0}
+
+    def interrupt(module, args):
+        if stop["step"] == stop["at"]:
+            raise KeyboardInterrupt
+
+    model.module.blocks[1].fc.register_forward_pre_hook(interrupt)  # deep inside, after the engine's
+    for step, (x, y) in enumerate(batches("gpt", 7)):
+        stop["step"] = step
+        if step == stop["at"]:  # after the warm-up: the saved-tensor hooks are pushed by modules
+            optimizer.zero_grad()
+            with pytest.raises(KeyboardInterrupt):
+                model(x, y)
+            assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+            assert all(c.num_tensors_in_compute == 0 for c in model._rt.manager.chunks)
+            continue
+        assert engine_step(model, optimizer, x, y) == pytest.approx(reference_step(reference, ref_opt, x, y),
+                                                                    rel=1e-5)
+        assert model.chunk_stats()["step_evictions"] > 0
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-7)
 
 
 class _FailsInBackward(torch.autograd.Function):
