@@ -249,7 +249,7 @@ class EngineHooks:
         if self.settled:
             return contextlib.nullcontext()
         schedule = self.manager.schedule
-        if (schedule.recorded and not schedule.recording and not self.manager.tracer.tracing
+        if (schedule.recorded and not schedule.recording  # (the tracer traces while it records)
                 and not self.read_outside and not self.saved_outside_modules
                 and _top_saved_tensors_hooks(False) is None):
             return _ScopedSavedTensors(self)
@@ -352,14 +352,16 @@ class EngineHooks:
         running = self._running
         if not running or running[-1][0] is not module:
             return  # this call's start hook never ran (an earlier hook of the module raised)
+        self._end_innermost_module()
+
+    def _end_innermost_module(self) -> None:
+        """The innermost running module's end: the saved-tensor hooks it pushed popped, and what
+        its start hook made in use (its entry in `_running`) given back."""
+        running = self._running
         if self._scopes and self._scopes[-1] == len(running):
             self._scopes.pop()
             _pop_saved_tensors_hooks()
-        self._give_back(running.pop())
-
-    def _give_back(self, entry: list) -> None:
-        """What one module call's start hook made in use (its entry in `_running`), given back."""
-        _, plan, made, recording = entry
+        _, plan, made, recording = running.pop()
         with self.manager.lock:
             for chunk, in_chunk in (plan if made == len(plan) else plan[:made]):
                 chunk.num_tensors_in_compute -= len(in_chunk)
@@ -371,12 +373,8 @@ class EngineHooks:
         """The engine model's forward is over, however it ended. torch runs the modules' end
         hooks on an Exception but not on a KeyboardInterrupt: what modules left in use then is
         given back here, and the saved-tensor hooks they pushed are popped."""
-        running = self._running
-        while running:
-            if self._scopes and self._scopes[-1] == len(running):
-                self._scopes.pop()
-                _pop_saved_tensors_hooks()
-            self._give_back(running.pop())
+        while self._running:
+            self._end_innermost_module()
 
     def _refuse_pending_grads(self, chunk: Chunk, infos: list[TensorInfo]) -> None:
         pending = [info.names[0] for info in infos if info.group.working is chunk and info.has_grad]
