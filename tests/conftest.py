@@ -1,4 +1,5 @@
-"""Shared pytest set-up: GPU tests skip themselves where CUDA is absent."""
+"""Shared pytest set-up: GPU tests skip themselves where CUDA is absent; tests marked
+`engine_on_cpu` (and not `gpu`) run the engine on the CPU wherever they run."""
 
 import pytest
 import torch
@@ -11,3 +12,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _engine_on_cpu_where_marked(request):
+    node = request.node
+    if node.get_closest_marker("engine_on_cpu") is None or node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    from tests.engine_models import engine_on_cpu
+
+    with engine_on_cpu():
+        yield

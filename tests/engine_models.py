@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,3 +173,27 @@ def load_training_state(model, optimizer, saved, how: str) -> None:
     saved_model, saved_opt = saved
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_opt)
+
+
+@contextlib.contextmanager
+def engine_on_cpu():
+    """The engine and the shared test batches on the CPU, even where CUDA is present.
+
+    For tests that compare two engine runs bit for bit: on a GPU two such runs may take different
+    kernels for the same numbers by design (host Adam on the CPU for an evicting run, CUDA's once
+    settled; a gradient norm's partial sum taken where its chunk happens to be; host groups that
+    the GPU steps over streamed state, split by measured rates), so their last bits differ there.
+    On the CPU every path runs the same kernels and the claim is exact."""
+    import engine.api
+    import tests.test_engine
+
+    cpu = torch.device("cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.api, "pick_compute_device", lambda local_rank: cpu)
+        # pytest imports the file as `test_engine` for its own tests, the other test files as
+        # `tests.test_engine`: the batches' device is set in both
+        for name in ("tests.test_engine", "test_engine"):
+            module = sys.modules.get(name)
+            if module is not None:
+                patch.setattr(module, "DEVICE", cpu)
+        yield cpu

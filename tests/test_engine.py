@@ -28,7 +28,7 @@ from torch import nn
 
 from engine import initialize_engine
 from engine.errors import EngineError, ModelTooLargeError
-from tests.engine_models import MAKERS, VOCAB, OddModel, TinyGPT, engine_config, reference_step
+from tests.engine_models import MAKERS, VOCAB, OddModel, TinyGPT, engine_config, engine_on_cpu, reference_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -597,6 +597,18 @@ def test_chunks_are_repacked_in_first_use_order():
     assert names().index("frozen.bias") < names().index("unused.weight")
 
 
+@pytest.mark.gpu
+def test_engine_on_cpu_puts_the_engine_and_the_batches_on_the_cpu_of_a_gpu_machine():
+    """What the bitwise tests marked `engine_on_cpu` rely on where CUDA is present."""
+    with engine_on_cpu():
+        model, _ = initialize_engine(model_func=TinyGPT, config=engine_config())
+        x, _ = next(batches("gpt", 1))
+        assert model._rt.copier.device.type == "cpu" and x.device.type == "cpu"
+        assert all(p.device.type == "cpu" for p in model.parameters())
+    assert next(batches("gpt", 1))[0].device.type == "cuda"
+
+
+@pytest.mark.engine_on_cpu
 def test_resuming_from_state_dicts_continues_the_same_run():
     cfg = engine_config(gradient_clipping=1.0)
     data = list(batches("gpt", 8))

@@ -276,6 +276,7 @@ def test_compile_blocks_on_a_run_that_moves_says_why_it_is_not_applied(caplog):
     assert model._hooks.compiled_blocks == 0
 
 
+@pytest.mark.engine_on_cpu
 def test_settling_changes_no_bit_with_fp16_overflows_and_clipping(monkeypatch):
     """The same fp16 run (overflows on two steps, clipping firing) evicting chunks every step,
     settled with gradients over the weights, and settled with grad chunks: bitwise one run."""
@@ -338,6 +339,7 @@ def test_a_settled_run_resumes_exactly(settled_mode, how):
     assert_state_close(resumed, model, rtol=0, atol=0)
 
 
+@pytest.mark.engine_on_cpu
 def test_settling_changes_no_bit_in_bf16_with_clipping(monkeypatch):
     """bf16 (the GPU's default): evicting every step, settled with gradients over the weights, and
     settled with grad chunks (all device groups cast, clipped and stepped in a few calls) are one
@@ -432,6 +434,7 @@ def test_a_settled_gpu_run_takes_grad_chunks_and_changes_no_bit(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(with_state, without_state))
 
 
+@pytest.mark.engine_on_cpu
 def test_settling_changes_no_bit_in_fp32_with_clipping(monkeypatch):
     """fp32 (the CPU's default): evicting every step, and settled in each of the three ways — the
     parameters as masters (what fp32 gets), grad chunks, gradients over the weights — are one run,
