@@ -83,7 +83,8 @@ def _engine_cfg(shape: Shape, clipping: float) -> dict:
     cfg = {"optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
                                                      "weight_decay": WEIGHT_DECAY}},
            "default_chunk_size": shape.chunk_elements, "gradient_clipping": clipping,
-           "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}}}
+           "client": {"mem_tracer": {"warmup_gpu_chunk_mem_ratio": 1.0}},
+           "compute_device": "cpu"}  # a CPU benchmark, on a GPU machine too
     cfg["device_memory_limit"] = shape.device_memory_limit or 8 << 30
     return cfg
 

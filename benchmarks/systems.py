@@ -273,6 +273,8 @@ def build_pstar(spec: CaseSpec, runtime: Runtime) -> Trainer:
     from engine.config import engine_config_problems
 
     config = pstar_engine_config(spec)
+    if runtime.device.type == "cpu":
+        config["compute_device"] = "cpu"  # where the case runs, a GPU present or not
     problems = engine_config_problems(config)
     if problems:
         raise BenchmarkSetupError("engine config rejected: " + "; ".join(problems))

@@ -61,6 +61,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from engine import checkpoint
 from engine.chunk import ChunkKind, Location, TensorInfo
@@ -85,7 +86,7 @@ def initialize_engine(model_func: Callable[[], nn.Module], local_rank: int | Non
                       config: dict | None = None,
                       param_groups: ParamGroupsFn | None = None) -> tuple["EngineModel", HybridAdam]:
     cfg = resolve_engine_config(config or {})
-    device = pick_compute_device(local_rank_from_env(local_rank))
+    device = pick_compute_device(local_rank_from_env(local_rank), cfg.compute_device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     comm = connect(device)
@@ -130,6 +131,18 @@ def _budgets(cfg: EngineConfig, device: torch.device, comm: Comm | None) -> tupl
     return device_budget, host_budget
 
 
+def _inputs_on(device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The forward's inputs with every tensor on the compute device, following nested lists, tuples
+    and dicts. The engine chooses the device, so a batch from the host (a DataLoader, token ids
+    read from disk) is moved there, as the model's weights were; tensors already there pass as
+    they are. Moving a batch ahead of time from pinned memory overlaps the copy with compute."""
+    leaves = tree_leaves((args, kwargs))
+    if all(leaf.device == device for leaf in leaves if isinstance(leaf, torch.Tensor)):
+        return args, kwargs
+    return tree_map_only(torch.Tensor, lambda t: t if t.device == device else t.to(device, non_blocking=True),
+                         (args, kwargs))
+
+
 class EngineModel(nn.Module):
     """The user's model, trained by the engine. `module` is the wrapped nn.Module."""
 
@@ -145,8 +158,14 @@ class EngineModel(nn.Module):
         self._hooks.install()
         runtime.hooks = self._hooks
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (a GPU where there is one); forward moves its inputs here."""
+        return self._rt.device
+
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
+        args, kwargs = _inputs_on(self._rt.device, args, kwargs)
         self._hooks.begin_forward()
         if self._hooks.settled:
             self._hooks.refuse_forward_over_gradients()

@@ -92,6 +92,7 @@ class EngineConfig:
     host_memory_limit: int | None = None  # bytes of host memory for host-resident chunks
     gradient_accumulation_steps: int = 1
     init_device: str = "auto"  # where init's RNG runs: "auto" = the compute device, "cpu" = the host
+    compute_device: str = "auto"  # "auto": this rank's GPU where CUDA is present, else the CPU; "cpu"
     # torch.compile each repeated block (every member of an nn.ModuleList) once the run has settled
     # (engine/hooks.py): nothing moves, so no engine hook runs inside a block
     compile_blocks: bool = False
@@ -153,6 +154,10 @@ def _init_device(v: Any) -> str | None:
     return None if v in ("auto", "cpu") else "must be 'auto' (the compute device) or 'cpu'"
 
 
+def _compute_device(v: Any) -> str | None:
+    return None if v in ("auto", "cpu") else "must be 'auto' (this rank's GPU if there is one) or 'cpu'"
+
+
 def _optimizer_type(v: Any) -> str | None:
     return None if v in ("Adam", "AdamW") else "must be 'Adam' or 'AdamW'"
 
@@ -212,6 +217,7 @@ _SCHEMA: dict[str, Any] = {
     "host_memory_limit": _optional_bytes,
     "gradient_accumulation_steps": _positive_int,
     "init_device": _init_device,
+    "compute_device": _compute_device,
     "compile_blocks": _is_bool,
     "stream_host_optimizer": _is_bool,
 }
@@ -238,7 +244,7 @@ PATRICKSTAR_ONLY_KEYS = {
 # a run may resume from a checkpoint written with other values (the shards are re-placed).
 PLACEMENT_KEYS = frozenset({
     "device_memory_limit", "host_memory_limit", "default_chunk_size", "release_after_init",
-    "use_cpu_embedding", "init_device", "client", "use_fake_dist", "optimizer.params.use_hybrid_adam",
+    "use_cpu_embedding", "init_device", "compute_device", "client", "use_fake_dist", "optimizer.params.use_hybrid_adam",
 })
 # Keys that change the numbers from the step they take effect, without changing the saved state's
 # meaning (one turns them to get a diverging run going again).
@@ -345,7 +351,7 @@ def resolve_engine_config(cfg: "dict | EngineConfig | None") -> EngineConfig:
 
 _TOP_LEVEL_KEYS = ("default_chunk_size", "release_after_init", "use_cpu_embedding", "gradient_clipping",
                    "device_memory_limit", "host_memory_limit", "gradient_accumulation_steps", "init_device",
-                   "compile_blocks", "stream_host_optimizer")
+                   "compute_device", "compile_blocks", "stream_host_optimizer")
 _MEM_TRACER_FIELDS = ("use_async_mem_monitor", "warmup_gpu_chunk_mem_ratio", "overall_gpu_mem_ratio",
                       "overall_cpu_mem_ratio", "margin_use_ratio")
 

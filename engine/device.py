@@ -36,8 +36,10 @@ log = logging.getLogger("pstar.engine")
 _NO_CGROUP_LIMIT = 1 << 62
 
 
-def pick_compute_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+def pick_compute_device(local_rank: int, setting: str = "auto") -> torch.device:
+    """Where a rank computes: `setting` is the engine's `compute_device` ("auto": the rank's GPU
+    where CUDA is present, else the CPU; "cpu": the CPU even so)."""
+    if setting == "auto" and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

@@ -189,7 +189,7 @@ def engine_on_cpu():
 
     cpu = torch.device("cpu")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine.api, "pick_compute_device", lambda local_rank: cpu)
+        patch.setattr(engine.api, "pick_compute_device", lambda local_rank, setting="auto": cpu)
         # pytest imports the file as `test_engine` for its own tests, the other test files as
         # `tests.test_engine`: the batches' device is set in both
         for name in ("tests.test_engine", "test_engine"):

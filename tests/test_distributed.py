@@ -467,9 +467,19 @@ def test_seed_api_in_a_script_started_by_plain_torchrun(tmp_path):
     result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                   str(script), str(out)], cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = train("gpt", engine_config(), num_steps=3)
-    torch.testing.assert_close(torch.tensor(json.loads(out.read_text())), torch.tensor(reference["losses"]),
-                               rtol=1e-5, atol=0)
+    # one CPU process, GPUs hidden as for the ranks (on a GPU the engine's init would draw on its
+    # generator)
+    single = tmp_path / "one_process.py"
+    single.write_text(textwrap.dedent("""
+        import json, sys
+        from tests.test_distributed import engine_config, train
+        json.dump(train("gpt", engine_config(), num_steps=3)["losses"], open(sys.argv[1], "w"))
+    """))
+    reference_out = tmp_path / "reference.json"
+    result = run([sys.executable, str(single), str(reference_out)], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(json.loads(out.read_text())),
+                               torch.tensor(json.loads(reference_out.read_text())), rtol=1e-5, atol=0)
 
 
 # 16 MiB per rank: the CLI demo's chunks move between "device" and host in every step on 2 ranks too

@@ -597,6 +597,30 @@ def test_chunks_are_repacked_in_first_use_order():
     assert names().index("frozen.bias") < names().index("unused.weight")
 
 
+def test_forward_moves_its_inputs_to_the_compute_device_and_passes_the_rest_as_they_are():
+    from engine.api import _inputs_on
+
+    x, y = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)
+    assert _inputs_on(torch.device("cpu"), (x, y), {})[0][0] is x  # already there: the same tensor
+    args, kwargs = _inputs_on(torch.device("meta"), (x, [y]), {"mask": {"m": x}, "n": 3, "name": "a"})
+    assert args[0].device.type == args[1][0].device.type == kwargs["mask"]["m"].device.type == "meta"
+    assert args[0].dtype == torch.long and kwargs["n"] == 3 and kwargs["name"] == "a"
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config())
+    assert model.device == DEVICE
+
+
+@pytest.mark.gpu
+def test_a_gpu_engine_fed_host_batches_trains_as_fed_device_batches():
+    """The README's loop feeds token ids from the host; the engine computes on the GPU."""
+    runs = []
+    for on_device in (True, False):
+        torch.manual_seed(0)
+        model, optimizer = initialize_engine(model_func=TinyGPT, config=engine_config())
+        runs.append([engine_step(model, optimizer, x if on_device else x.cpu(), y if on_device else y.cpu())
+                     for x, y in batches("gpt", 3)])
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.gpu
 def test_engine_on_cpu_puts_the_engine_and_the_batches_on_the_cpu_of_a_gpu_machine():
     """What the bitwise tests marked `engine_on_cpu` rely on where CUDA is present."""

@@ -1,6 +1,7 @@
 """Validation of the engine's config dict (issue 2, item 7)."""
 
 import pytest
+import torch
 
 from engine.config import (
     DEFAULT_CHUNK_SIZE,
@@ -67,8 +68,25 @@ def test_misspelt_key_and_negative_chunk_size_in_one_error():
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
         ({"client": 3}, "client"),
         ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "bf16.enabled"),
+        ({"compute_device": "gpu"}, "compute_device"),
     ],
 )
 def test_each_bad_value_names_its_key(cfg, key):
     problems = engine_config_problems(cfg)
     assert len(problems) == 1 and key in problems[0]
+
+
+def test_compute_device_cpu_keeps_the_engine_and_the_run_on_the_cpu():
+    """`compute_device: cpu` on any machine: the engine's weights and chunks stay on the CPU, and a
+    run's precision default is fp32 there, not the GPU's bf16."""
+    from engine import initialize_engine
+    from pstar_cli.config.loader import build_engine_section
+    from tests.engine_models import TinyGPT, engine_config
+
+    model, _ = initialize_engine(model_func=TinyGPT, config=engine_config(compute_device="cpu"))
+    assert model.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert resolve_engine_config({}).compute_device == "auto"
+    problems = []
+    assert build_engine_section({"compute_device": "cpu"}, True, problems)["bf16"]["enabled"] is False
+    assert build_engine_section({}, True, problems)["bf16"]["enabled"] is True and not problems

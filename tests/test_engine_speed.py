@@ -40,7 +40,11 @@ FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_
 
 def _split_limit(**overrides) -> int:
     """A device limit that holds every param chunk and the activations (with the placement margin)
-    but only about half of the optimizer state: host and device groups both, nothing evicted."""
+    but only about half of the optimizer state: host and device groups both, nothing evicted.
+    Measured where the engine computes now (test_overlap.py's engines are on the GPU if there is one)."""
+    x, y = next(batches("gpt", 1))
+    if x.is_cuda:  # cuBLAS takes its workspace at the first matmul: not in the probe
+        TinyGPT().to(x.device)(x, y).backward()
     torch.manual_seed(0)
     probe, probe_opt = initialize_engine(
         model_func=TinyGPT, config=engine_config(**{**overrides, "device_memory_limit": 64 << 20}))

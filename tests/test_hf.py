@@ -57,6 +57,7 @@ def small_config(kind: str):
                num_key_value_heads=2)
 
 
+@pytest.mark.engine_on_cpu
 @pytest.mark.parametrize("kind", ["llama", "llama-tied", "qwen2", "mistral", "gpt2"])
 def test_random_init_through_the_engine_equals_from_config_with_the_same_seed(kind, tmp_path):
     # from_config draws torch's default init in every layer's constructor, runs the inner model's

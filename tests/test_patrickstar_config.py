@@ -90,6 +90,7 @@ def test_a_misspelt_patrickstar_key_stays_an_error():
     assert problems == ["client.opts.with_async_move: must be true or false (got 'yes')"]
 
 
+@pytest.mark.engine_on_cpu
 def test_the_examples_config_trains_a_simple_net_like_torch_adam(caplog):
     """PatrickStar's loop (zero_grad, forward, model.backward, step) on one fixed batch.
 

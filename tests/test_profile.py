@@ -46,7 +46,7 @@ def timed_plain_engine(monkeypatch):
         return TimedPlainEngineModel(module), plain_optimizer(module, config, param_groups)
 
     monkeypatch.setattr(engine, "initialize_engine", initialize)
-    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank, setting="auto": torch.device("cpu"))
 
 
 def test_profile_writes_report_picture_and_trace(timed_plain_engine, tmp_path):
@@ -98,7 +98,7 @@ def test_an_engine_refusal_is_one_clear_message(monkeypatch, tmp_path):
         raise ModelTooLargeError("the model's data needs 9 bytes but the budgets allow 2")
 
     monkeypatch.setattr(engine, "initialize_engine", refuse)
-    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank, setting="auto": torch.device("cpu"))
     result = CliRunner().invoke(app, ["profile", str(TINY), "model.size=gpt-tiny", "train.seq_len=32",
                                       "--output-dir", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output

@@ -129,6 +129,7 @@ def test_the_tied_tensor_keeps_the_embeddings_init():
     assert model.module.head.weight is model.module.wte.weight
 
 
+@pytest.mark.engine_on_cpu
 @pytest.mark.parametrize("make", [TieAfterBoth, ModuleReused], ids=["tie", "reused"])
 def test_tied_models_train_like_plain_pytorch(make):
     cfg = engine_config()

@@ -152,13 +152,14 @@ def plain_engine(monkeypatch):
 
     monkeypatch.setattr(engine, "initialize_engine", plain_initialize_engine)
     # the stand-in and the hand-written loop compute on the CPU, also on a machine with a GPU
-    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank: torch.device("cpu"))
+    monkeypatch.setattr("pstar_cli.training.run.compute_device", lambda local_rank, setting="auto": torch.device("cpu"))
 
 
-def tiny_config(**train):
+def tiny_config(engine: tuple[str, ...] = (), **train):
     overrides = ["model.size=gpt-tiny", "engine.gradient_clipping=0.0", "train.warmup_steps=2",
                  "train.log_interval=1", "train.steps=4", "train.batch_size=4", "train.seq_len=32"]
     overrides += [f"train.{key}={value}" for key, value in train.items()]
+    overrides += [f"engine.{setting}" for setting in engine]
     return load_config(TINY, overrides)
 
 
@@ -297,7 +298,9 @@ def test_launch_writes_the_resolved_config(plain_engine, tmp_path):
 
 @needs_engine
 def test_trainer_with_the_engine_matches_plain_pytorch_fp32(tmp_path):
-    cfg = tiny_config(grad_accum=2)
+    # the hand-written loop builds its model on the CPU: the engine's init there too (on a GPU it
+    # would draw on the GPU's generator)
+    cfg = tiny_config(engine=("init_device=cpu",), grad_accum=2)
     build_trainer(cfg, tmp_path).train()
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     # the hand-written loop runs on the CPU; on a GPU the engine's fp32 kernels sum in another order

@@ -220,10 +220,13 @@ def build_engine_section(raw: Any, bf16_supported: bool | None, problems: list[s
 
 
 def _fill_precision_default(engine: dict, bf16_supported: bool | None) -> None:
-    """bf16 where the GPU supports it, fp32 elsewhere, unless the file chose fp16 or bf16 itself."""
+    """bf16 where the run computes on a GPU that supports it, fp32 elsewhere, unless the file chose
+    fp16 or bf16 itself."""
     if _nested_get(engine, ("fp16", "enabled")) is True or _has_key(engine, ("bf16", "enabled")):
         return
-    if bf16_supported is None:
+    if engine.get("compute_device") == "cpu":
+        bf16_supported = False  # the run computes on the CPU even where a GPU is present
+    elif bf16_supported is None:
         bf16_supported = detect_bf16()
     bf16 = engine.get("bf16") or {}
     engine["bf16"] = {**bf16, "enabled": bf16_supported}

@@ -59,7 +59,8 @@ def train_in_process(cfg: Config, output_dir: Path, resume=None) -> None:
 
     ranks = Ranks()
     start_step = resume.step if resume is not None else 0
-    info = build_run_info(cfg, ranks.world_size, pick_compute_device(ranks.local_rank), start_step)
+    device = pick_compute_device(ranks.local_rank, cfg.engine_config.compute_device)
+    info = build_run_info(cfg, ranks.world_size, device, start_step)
     view = choose_view(info, is_main=True, is_tty=sys.stdout.isatty())
     run_training(cfg, output_dir, ranks, view, resume)
 

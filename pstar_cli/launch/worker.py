@@ -37,7 +37,7 @@ def run_worker(config_path: Path, overrides: list[str], output_dir: Path, resume
 
     cfg = load_config(config_path, overrides)
     ranks = Ranks.from_env()
-    device = pick_compute_device(ranks.local_rank)
+    device = pick_compute_device(ranks.local_rank, cfg.engine_config.compute_device)
     with process_group(resolve_backend(cfg.distributed.backend, device), device):
         resume = ResumePoint(resume_path, read_metadata(resume_path)) if resume_path is not None else None
         info = build_run_info(cfg, ranks.world_size, device, resume.step if resume is not None else 0)

@@ -50,7 +50,7 @@ def build_run(cfg: Config, output_dir: Path, ranks: Ranks, view, resume: ResumeP
     if resuming and ranks.is_main:
         # a killed run logged steps that the resumed run redoes: drop them before appending
         trim_metrics(Path(output_dir) / "metrics.jsonl", resume.step)
-    device = compute_device(ranks.local_rank)
+    device = compute_device(ranks.local_rank, cfg.engine_config.compute_device)
     model, optimizer, init_s = build_engine_model(cfg, ranks)
     data = build_run_data(cfg)
     memory = MemoryProbe(device)
@@ -70,7 +70,7 @@ def build_run(cfg: Config, output_dir: Path, ranks: Ranks, view, resume: ResumeP
 def build_trainer(cfg: Config, output_dir: Path, ranks: Ranks = Ranks(), view=None) -> Trainer:
     """A trainer with the loop's own parts only (model, data, metrics): no checkpoints, no loss
     guard, never stops early. The profiler and the tests of the loop use it."""
-    device = compute_device(ranks.local_rank)
+    device = compute_device(ranks.local_rank, cfg.engine_config.compute_device)
     model, optimizer, init_s = build_engine_model(cfg, ranks)
     data = build_run_data(cfg)
     return Trainer(cfg, output_dir, ranks, view, model=model, optimizer=optimizer, data=data, device=device,
