@@ -2,7 +2,11 @@
 no read of a buffer still being written.
 
 The overlapped and the non-overlapped (`overlap_backward = False`) paths run the same operations on
-the same values, only at other times, so they are compared bit for bit. Comparisons with plain
+the same values, only at other times, so they are compared bit for bit. Those comparisons turn
+streamed host groups off (`NO_STREAMING`): on a GPU each step splits the host groups between host
+Adam and the GPU by the rates measured in the steps before, so which kernel steps a group follows
+timing, and two identical runs differ in their last bits (measured on the H200 machine; without
+streaming they are bitwise equal). On a CPU nothing streams. Comparisons with plain
 torch (fp32) use rtol 1e-5 / atol 1e-6, justified in tests/test_param_groups.py.
 """
 
@@ -17,7 +21,7 @@ from torch import nn
 
 import engine.host_adam
 from engine import initialize_engine
-from tests.engine_models import TinyGPT, engine_config, reference_adamw, reference_step
+from tests.engine_models import TinyGPT, adam_weight_atol, engine_config, reference_adamw, reference_step
 from tests.test_engine import DEVICE, batches, engine_step, snapshot
 from tests.test_engine_speed import FP16, _assert_bitwise, _split_limit, _train
 
@@ -41,6 +45,7 @@ def _norms_of_plain_run(max_norm: float, num_steps: int, cfg: dict) -> list[floa
     return norms
 
 
+NO_STREAMING = {"stream_host_optimizer": False}
 MAX_NORM = 1.0  # TinyGPT's norms on these batches fall from about 1.7 to below 1.0 within 8 steps
 
 
@@ -48,7 +53,7 @@ MAX_NORM = 1.0  # TinyGPT's norms on these batches fall from about 1.7 to below 
 def test_overlap_is_bitwise_the_non_overlapped_path_when_clipping_fires_on_some_steps(split_limit, precision):
     extra = {"bf16": {"enabled": True}} if precision == "bf16" else {}
     limit = split_limit if precision == "fp32" else _split_limit(**extra)
-    cfg = engine_config(device_memory_limit=limit, gradient_clipping=MAX_NORM, **extra)
+    cfg = engine_config(device_memory_limit=limit, gradient_clipping=MAX_NORM, **extra, **NO_STREAMING)
     norms = _norms_of_plain_run(MAX_NORM, 8, cfg)
     # The premise, from the plain fp32 run: clipping fires on some steps and not on others.
     assert any(n > MAX_NORM for n in norms) and any(n < MAX_NORM for n in norms), norms
@@ -65,7 +70,7 @@ def test_overlap_is_bitwise_the_non_overlapped_path_when_clipping_fires_on_some_
 
 
 def test_overlap_is_bitwise_the_non_overlapped_path_with_fp16_overflow_steps():
-    cfg = engine_config(fp16=FP16, device_memory_limit=_split_limit(fp16=FP16))
+    cfg = engine_config(fp16=FP16, device_memory_limit=_split_limit(fp16=FP16), **NO_STREAMING)
     poisoned = (3, 5)
     losses, state, model, optimizer, _ = _train(cfg, 8, overlap=True, poison_steps=poisoned)
     ref_losses, ref_state, *_ = _train(cfg, 8, overlap=False, poison_steps=poisoned)
@@ -79,9 +84,9 @@ def test_overlap_is_bitwise_the_non_overlapped_path_with_fp16_overflow_steps():
 def test_a_discarded_backward_leaves_the_run_of_the_skipped_batch(split_limit, setting):
     """zero_grad() after a backward whose host groups' gradients already went down: the run equals
     the one that never saw that batch, bit for bit."""
-    cfg = {"fp32": engine_config(device_memory_limit=split_limit),
-           "clipping": engine_config(device_memory_limit=split_limit, gradient_clipping=MAX_NORM),
-           "fp16": engine_config(fp16=FP16, device_memory_limit=_split_limit(fp16=FP16))}[setting]
+    cfg = {"fp32": engine_config(device_memory_limit=split_limit, **NO_STREAMING),
+           "clipping": engine_config(device_memory_limit=split_limit, gradient_clipping=MAX_NORM, **NO_STREAMING),
+           "fp16": engine_config(fp16=FP16, device_memory_limit=_split_limit(fp16=FP16), **NO_STREAMING)}[setting]
     data = list(batches("gpt", 6))
     runs = []
     for discard in (True, False):
@@ -122,7 +127,8 @@ def test_a_discarded_backward_equals_plain_pytorch_skipping_the_batch(split_limi
         ref_opt.step()
     ours = model.state_dict()
     for key, value in reference.state_dict().items():
-        torch.testing.assert_close(ours[key].float().cpu(), value.float().cpu(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours[key].float().cpu(), value.float().cpu(), rtol=1e-5,
+                                   atol=adam_weight_atol(len(data), DEVICE))
 
 
 # ---- reads outside the owning module's hooks ---------------------------------------------------
