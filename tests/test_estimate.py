@@ -288,6 +288,22 @@ def test_without_a_gpu_the_footer_asks_for_its_size_in_gib():
     assert "no GPU detected (give its size in GiB with --gpu-mem)" in footer_lines(report)[1]
 
 
+def test_a_run_on_the_cpu_is_estimated_without_a_gpu_whatever_the_machine_has(monkeypatch):
+    """`engine.compute_device: cpu`: the GPU is not looked for (here, one of 80 GiB would be found)."""
+    from pstar_cli.commands.estimate_memory import footer_lines
+    from pstar_cli.estimate import hardware
+
+    monkeypatch.setattr(hardware, "detect_gpu", lambda: (80 * GIB, "a detected GPU"))
+    assert hardware.detect_hardware(host_gib=64).gpu_bytes == 80 * GIB
+    on_cpu = hardware.detect_hardware(host_gib=64, compute_device="cpu")
+    assert on_cpu.gpu_bytes is None
+    assert "no GPU (engine.compute_device: cpu)" in footer_lines(estimate_report(GPT_1_3B, on_cpu))[1]
+    result = CliRunner().invoke(app, ["estimate-memory", "configs/tiny.yaml", "engine.compute_device=cpu",
+                                      "--host-mem", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["hardware"]["gpu_bytes"] is None
+
+
 # Peaks measured on one H200 with torch 2.11 (torch.cuda.max_memory_allocated, GiB): activations
 # of one forward + backward with bf16 weights, and three steps of plain PyTorch AMP + fused AdamW.
 MEASURED_H200 = [

@@ -84,8 +84,12 @@ def footer_lines(report: dict) -> list[str]:
     from pstar_cli.estimate.workload import recompute_note
 
     model, work, hw = report["model"], report["workload"], report["hardware"]
-    gpu = (f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})" if hw["gpu_bytes"]
-           else "no GPU detected (give its size in GiB with --gpu-mem)")
+    if hw["gpu_bytes"]:
+        gpu = f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})"
+    elif hw["gpu_source"] == "no GPU detected":
+        gpu = "no GPU detected (give its size in GiB with --gpu-mem)"
+    else:
+        gpu = f"no GPU ({hw['gpu_source']})"
     best = report["largest_pstar_model"]
     best_line = (f"largest {model['family']} size pstar trains here: {best['size']} "
                  f"({format_count(best['num_params'])} parameters)" if best
@@ -146,7 +150,8 @@ def command(
         if value is not None and value <= 0:
             raise PstarError(f"{flag}: must be a size in GiB > 0, got {value}")
     cfg = load_config(config, overrides or [])
-    report = estimate_report(workload_from_config(cfg, gpus), detect_hardware(gpu_mem, host_mem))
+    report = estimate_report(workload_from_config(cfg, gpus),
+                             detect_hardware(gpu_mem, host_mem, cfg.engine_config.compute_device))
     if as_json:
         typer.echo(json.dumps({"config": config, **report}, indent=2))
     else:

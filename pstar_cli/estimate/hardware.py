@@ -27,11 +27,15 @@ def detect_gpu() -> tuple[int | None, str]:
     return None, "no GPU detected"
 
 
-def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None) -> Hardware:
+def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None,
+                    compute_device: str = "auto") -> Hardware:
     """Given sizes (GiB) win over detected ones; detected host memory is what the engine budgets
-    from (engine/device.py: the machine's, or the memory cgroup's limit inside a container)."""
+    from (engine/device.py: the machine's, or the memory cgroup's limit inside a container). A run
+    whose engine `compute_device` is "cpu" has no GPU, whatever the machine has."""
     if gpu_gib is not None:
         gpu_bytes, gpu_source = int(gpu_gib * GIB), "given"
+    elif compute_device == "cpu":
+        gpu_bytes, gpu_source = None, "engine.compute_device: cpu"
     else:
         gpu_bytes, gpu_source = detect_gpu()
     if host_gib is not None:

@@ -173,7 +173,8 @@ def compare_with_estimate(
     RAM too, so the host estimate includes it."""
     from pstar_cli.estimate import detect_hardware, pstar_estimate, workload_from_config
 
-    estimate = pstar_estimate(workload_from_config(cfg), detect_hardware())
+    estimate = pstar_estimate(workload_from_config(cfg),
+                              detect_hardware(compute_device=cfg.engine_config.compute_device))
     stats = last_step["chunk_stats"]
     device_model = (stats["param_bytes_device"] or 0) + (stats["optim_bytes_device"] or 0)
     host_model = (stats["param_bytes_host"] or 0) + (stats["optim_bytes_host"] or 0)
