@@ -25,18 +25,28 @@ optimizer's worker in place of the fused step, the norm, the step's books. "rest
 remainder, the bookkeeping of forward and backward that is not a move: the module, saved-tensor and
 gradient hooks, the gradients' copies into their chunks, the chunk manager's accesses that find the
 chunk resident.
+
+Part of the rest is what any engine driven by Python hooks pays: autograd and nn.Module calling into
+Python at all. A third system measures it ("hooks floor"): plain PyTorch again, from the same weights,
+with the hooks the engine has on its model once warmed up, each doing nothing (module start and end
+hooks where a module holds parameters, saved-tensor hooks where the engine has them, a gradient hook
+per parameter; none where the engine settled without them). "own" is the rest beyond that floor:
+the engine's own bookkeeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from engine import initialize_engine
+from engine.hooks import SETTLED_IN_PLACE, _ScopedSavedTensors
 from models import build_model
 
 
@@ -103,12 +113,80 @@ class Measured:
     moving_s: float  # median of its forward's and backward's moves beyond their copies
     optimizer_s: float  # median of pstar's optimizer phase less its copies, less plain's median one
     evictions: int  # chunks pstar evicted in its last step
+    floor_s: float = 0.0  # median step of plain PyTorch with the engine's hooks as no-ops, less plain's
 
     @property
     def rest_s(self) -> float:
         """pstar's extra over plain that is neither copies, moves nor optimizer: its forward's and
         backward's bookkeeping."""
         return self.pstar_s - self.plain_s - self.copies_s - self.moving_s - self.optimizer_s
+
+    @property
+    def own_s(self) -> float:
+        """The rest beyond the hooks' floor: the engine's own bookkeeping."""
+        return self.rest_s - self.floor_s
+
+
+class HookFloor:
+    """The hooks the engine has on its model, installed on a plain copy of it, each doing nothing.
+
+    Read from the engine once it is warmed up (settled or not, saved-tensor hooks inside the modules
+    holding parameters or over the whole forward). `forward_context()` is what the engine model's
+    forward runs in."""
+
+    def __init__(self, plain: nn.Module, engine_model) -> None:
+        hooks = engine_model._rt.hooks
+        self._handles: list = []
+        self._whole_forward = False
+        self._scoped = False
+        self._pushed_by: nn.Module | None = None
+        self.num_module_hooks = self.num_grad_hooks = 0
+        trainable = [p for p in plain.parameters() if p.requires_grad]
+        if hooks.settled:
+            if hooks.settled_mode == SETTLED_IN_PLACE:
+                self._add_grad_hooks(trainable)
+            return
+        engine_modules = dict(engine_model.module.named_modules())
+        for name, module in plain.named_modules():
+            if engine_modules.get(name) in hooks._direct:
+                self._handles.append(module.register_forward_pre_hook(self._start))
+                self._handles.append(module.register_forward_hook(self._end, always_call=True))
+                self.num_module_hooks += 1
+        self._add_grad_hooks(trainable)
+        self._scoped = isinstance(hooks.saved_tensors_context(), _ScopedSavedTensors)
+        self._whole_forward = not self._scoped
+
+    def _add_grad_hooks(self, params: list[nn.Parameter]) -> None:
+        for param in params:
+            self._handles.append(param.register_post_accumulate_grad_hook(_nothing))
+        self.num_grad_hooks = len(params)
+
+    def forward_context(self):
+        if self._whole_forward:
+            return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+        return contextlib.nullcontext()
+
+    def _start(self, module: nn.Module, args) -> None:
+        if self._scoped and self._pushed_by is None:
+            _push_saved_tensors_hooks(_same, _same)
+            self._pushed_by = module
+
+    def _end(self, module: nn.Module, args, output) -> None:
+        if self._pushed_by is module:
+            _pop_saved_tensors_hooks()
+            self._pushed_by = None
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+def _same(tensor):
+    return tensor
+
+
+_push_saved_tensors_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+_pop_saved_tensors_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> Measured:
@@ -120,8 +198,13 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
     plain.load_state_dict(model.state_dict())
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                   weight_decay=WEIGHT_DECAY, fused=True)
+    hooked = build_model(_model_cfg(shape))
+    hooked.load_state_dict(model.state_dict())
+    hooked_opt = torch.optim.AdamW(hooked.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                   weight_decay=WEIGHT_DECAY, fused=True)
+    floor: HookFloor | None = None  # installed once pstar is warmed up
     copier, manager = model._rt.copier, model._rt.manager
-    plain_s, pstar_s, copies_s, moving_s, plain_opt_s, pstar_opt_s = [], [], [], [], [], []
+    plain_s, hooked_s, pstar_s, copies_s, moving_s, plain_opt_s, pstar_opt_s = [], [], [], [], [], [], []
 
     def plain_step(x, y) -> None:
         start = time.perf_counter()
@@ -135,6 +218,18 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
         if measured:
             plain_s.append(end - start)
             plain_opt_s.append(end - optimizing)
+
+    def hooked_step(x, y) -> None:
+        start = time.perf_counter()
+        hooked_opt.zero_grad()
+        with floor.forward_context() if floor is not None else contextlib.nullcontext():
+            loss = hooked(x, y)
+        loss.backward()
+        if clipping > 0:
+            torch.nn.utils.clip_grad_norm_(hooked.parameters(), clipping)
+        hooked_opt.step()
+        if measured:
+            hooked_s.append(time.perf_counter() - start)
 
     def pstar_step(x, y) -> None:
         start, copied_before, moved_before = time.perf_counter(), copier.transfer_s, manager.move_s
@@ -152,16 +247,20 @@ def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> M
             moving_s.append(moved - moved_before)
             pstar_opt_s.append(end - optimizing - (copier.transfer_s - copied))
 
+    systems = [plain_step, pstar_step, hooked_step]
     for index, (x, y) in enumerate(_batches(shape, num_warmup + num_steps)):
         measured = index >= num_warmup
-        # Which system goes first alternates (plain, pstar, pstar, plain, ...): whichever follows
-        # the other finds the allocator as that one left it (measured: the second one's backward
-        # page-faulted its fresh gradients in, 40 MB a step on the wide shape, either way round).
-        for step in (plain_step, pstar_step) if index % 2 == 0 else (pstar_step, plain_step):
+        if index == num_warmup:
+            floor = HookFloor(hooked, model)
+        # Which system goes first rotates: whichever follows another finds the allocator as that
+        # one left it (measured: the second one's backward page-faulted its fresh gradients in,
+        # 40 MB a step on the wide shape, either way round).
+        for step in systems[index % 3:] + systems[:index % 3]:
             step(x, y)
     median = statistics.median
     return Measured(median(plain_s), median(pstar_s), median(copies_s), median(moving_s),
-                    median(pstar_opt_s) - median(plain_opt_s), model.chunk_stats()["step_evictions"])
+                    median(pstar_opt_s) - median(plain_opt_s), model.chunk_stats()["step_evictions"],
+                    median(hooked_s) - median(plain_s))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -176,16 +275,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = []
     print(f"{'shape':26s} {'clip':>4s} {'plain ms':>9s} {'pstar ms':>9s} {'pstar/plain':>11s} "
-          f"{'copies ms':>9s} {'moving ms':>9s} {'optim ms':>8s} {'rest ms':>7s} {'evictions':>9s}")
+          f"{'copies ms':>9s} {'moving ms':>9s} {'optim ms':>8s} {'rest ms':>7s} {'hooks floor':>11s} "
+          f"{'own ms':>6s} {'evictions':>9s}")
     for shape in SHAPES[args.shapes]:
         for clipping in (0.0, 1.0):
             m = measure(shape, clipping, args.steps, args.warmup)
             rows.append({"shape": shape.name, "clipping": clipping, "plain_s": m.plain_s, "pstar_s": m.pstar_s,
                          "ratio": m.pstar_s / m.plain_s, "copies_s": m.copies_s, "moving_s": m.moving_s,
-                         "optimizer_s": m.optimizer_s, "rest_s": m.rest_s, "evictions_per_step": m.evictions})
+                         "optimizer_s": m.optimizer_s, "rest_s": m.rest_s, "hooks_floor_s": m.floor_s,
+                         "own_s": m.own_s, "evictions_per_step": m.evictions})
             print(f"{shape.name:26s} {clipping:4.1f} {m.plain_s * 1e3:9.2f} {m.pstar_s * 1e3:9.2f} "
                   f"{m.pstar_s / m.plain_s:11.3f} {m.copies_s * 1e3:9.2f} {m.moving_s * 1e3:9.2f} "
-                  f"{m.optimizer_s * 1e3:8.2f} {m.rest_s * 1e3:7.2f} {m.evictions:9d}", flush=True)
+                  f"{m.optimizer_s * 1e3:8.2f} {m.rest_s * 1e3:7.2f} {m.floor_s * 1e3:11.2f} "
+                  f"{m.own_s * 1e3:6.2f} {m.evictions:9d}", flush=True)
     return rows
 
 

@@ -25,7 +25,44 @@ def test_overhead_benchmark_runs_and_its_shapes_move_as_named(capsys):
         assert math.isfinite(row["optimizer_s"])
         parts = row["plain_s"] + row["copies_s"] + row["moving_s"] + row["optimizer_s"] + row["rest_s"]
         assert math.isclose(parts, row["pstar_s"])
+        assert math.isclose(row["hooks_floor_s"] + row["own_s"], row["rest_s"], abs_tol=1e-12)
     assert "pstar/plain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["no moves", "moves"])
+def test_the_hooks_floor_mirrors_the_hooks_the_engine_keeps(index):
+    """Settled without hooks (fp32 on the CPU: each param chunk its master) the floor has none;
+    while chunks move it has the engine's module hooks, one gradient hook per parameter and its
+    saved-tensor hooks only inside the modules holding parameters."""
+    from engine import initialize_engine
+    from models import build_model
+
+    shape = overhead.SHAPES["tiny"][index]
+    torch.manual_seed(0)
+    model, optimizer = initialize_engine(model_func=lambda: build_model(overhead._model_cfg(shape)),
+                                         config=overhead._engine_cfg(shape, 0.0))
+    for x, y in overhead._batches(shape, 3):
+        optimizer.zero_grad()
+        model.backward(model(x, y))
+        optimizer.step()
+    plain = build_model(overhead._model_cfg(shape))
+    floor = overhead.HookFloor(plain, model)
+    hooks = model._rt.hooks
+    assert hooks.settled == (index == 0)
+    if hooks.settled:
+        assert floor.num_module_hooks == floor.num_grad_hooks == 0
+        return
+    assert floor.num_module_hooks == len(hooks._direct) > 0
+    assert floor.num_grad_hooks == sum(p.requires_grad for p in plain.parameters())
+    active = {}
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    for name in ("attn", "attn.qkv"):  # holds no parameter itself; holds its weight and bias
+        plain.blocks[0].get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: active.__setitem__(name, top(False) is not None))
+    x, y = overhead._batches(shape, 1)[0]
+    with floor.forward_context():
+        plain(x, y)
+    assert active == {"attn": False, "attn.qkv": True}
 
 
 def test_host_profile_times_and_profiles_each_system(capsys):
