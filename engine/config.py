@@ -244,7 +244,8 @@ PATRICKSTAR_ONLY_KEYS = {
 # a run may resume from a checkpoint written with other values (the shards are re-placed).
 PLACEMENT_KEYS = frozenset({
     "device_memory_limit", "host_memory_limit", "default_chunk_size", "release_after_init",
-    "use_cpu_embedding", "init_device", "compute_device", "client", "use_fake_dist", "optimizer.params.use_hybrid_adam",
+    "use_cpu_embedding", "init_device", "compute_device", "client", "use_fake_dist",
+    "optimizer.params.use_hybrid_adam",
 })
 # Keys that change the numbers from the step they take effect, without changing the saved state's
 # meaning (one turns them to get a diverging run going again).
