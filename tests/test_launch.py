@@ -83,6 +83,17 @@ def test_more_workers_than_gpus_is_a_clear_error(monkeypatch):
     launch.check_gpu_count(8)  # CPU workers share the cores
 
 
+def test_a_run_kept_on_the_cpu_uses_no_gpu_of_the_machine(monkeypatch):
+    monkeypatch.setattr(launch, "gpu_count", lambda: 1)
+    assert launch.gpus_used(config()) == 1
+    on_cpu = config("engine.compute_device=cpu", "distributed.nproc_per_node=2")
+    assert launch.gpus_used(on_cpu) == 0
+    launch.check_gpu_count(2, launch.gpus_used(on_cpu))  # two CPU workers: not refused
+    env = {}
+    launch.set_worker_env(env, 2, num_gpus=0)
+    assert "NCCL_NVLS_ENABLE" not in env
+
+
 def test_backend_choice():
     assert resolve_backend("auto", torch.device("cpu")) == "gloo"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"

@@ -73,8 +73,9 @@ def run_workers(cfg: Config, config_path: Path, overrides: list[str], output_dir
     from torch.distributed.run import parse_args as parse_torchrun_args
     from torch.distributed.run import run as torchrun
 
-    check_gpu_count(cfg.distributed.nproc_per_node)
-    set_worker_env(os.environ, cfg.distributed.nproc_per_node)
+    num_gpus = gpus_used(cfg)
+    check_gpu_count(cfg.distributed.nproc_per_node, num_gpus)
+    set_worker_env(os.environ, cfg.distributed.nproc_per_node, num_gpus)
     args = torchrun_args(cfg, config_path, overrides, output_dir, console_is_tty=sys.stdout.isatty())
     if resume is not None:
         args.append(f"--resume={resume.path}")  # the worker's own option: its arguments come last
@@ -138,19 +139,21 @@ def log_stream_args(nproc_per_node: int, node_rank: int, console_is_tty: bool) -
     return ["--redirects=3", "--tee=0:3"]
 
 
-def set_worker_env(environ: os._Environ | dict, nproc_per_node: int) -> None:
-    """Environment the workers inherit; values the user set win."""
+def set_worker_env(environ: os._Environ | dict, nproc_per_node: int, num_gpus: int | None = None) -> None:
+    """Environment the workers inherit; values the user set win. `num_gpus`: those the run uses
+    (default: the machine's)."""
     # torchrun would set 1 thread per worker, which starves the host-side Adam step of pstar's
     # optimizer chunks: give each local worker its share of the cores instead
     environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    if gpu_count() > 1:
+    if (gpu_count() if num_gpus is None else num_gpus) > 1:
         for key, value in MULTI_GPU_ENV.items():
             environ.setdefault(key, value)
 
 
-def check_gpu_count(nproc_per_node: int) -> None:
-    """On a GPU machine each worker takes one GPU of its own; without GPUs, workers share the CPU."""
-    num_gpus = gpu_count()
+def check_gpu_count(nproc_per_node: int, num_gpus: int | None = None) -> None:
+    """On a GPU machine each worker takes one GPU of its own; without GPUs (or with
+    `engine.compute_device: cpu`), workers share the CPU. `num_gpus`: those the run uses."""
+    num_gpus = gpu_count() if num_gpus is None else num_gpus
     if 0 < num_gpus < nproc_per_node:
         raise PstarError(
             f"distributed.nproc_per_node is {nproc_per_node} but this machine has {num_gpus} GPU(s) "
@@ -162,6 +165,11 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpus_used(cfg: Config) -> int:
+    """The GPUs a run's workers use: the machine's, none with `engine.compute_device: cpu`."""
+    return gpu_count() if cfg.engine_config.compute_device == "auto" else 0
 
 
 # What a worker says when another one died first: symptoms, not the cause
