@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from engine import initialize_engine
-from engine.hooks import SETTLED_IN_PLACE, _ScopedSavedTensors
+from engine.hooks import (SETTLED_IN_PLACE, _pop_saved_tensors_hooks, _push_saved_tensors_hooks,
+                          _ScopedSavedTensors)
 from models import build_model
 
 
@@ -137,8 +138,7 @@ class HookFloor:
     def __init__(self, plain: nn.Module, engine_model) -> None:
         hooks = engine_model._rt.hooks
         self._handles: list = []
-        self._whole_forward = False
-        self._scoped = False
+        self._saved_hooks: str | None = None  # None (settled), "scoped" or "whole forward"
         self._pushed_by: nn.Module | None = None
         self.num_module_hooks = self.num_grad_hooks = 0
         trainable = [p for p in plain.parameters() if p.requires_grad]
@@ -153,8 +153,8 @@ class HookFloor:
                 self._handles.append(module.register_forward_hook(self._end, always_call=True))
                 self.num_module_hooks += 1
         self._add_grad_hooks(trainable)
-        self._scoped = isinstance(hooks.saved_tensors_context(), _ScopedSavedTensors)
-        self._whole_forward = not self._scoped
+        scoped = isinstance(hooks.saved_tensors_context(), _ScopedSavedTensors)
+        self._saved_hooks = "scoped" if scoped else "whole forward"
 
     def _add_grad_hooks(self, params: list[nn.Parameter]) -> None:
         for param in params:
@@ -162,12 +162,12 @@ class HookFloor:
         self.num_grad_hooks = len(params)
 
     def forward_context(self):
-        if self._whole_forward:
+        if self._saved_hooks == "whole forward":
             return torch.autograd.graph.saved_tensors_hooks(_same, _same)
         return contextlib.nullcontext()
 
     def _start(self, module: nn.Module, args) -> None:
-        if self._scoped and self._pushed_by is None:
+        if self._saved_hooks == "scoped" and self._pushed_by is None:
             _push_saved_tensors_hooks(_same, _same)
             self._pushed_by = module
 
@@ -184,9 +184,6 @@ def _nothing(*args) -> None:
 def _same(tensor):
     return tensor
 
-
-_push_saved_tensors_hooks = torch._C._autograd._push_saved_tensors_default_hooks
-_pop_saved_tensors_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 def measure(shape: Shape, clipping: float, num_steps: int, num_warmup: int) -> Measured:

@@ -531,8 +531,7 @@ class EngineHooks:
         self._write_gradients()
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
         for chunk, grads in deferred:
-            self._grads_chunk, self._grads = chunk, grads
-            self._write_gradients()
+            self._write_run(chunk, grads)
 
     def begin_forward(self) -> None:
         """The engine model's forward starts (outside any backward). A backward that raised never
@@ -568,6 +567,10 @@ class EngineHooks:
         if chunk is None:
             return
         self._grads_chunk, self._grads = None, []
+        self._write_run(chunk, pending)
+
+    def _write_run(self, chunk: Chunk, pending: list[tuple[TensorInfo, torch.Tensor]]) -> None:
+        """One run of gradients of `chunk` written into it (lock held; _write_gradients)."""
         self._switch_node()
         flat = self.manager.access(chunk)
         # The parameters of a param chunk are views of its buffer (the manager points them

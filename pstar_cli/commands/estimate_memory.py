@@ -81,12 +81,13 @@ def verdict_line(report: dict) -> str:
 
 
 def footer_lines(report: dict) -> list[str]:
+    from pstar_cli.estimate.hardware import NO_GPU_DETECTED
     from pstar_cli.estimate.workload import recompute_note
 
     model, work, hw = report["model"], report["workload"], report["hardware"]
     if hw["gpu_bytes"]:
         gpu = f"{format_bytes(hw['gpu_bytes'])} per GPU ({hw['gpu_source']})"
-    elif hw["gpu_source"] == "no GPU detected":
+    elif hw["gpu_source"] == NO_GPU_DETECTED:
         gpu = "no GPU detected (give its size in GiB with --gpu-mem)"
     else:
         gpu = f"no GPU ({hw['gpu_source']})"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pstar_cli.estimate.workload import GIB, Hardware
 
 
+NO_GPU_DETECTED = "no GPU detected"  # Hardware.gpu_source where none was found
+
+
 def detect_gpu() -> tuple[int | None, str]:
     """Memory and name of GPU 0 via NVML, else torch; (None, "no GPU detected") without one."""
     try:
@@ -24,7 +27,7 @@ def detect_gpu() -> tuple[int | None, str]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return int(props.total_memory), props.name
-    return None, "no GPU detected"
+    return None, NO_GPU_DETECTED
 
 
 def detect_hardware(gpu_gib: float | None = None, host_gib: float | None = None,
