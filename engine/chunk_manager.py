@@ -225,20 +225,24 @@ class ChunkManager:
             if chunk.dirty:
                 self.copier.download(chunk)
                 self._count(d2h=chunk.nbytes)
-            self._drop_device_buffer(chunk, Location.HOST)
+            buf = self._drop_device_buffer(chunk, Location.HOST)
             chunk.dirty = False
             self.totals.evictions += 1
             self._repoint(chunk)
+            self.copier.release_device(buf, room_bytes=self.device_budget_bytes - self.device_bytes)
 
-    def _drop_device_buffer(self, chunk: Chunk, now_at: Location) -> None:
-        """Forget a resident chunk's device buffer (the allocator reuses it once the streams using
-        it are done); the chunk is `now_at` from here on."""
-        self._by_storage.pop(chunk.device_flat.untyped_storage().data_ptr(), None)
+    def _drop_device_buffer(self, chunk: Chunk, now_at: Location) -> torch.Tensor:
+        """Forget a resident chunk's device buffer, returned (for `Copier.release_device` once the
+        chunk's parameters point elsewhere; the allocator reuses it once the streams using it are
+        done); the chunk is `now_at` from here on."""
+        buf = chunk.device_flat
+        self._by_storage.pop(buf.untyped_storage().data_ptr(), None)
         chunk.device_flat = None
         chunk.ready_event = None
         chunk.location = now_at
         del self._on_device[chunk.chunk_id]
         self.device_bytes -= chunk.nbytes
+        return buf
 
     def move_to_host(self, chunk: Chunk) -> None:
         if chunk.location is Location.DEVICE:

@@ -29,7 +29,8 @@ from engine.host_adam import (AdamHyper, GroupFlats, HostScratch, adam_on_device
                               adam_on_spans)
 from engine.optimizer_placement import plan_placement
 from tests.engine_models import TinyGPT, engine_on_cpu
-from tests.test_engine import batches, engine_config, engine_step, plain_optimizer, snapshot
+from tests.test_engine import (assert_state_close, batches, build_pair, engine_config, engine_step,
+                               plain_optimizer, snapshot)
 
 pytestmark = pytest.mark.engine_on_cpu
 DEVICE = torch.device("cpu")  # where this module's engines compute, GPU tests aside
@@ -574,3 +575,69 @@ def test_a_tensor_skipped_on_some_steps_keeps_its_own_step_count(limit):
     ours = model.state_dict()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(ours[name].float().cpu(), value.float().cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_device_buffer_let_go_is_reused_unless_something_still_holds_it():
+    """On a CPU compute device an evicted chunk's buffer serves the next upload of its size (as
+    CUDA's caching allocator would), but not while a view of it is alive (that view keeps its
+    numbers), nor beyond the room the device budget leaves."""
+    copier = Copier(torch.device("cpu"))
+    nbytes = 1000 * 4
+    first = copier.alloc_device(1000, torch.float32)
+    address = first.data_ptr()
+    copier.release_device(first, room_bytes=nbytes)
+    del first
+    assert copier.kept_bytes == nbytes
+    again = copier.alloc_device(1000, torch.float32)
+    assert again.data_ptr() == address and copier.kept_bytes == 0
+    # the same bytes in another dtype share the kept buffer too
+    copier.release_device(again, room_bytes=nbytes)
+    del again
+    halves = copier.alloc_device(2000, torch.bfloat16)
+    assert halves.data_ptr() == address and halves.numel() == 2000
+    # a view still alive: not kept, and the view's numbers stay
+    halves.fill_(3.0)
+    view = halves[10:20]
+    copier.release_device(halves, room_bytes=nbytes)
+    del halves
+    assert copier.kept_bytes == 0
+    copier.alloc_device(2000, torch.bfloat16).fill_(-1.0)
+    assert torch.equal(view, torch.full((10,), 3.0, dtype=torch.bfloat16))
+    # no room left beside the resident chunks: not kept
+    buf = copier.alloc_device(1000, torch.float32)
+    copier.release_device(buf, room_bytes=nbytes - 1)
+    assert copier.kept_bytes == 0
+
+
+def test_moving_chunks_on_a_cpu_reuses_device_buffers_within_the_budget():
+    """Training with evictions every step on a CPU compute device: after the first steps the uploads
+    land in a few buffers allocated once, the buffers kept and the resident chunks stay within the
+    device budget, and the numbers are plain PyTorch's (fp32, rtol 1e-5 / atol 1e-6 as in
+    tests/test_param_groups.py)."""
+    cfg = engine_config()
+    model, optimizer, reference = build_pair("gpt", cfg)
+    plain = plain_optimizer(reference.parameters(), cfg, model)
+    copier, manager = model._rt.copier, model._rt.manager
+    addresses: set[int] = set()
+    upload = copier.upload
+
+    def upload_noting_where(chunk):
+        upload(chunk)
+        addresses.add(chunk.device_flat.data_ptr())
+
+    copier.upload = upload_noting_where
+    uploads_before = 0
+    for index, (x, y) in enumerate(batches("gpt", 6)):
+        if index == 2:
+            addresses.clear()
+            uploads_before = model.chunk_stats()["total_h2d_moves"]
+        engine_step(model, optimizer, x, y)
+        plain.zero_grad()
+        reference(x, y).backward()
+        plain.step()
+        assert copier.kept_bytes + manager.device_bytes <= manager.device_budget_bytes
+    uploads = model.chunk_stats()["total_h2d_moves"] - uploads_before
+    smallest = min(chunk.nbytes for chunk in manager.chunks if chunk.nbytes)
+    assert uploads > 2 * len(addresses) > 0
+    assert len(addresses) <= manager.device_budget_bytes // smallest + 1
+    assert_state_close(model, reference, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ def test_overhead_benchmark_runs_and_its_shapes_move_as_named(capsys):
         assert math.isfinite(row["optimizer_s"])
         parts = row["plain_s"] + row["copies_s"] + row["moving_s"] + row["optimizer_s"] + row["rest_s"]
         assert math.isclose(parts, row["pstar_s"])
-        assert math.isclose(row["hooks_floor_s"] + row["own_s"], row["rest_s"], abs_tol=1e-12)
+        assert math.isclose(row["floor_s"] + row["own_s"], row["rest_s"], abs_tol=1e-12)
     assert "pstar/plain" in capsys.readouterr().out
 
 
